@@ -1,0 +1,43 @@
+# sd35-workspace — `make help` lists the targets.
+# Versions come from constraints.txt (the one pin file: Makefile, CI and docker/Dockerfile read it).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sd35-setup
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test test-fast test-gpu bench-memory clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP) ## Create .venv and install the pinned packages (idempotent; run/test call it)
+
+$(STAMP): constraints.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# torch first and exactly pinned: a looser spec would pull the CUDA 13 build (GBs) from PyPI.
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	@touch $@
+
+run: setup ## Generate one image with the settings' defaults (.env / SD35_*; tiny model unless set)
+	$(BIN)/sd35 generate $(ARGS)
+
+test: setup ## Run the test suite (CPU tiers; GPU tests skip with the reason when there is no GPU)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup ## Run the tests not marked slow
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-gpu: setup ## Run only the GPU / FP8 tests (on a GPU machine)
+	$(BIN)/python -m pytest -m "gpu or fp8" $(PYTEST_ARGS)
+
+bench-memory: setup ## Weight bytes per precision mode for SD3.5 Medium and Large (ARCH=medium|large)
+	$(BIN)/sd35 bench memory --arch $(or $(ARCH),medium)
+
+clean: ## Remove the venv, caches and outputs/ (not the Hugging Face cache)
+	rm -rf $(VENV) .pytest_cache outputs build src/*.egg-info

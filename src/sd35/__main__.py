@@ -1,0 +1,5 @@
+"""`python -m sd35` is the `sd35` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,161 @@
+"""The `sd35` command line.
+
+Why thin: each command turns flags into `Settings` (flags win over the environment and `.env`), calls
+the library and prints. Errors we can name (`Sd35Error`, invalid settings) are printed as one
+paragraph with the fix and a non-zero exit code; nothing is written when the input is bad.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import InputError, Sd35Error
+
+app = typer.Typer(
+    help="Load, generate, serve and benchmark Stable Diffusion 3.5 in bf16 or FP8.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks (results belong in docs/benchmarks.md).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+_ENV_NAMES = {"hf_hub_cache": "HF_HUB_CACHE", "hf_token": "HF_TOKEN", "hf_hub_offline": "HF_HUB_OFFLINE",
+              "hf_endpoint": "HF_ENDPOINT"}
+
+
+def _fail(exc: Sd35Error) -> None:
+    err.print(f"[bold red]error:[/] {exc.cause}", highlight=False)
+    if exc.fix:
+        err.print(f"[bold]fix:[/] {exc.fix}", highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+def _settings_error(exc) -> InputError:
+    """A pydantic ValidationError on settings, as one cause + fix naming the flag and the variable."""
+    parts = []
+    for e in exc.errors():
+        field = str(e["loc"][0]) if e.get("loc") else "?"
+        env = _ENV_NAMES.get(field, f"SD35_{field.upper()}")
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{env} / --{field.replace('_', '-')}: {msg} (got {e.get('input')!r})")
+    return InputError("invalid setting: " + "; ".join(parts) + ".",
+                      "correct the flag, the environment variable or the line in .env (see .env.example).")
+
+
+def handle_errors(fn):
+    """Print our errors as cause + fix with their exit code instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pydantic import ValidationError
+
+        try:
+            return fn(*args, **kwargs)
+        except Sd35Error as exc:
+            _fail(exc)
+        except ValidationError as exc:
+            _fail(_settings_error(exc))
+
+    return wrapper
+
+
+def _settings(**flags):
+    from .settings import load_settings
+
+    return load_settings(**flags)
+
+
+@app.command()
+@handle_errors
+def generate(
+    prompt: str = typer.Option("a photo of an astronaut riding a horse on the moon", "--prompt", "-p"),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt"),
+    model: Optional[str] = typer.Option(None, "--model", help="tiny, medium, large, large-turbo, a repo id or a folder [SD35_MODEL]"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit [SD35_REVISION]"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto | bf16 | fp8-weight | fp8 [SD35_PRECISION]"),
+    t5: Optional[str] = typer.Option(None, "--t5", help="auto | bf16 | fp8-weight | off [SD35_T5]"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N [SD35_DEVICE]"),
+    offload: Optional[str] = typer.Option(None, "--offload", help="none | model | sequential [SD35_OFFLOAD]"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the model's)"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
+    height: Optional[int] = typer.Option(None, "--height", help="multiple of 16"),
+    width: Optional[int] = typer.Option(None, "--width", help="multiple of 16"),
+    seed: Optional[str] = typer.Option(None, "--seed", help="integer; random when omitted (recorded)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder [SD35_OUTPUT_DIR]"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show the libraries' own logs"),
+) -> None:
+    """Generate an image; write <out>/<timestamp>-<seed>.png and a .json sidecar beside it."""
+    from . import logs
+
+    logs.configure(verbose)
+    settings = _settings(model=model, revision=revision, precision=precision, t5=t5, device=device,
+                         offload=offload, output_dir=out_dir)
+    from .generate import check_request
+
+    # Check everything that does not need the model before loading it (nothing written on bad input).
+    from . import hub
+
+    defaults = hub.sampling_defaults(settings.model)
+    request = check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                            height=height, width=width, seed=seed, defaults=defaults)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import generate as gen
+    from .load import load
+
+    loaded = load(settings)
+    with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as progress:
+        task = progress.add_task("denoise", total=request.steps)
+        result = gen.run(loaded, request, on_step=lambda i, n: progress.update(task, completed=i))
+    written = gen.save(loaded, result, settings.output_dir)
+    t = result.timings
+    for png, js in written:
+        print(png, js, sep="\n")  # plain stdout: paths are for scripts
+    err.print(f"load {loaded.load_seconds:.1f}s · encode {t['encode']:.2f}s · denoise {t['denoise']:.2f}s · "
+              f"decode {t['decode']:.2f}s · {loaded.plan.transformer} on {loaded.device}", highlight=False)
+    if loaded.source.notice:
+        err.print(f"[yellow]note:[/] {loaded.source.notice}", highlight=False)
+
+
+@bench_app.command("memory")
+@handle_errors
+def bench_memory(
+    arch: str = typer.Option("medium", "--arch", help="medium | large (the published transformer configs)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Weight bytes of the SD3.5 transformer per precision mode (random weights, built on the CPU)."""
+    from . import bench, logs
+
+    logs.configure(False)
+    if arch not in bench.ARCHS:
+        raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(bench.ARCHS)}.")
+    report = bench.memory(arch)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    out.print(bench.memory_table(report))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing further was written.")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Where a model's files come from: the embedded tiny model, a local diffusers folder, or the Hub cache.
+
+Why a module of its own: every way a first day goes wrong happens here, before a single weight is
+read — a gated repo and a missing or wrong token (401/403), offline mode with nothing cached, a
+folder cloned with `git clone` but without Git LFS (pointer files instead of weights), a disk too
+small for a 25 GB download. Each ends in a `ModelError` naming the cause and the fix.
+
+Repo ids resolve through the Hugging Face cache (`HF_HUB_CACHE`) with `huggingface_hub`, passing the
+token, endpoint and offline flag from our settings explicitly. Only the files the diffusers pipeline
+loads are fetched (SD3.5 repos also hold a 16 GB single-file checkpoint and ComfyUI text encoders
+that diffusers never reads). The result is always a local folder in diffusers layout, which
+`load.py` hands to the same `from_pretrained` call for all three kinds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import ModelError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    repo_id: str
+    steps: int
+    guidance: float
+    gated: bool = True
+
+
+# The published SD3.5 checkpoints, with Stability AI's recommended sampling defaults.
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "large": KnownModel("stabilityai/stable-diffusion-3.5-large", steps=28, guidance=3.5),
+    "medium": KnownModel("stabilityai/stable-diffusion-3.5-medium", steps=40, guidance=4.5),
+    "large-turbo": KnownModel("stabilityai/stable-diffusion-3.5-large-turbo", steps=4, guidance=0.0),
+}
+_BY_REPO = {m.repo_id: m for m in KNOWN_MODELS.values()}
+
+# The components StableDiffusion3Pipeline loads; T5 is left out when SD35_T5=off.
+PIPELINE_FOLDERS = (
+    "scheduler",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "transformer",
+    "vae",
+)
+# Weight formats diffusers does not need when safetensors are present, and fp32 duplicates.
+IGNORE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.gguf",
+                   "*fp32*"]
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model resolved to a local folder, with what is needed to record where it came from."""
+
+    requested: str
+    kind: str  # "tiny" | "local" | "hub"
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None  # as requested (branch, tag or commit)
+    commit: str | None = None  # the commit the snapshot is at
+    notice: str | None = None  # printed next to every output (the tiny model's warning)
+
+    @property
+    def defaults(self) -> dict:
+        return sampling_defaults(self.requested)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def sampling_defaults(model: str) -> dict:
+    """Steps, guidance and size a model is meant to run with (known before anything is loaded)."""
+    model = expand_alias(model)
+    if model == "tiny":
+        from . import tiny
+
+        return dict(tiny.TINY_DEFAULTS)
+    known = _BY_REPO.get(model)
+    steps, guidance = (known.steps, known.guidance) if known else (28, 3.5)
+    return {"steps": steps, "guidance": guidance, "height": 1024, "width": 1024}
+
+
+def allow_patterns(with_t5: bool = True) -> list[str]:
+    folders = [f for f in PIPELINE_FOLDERS if with_t5 or f not in ("text_encoder_3", "tokenizer_3")]
+    return ["model_index.json"] + [f"{f}/*" for f in folders]
+
+
+def expand_alias(model: str) -> str:
+    """`large`, `medium`, `large-turbo` are short for the published repo ids."""
+    known = KNOWN_MODELS.get(model.strip().lower())
+    return known.repo_id if known else model.strip()
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or model.endswith("/")
+
+
+def resolve(settings: Settings, *, with_t5: bool = True) -> ModelSource:
+    """Resolve `settings.model` to a local diffusers folder, downloading into the Hub cache if allowed."""
+    model = expand_alias(settings.model)
+    if not model:
+        raise ModelError("no model was given.", "set SD35_MODEL or pass --model (e.g. tiny, medium, large).")
+    if model == "tiny":
+        from . import tiny
+
+        path = tiny.ensure(settings.cache_dir)
+        return ModelSource(model, "tiny", path, notice=tiny.TINY_NOTICE)
+
+    path = Path(model).expanduser()
+    if path.exists() or _looks_like_path(model):
+        return _resolve_local(model, path, with_t5=with_t5)
+    if not _REPO_ID.match(model):
+        raise ModelError(
+            f"model {model!r} is neither `tiny`, an existing local folder, nor a Hub repo id (org/name).",
+            "pass --model tiny, medium, large, large-turbo, a repo id such as "
+            "stabilityai/stable-diffusion-3.5-medium, or the path of a diffusers folder.",
+        )
+    return _resolve_hub(model, settings, with_t5=with_t5)
+
+
+def _resolve_local(requested: str, path: Path, *, with_t5: bool) -> ModelSource:
+    if not path.exists():
+        raise ModelError(
+            f"local model folder {str(path)!r} does not exist.",
+            "check the path, or pass a Hub repo id (e.g. stabilityai/stable-diffusion-3.5-medium) or `tiny`.",
+        )
+    if not path.is_dir() or not (path / "model_index.json").is_file():
+        raise ModelError(
+            f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json).",
+            "point --model at the folder that holds model_index.json, transformer/, vae/ … "
+            "(single-file .safetensors checkpoints are not supported: use the diffusers layout).",
+        )
+    check_complete(path, with_t5=with_t5)
+    return ModelSource(requested, "local", path.resolve())
+
+
+def find_lfs_pointers(folder: Path) -> list[Path]:
+    """Weight files that are Git LFS pointer stubs (a `git clone` made without git-lfs)."""
+    stubs = []
+    for f in sorted(folder.rglob("*")):
+        if f.suffix in WEIGHT_SUFFIXES and f.is_file() and f.stat().st_size < 1024:
+            with open(f, "rb") as fh:
+                if fh.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX:
+                    stubs.append(f)
+    return stubs
+
+
+def check_complete(folder: Path, *, with_t5: bool = True) -> None:
+    """Refuse folders whose weights are LFS pointers or whose components are missing."""
+    stubs = find_lfs_pointers(folder)
+    if stubs:
+        shown = ", ".join(str(s.relative_to(folder)) for s in stubs[:3])
+        more = f" and {len(stubs) - 3} more" if len(stubs) > 3 else ""
+        raise ModelError(
+            f"{len(stubs)} weight file(s) in {str(folder)!r} are Git LFS pointer stubs, not weights "
+            f"({shown}{more}): the folder was cloned without Git LFS.",
+            f"run `git lfs install && git -C {folder} lfs pull`, or load the repo id through the "
+            "Hugging Face cache instead of a git clone.",
+        )
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {folder / 'model_index.json'}: {exc}.", "re-download the model.") from None
+    missing = [
+        name
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and value[0] is not None
+        and not (folder / name).is_dir()
+        and (with_t5 or name not in ("text_encoder_3", "tokenizer_3"))
+    ]
+    if missing:
+        raise ModelError(
+            f"{str(folder)!r} lists component(s) {', '.join(missing)} in model_index.json but has no such folder.",
+            "re-download the model (`sd35 cache prefetch MODEL`) or copy the missing folders.",
+        )
+
+
+def _hub_error(exc: Exception, repo_id: str, settings: Settings) -> ModelError:
+    """Map huggingface_hub's exceptions to a cause and a fix."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    page = f"https://huggingface.co/{repo_id}"
+    has_token = bool(settings.hf_token) or _stored_token_present()
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, GatedRepoError):
+        if has_token:
+            return ModelError(
+                f"{repo_id} is a gated repo and your token has no access to it ({status}).",
+                f"accept the license at {page} with the account that owns the token; a fine-grained token "
+                "also needs 'Read access to contents of all public gated repos you can access'.",
+            )
+        return ModelError(
+            f"{repo_id} is a gated repo and no Hugging Face token was sent ({status}).",
+            f"accept the license at {page}, create a read token at https://huggingface.co/settings/tokens "
+            "and set HF_TOKEN in .env (or run `hf auth login`).",
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return ModelError(
+            f"revision {settings.revision!r} does not exist in {repo_id}.",
+            "set SD35_REVISION to a branch, tag or commit of the repo (or unset it for main).",
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return ModelError(
+            f"{repo_id} was not found on the Hub, or it is private/gated and "
+            + ("your token has no access" if has_token else "no token was sent")
+            + f" ({status}).",
+            "check the repo id; for a gated repo accept its license on the model page and set HF_TOKEN.",
+        )
+    if isinstance(exc, HfHubHTTPError) and status == 401:
+        return ModelError(
+            f"the Hub rejected the Hugging Face token (401) for {repo_id}: it is invalid or expired.",
+            "create a new read token at https://huggingface.co/settings/tokens and set HF_TOKEN.",
+        )
+    if isinstance(exc, HfHubHTTPError) and status == 403:
+        return ModelError(
+            f"the token is valid but not allowed to read {repo_id} (403).",
+            f"accept the license at {page}; with a fine-grained token, allow access to public gated repos.",
+        )
+    if isinstance(exc, LocalEntryNotFoundError):
+        rev = settings.revision or "main"
+        if settings.hf_hub_offline:
+            return ModelError(
+                f"{repo_id} at revision {rev} is not in the Hugging Face cache ({settings.hf_hub_cache}) "
+                "and offline mode is on (HF_HUB_OFFLINE=1).",
+                f"download it once with network access: `HF_HUB_OFFLINE=0 sd35 cache prefetch {repo_id}`, "
+                "or point HF_HUB_CACHE at the shared cache that has it.",
+            )
+        return ModelError(
+            f"{repo_id} at revision {rev} is not (completely) in the Hugging Face cache "
+            f"({settings.hf_hub_cache}) and the Hub could not be reached.",
+            "check the network (or HF_ENDPOINT), or point HF_HUB_CACHE at a cache that has the model.",
+        )
+    if isinstance(exc, HfHubHTTPError):
+        return ModelError(f"the Hub answered {status} for {repo_id}: {exc}.", "try again later.")
+    return ModelError(f"could not fetch {repo_id}: {type(exc).__name__}: {exc}.", "check the network and try again.")
+
+
+def _stored_token_present() -> bool:
+    try:
+        from huggingface_hub import get_token
+
+        return get_token() is not None
+    except Exception:  # noqa: BLE001 - a broken token file is "no token" here
+        return False
+
+
+def _missing_bytes(api, repo_id: str, commit: str, patterns: list[str], cache: Path) -> int:
+    """Bytes still to download for the files the pipeline loads at `commit`."""
+    from huggingface_hub.constants import REPO_ID_SEPARATOR
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import filter_repo_objects
+
+    snapshot = cache / f"models{REPO_ID_SEPARATOR}{repo_id.replace('/', REPO_ID_SEPARATOR)}" / "snapshots" / commit
+    files = [f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True) if isinstance(f, RepoFile)]
+    wanted = set(filter_repo_objects([f.path for f in files], allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS))
+    return sum((f.size or 0) for f in files if f.path in wanted and not (snapshot / f.path).exists())
+
+
+def check_disk(cache: Path, needed: int, what: str) -> None:
+    probe = cache
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    margin = 1 << 30  # leave 1 GiB so the machine stays usable
+    if needed + margin > free:
+        raise ModelError(
+            f"not enough disk for {what}: {needed / 1e9:.1f} GB to download, {free / 1e9:.1f} GB free "
+            f"under {probe} (HF_HUB_CACHE={cache}).",
+            "free space there, or set HF_HUB_CACHE to a larger disk (a shared cache: `sd35 cache init`).",
+        )
+
+
+def download(repo_id: str, settings: Settings, *, with_t5: bool = True, progress: bool = True) -> tuple[Path, str]:
+    """Fetch (or find, offline) the pipeline's files of `repo_id` in the Hub cache; return (folder, commit)."""
+    import huggingface_hub
+    from huggingface_hub import HfApi, snapshot_download
+
+    cache = Path(settings.hf_hub_cache).expanduser()
+    patterns = allow_patterns(with_t5)
+    kw = dict(cache_dir=cache, token=settings.hf_token, endpoint=settings.hf_endpoint)
+    offline = settings.hf_hub_offline or huggingface_hub.constants.HF_HUB_OFFLINE
+    try:
+        if offline:
+            folder = snapshot_download(
+                repo_id, revision=settings.revision, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS,
+                local_files_only=True, **kw,
+            )
+        else:
+            # 1. Which commit, and may we read it? (401/403/gated surface here, before any download.)
+            api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token)
+            info = api.model_info(repo_id, revision=settings.revision)
+            commit = info.sha
+            # 2. Is there room for what is not cached yet?
+            check_disk(cache, _missing_bytes(api, repo_id, commit, patterns, cache), f"{repo_id}@{commit[:8]}")
+            # 3. Download only the pipeline's files, pinned to that commit.
+            if not progress:
+                huggingface_hub.utils.disable_progress_bars()
+            folder = snapshot_download(
+                repo_id, revision=commit, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS, **kw,
+            )
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes a cause + fix
+        raise _hub_error(exc, repo_id, settings) from None
+    folder = Path(folder)
+    return folder, folder.name
+
+
+def _resolve_hub(repo_id: str, settings: Settings, *, with_t5: bool) -> ModelSource:
+    folder, commit = download(repo_id, settings, with_t5=with_t5)
+    check_complete(folder, with_t5=with_t5)
+    return ModelSource(repo_id, "hub", folder, repo_id=repo_id, revision=settings.revision or "main", commit=commit)

@@ -1,0 +1,124 @@
+"""Load SD3.5 once, in the chosen precision, onto the chosen device.
+
+Why one function for every entry point: the CLI, the service and the notebooks must get the same
+pipeline for the same settings, and the expensive, error-prone steps (resolving the model, FP8
+quantization, placement) must happen exactly once per process, never per request.
+
+The procedure, in order:
+  1. Detect the hardware and resolve the precision plan (refuse impossible requests before loading).
+  2. Resolve the model to a local diffusers folder (tiny | local folder | Hub cache).
+  3. `StableDiffusion3Pipeline.from_pretrained` on that folder in bf16, on the CPU.
+  4. Quantize the transformer (and T5) with torchao, moving one layer at a time to the device, so the
+     GPU never holds a full bf16 copy next to the FP8 one.
+  5. Place the rest: onto the device, or accelerate's CPU offload for GPUs that cannot hold it all.
+  6. Record what was loaded: source, precision with reasons, weight bytes per component, timing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import hardware, hub, precision
+from .errors import ModelError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+
+
+@dataclass
+class LoadedPipeline:
+    """A ready pipeline plus the facts every output records about it."""
+
+    pipe: object  # diffusers.StableDiffusion3Pipeline
+    source: hub.ModelSource
+    hardware: hardware.Hardware
+    plan: precision.PrecisionPlan
+    offload: str
+    load_seconds: float
+    weight_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        return self.hardware.device
+
+    def describe(self) -> dict:
+        return {
+            "model": self.source.as_dict(),
+            "device": self.hardware.as_dict(),
+            "precision": self.plan.as_dict(),
+            "offload": self.offload,
+            "weight_bytes": self.weight_bytes,
+        }
+
+
+def load(settings: Settings) -> LoadedPipeline:
+    """Load the pipeline described by `settings` (see the module docstring for the steps)."""
+    import torch
+
+    from . import logs
+
+    started = time.perf_counter()
+
+    # 1. Hardware and precision: an impossible request stops here, before any download or load.
+    hw = hardware.detect(settings.device)
+    plan = precision.resolve(settings.precision, settings.t5, hw)
+    log.info("device: %s", hw.describe())
+    log.info("precision: transformer %s (%s); T5 %s (%s)", plan.transformer, plan.transformer_reason,
+             plan.t5, plan.t5_reason)
+    offload = settings.offload
+    if offload != "none" and not hw.is_cuda:
+        log.warning("offload=%s ignored: it moves weights between a GPU and the CPU, and the device is %s",
+                    offload, hw.device)
+        offload = "none"
+
+    # 2. Model files.
+    with_t5 = plan.t5 != "off"
+    source = hub.resolve(settings, with_t5=with_t5)
+    log.info("model: %s (%s) from %s", source.requested, source.kind, source.path)
+
+    # 3. Read the pipeline in bf16 on the CPU.
+    logs.quiet(logging.getLogger("sd35").getEffectiveLevel() > logging.DEBUG)
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    dlogging.disable_progress_bar()
+    tlogging.disable_progress_bar()
+    extra = {} if with_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(source.path, dtype=torch.bfloat16, **extra)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign folder gets a cause and a fix
+        raise ModelError(
+            f"diffusers could not load {source.path} as a Stable Diffusion 3.5 pipeline: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            "check that the folder is a complete SD3/SD3.5 diffusers checkpoint (`sd35 cache verify`), "
+            "or re-download it.",
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+
+    # 4. Quantize once, layer by layer on the target device.
+    target = hw.device
+    precision.apply(pipe.transformer, plan.transformer, device=target, component="transformer")
+    if with_t5:
+        precision.apply(pipe.text_encoder_3, plan.t5, device=target, component="t5")
+
+    # 5. Placement.
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=target)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=target)
+    else:
+        pipe.to(target)
+
+    # 6. Record.
+    weights = {name: precision.weight_bytes(getattr(pipe, name, None)) for name in COMPONENTS}
+    weights["total"] = {k: sum(w[k] for w in weights.values()) for k in ("parameters", "buffers", "total")}
+    seconds = time.perf_counter() - started
+    log.info("loaded in %.1f s; transformer weights %.3f GB", seconds, weights["transformer"]["total"] / 1e9)
+    if source.notice:
+        log.warning("%s", source.notice)
+    return LoadedPipeline(pipe, source, hw, plan, offload, seconds, weights)

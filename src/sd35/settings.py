@@ -1,0 +1,109 @@
+"""One settings object for the CLI, the service and the notebooks.
+
+Why one object: every entry point must resolve the same knobs the same way, so a notebook and
+`sd35 generate` given the same `.env` load the same model in the same precision.
+
+Precedence (highest first): CLI flag > environment variable > `.env` file > default. CLI flags are
+passed as keyword arguments to `Settings(...)`; pydantic-settings ranks those above the environment,
+and the environment above the dotenv file (the python-dotenv convention).
+
+The Hugging Face variables keep their upstream names (`HF_HUB_CACHE`, `HF_TOKEN`, `HF_HUB_OFFLINE`,
+`HF_ENDPOINT`) so a machine configured for `huggingface_hub` works unchanged. We read them here and
+pass them explicitly to `huggingface_hub` calls: the library reads its own variables once, at import
+time, and would never see values that only live in `.env`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Precision = Literal["auto", "bf16", "fp8-weight", "fp8"]
+T5Mode = Literal["auto", "bf16", "fp8-weight", "off"]
+Offload = Literal["none", "model", "sequential"]
+
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp8-weight", "fp8")
+T5_MODES: tuple[str, ...] = ("auto", "bf16", "fp8-weight", "off")
+OFFLOADS: tuple[str, ...] = ("none", "model", "sequential")
+
+
+def _default_hub_cache() -> str:
+    # The same default huggingface_hub uses, so an existing per-user cache is found.
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    return os.path.join(hf_home, "hub")
+
+
+def _default_sd35_cache() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sd35")
+
+
+class Settings(BaseSettings):
+    """Every knob of the workspace; `.env.example` documents each one."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SD35_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    model: str = Field(
+        default="tiny",
+        description="Hub repo id (stabilityai/stable-diffusion-3.5-large), a local diffusers folder, or `tiny`.",
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Hub revision (branch, tag or commit) to load; default: the model's pinned revision or main.",
+    )
+    precision: Precision = Field(default="auto", description="Transformer precision mode.")
+    t5: T5Mode = Field(default="auto", description="T5-XXL text encoder: bf16, fp8-weight, off, or auto.")
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    offload: Offload = Field(default="none", description="accelerate CPU offload for small GPUs.")
+    output_dir: Path = Field(default=Path("outputs"), description="Where images and sidecars are written.")
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(_default_sd35_cache()),
+        description="Where the embedded tiny model is built (not the Hugging Face cache).",
+    )
+
+    hf_hub_cache: Path = Field(
+        default_factory=lambda: Path(_default_hub_cache()),
+        validation_alias=AliasChoices("HF_HUB_CACHE", "hf_hub_cache"),
+    )
+    hf_token: str | None = Field(default=None, validation_alias=AliasChoices("HF_TOKEN", "hf_token"))
+    hf_hub_offline: bool = Field(
+        default=False, validation_alias=AliasChoices("HF_HUB_OFFLINE", "hf_hub_offline")
+    )
+    hf_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("HF_ENDPOINT", "hf_endpoint")
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"unknown device {value!r}: use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
+
+    @field_validator("hf_token")
+    @classmethod
+    def _empty_token_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @field_validator("revision", "hf_endpoint")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings; `overrides` are CLI flags (None means "not given")."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**given)
