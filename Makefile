@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.sd35-setup
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 PYTEST_ARGS ?=
+# A local folder of wheels (e.g. a CPU torch wheel) pip should look in first, when it exists.
+WHEELHOUSE ?= /opt/wheels
+PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt $(if $(wildcard $(WHEELHOUSE)),--find-links $(WHEELHOUSE))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-fast test-gpu bench-memory clean
@@ -20,8 +23,8 @@ setup: $(STAMP) ## Create .venv and install the pinned packages (idempotent; run
 $(STAMP): constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first and exactly pinned: a looser spec would pull the CUDA 13 build (GBs) from PyPI.
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(PIP_INSTALL) "torch==$(TORCH_VERSION)"
+	$(PIP_INSTALL) -e ".[dev]"
 	@touch $@
 
 run: setup ## Generate one image with the settings' defaults (.env / SD35_*; tiny model unless set)

@@ -31,6 +31,14 @@ ARCHS: dict[str, dict] = {
         "qk_norm": "rms_norm", "dual_attention_layers": [],
     },
 }
+
+def _tiny_arch() -> dict:
+    from .tiny import TINY_SPEC
+
+    return dict(TINY_SPEC["transformer"])
+
+
+ARCHS["tiny"] = _tiny_arch()  # the embedded test model: same code path, seconds instead of minutes
 GOAL_FP8_WEIGHT_RATIO = 0.52
 
 

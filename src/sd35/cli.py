@@ -133,7 +133,7 @@ def generate(
 @bench_app.command("memory")
 @handle_errors
 def bench_memory(
-    arch: str = typer.Option("medium", "--arch", help="medium | large (the published transformer configs)"),
+    arch: str = typer.Option("medium", "--arch", help="medium | large (the published transformer configs) | tiny"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Weight bytes of the SD3.5 transformer per precision mode (random weights, built on the CPU)."""

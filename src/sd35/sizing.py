@@ -1,0 +1,96 @@
+"""Weight bytes of a whole pipeline from configs alone: no download, no allocation.
+
+Why: `sd35 doctor` must say whether SD3.5 Large in fp8 fits on this GPU *before* anyone downloads
+25 GB. Each component is instantiated on the meta device from its config (the published ones below,
+or the folder's own config.json when the model is local or cached) and its bytes are counted with the
+same layer filter `precision.apply` uses, so the estimate and the real load agree (a test checks it
+on the tiny model).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import precision
+
+# Text encoders and VAE of the published SD3.5 checkpoints (identical across Large / Medium / Turbo).
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "projection_dim": 768, "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu"}
+CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+          "projection_dim": 1280, "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu"}
+T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
+          "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32}
+VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
+       "layers_per_block": 2, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False,
+       "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+
+# Room for activations, the CUDA context and the allocator's slack at 1024x1024, batch 1. An estimate:
+# measured peaks go in docs/benchmarks.md.
+ACTIVATION_HEADROOM_BYTES = 4 << 30
+
+
+def _meta(build):
+    import torch
+
+    with torch.device("meta"):
+        return build()
+
+
+def _read_config(folder: Path | None, name: str, fallback: dict) -> dict:
+    if folder is not None:
+        for fname in ("config.json",):
+            f = folder / name / fname
+            if f.is_file():
+                return {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith("_")}
+    return fallback
+
+
+def component_bytes(module, mode: str, keep: dict[str, str]) -> int:
+    """Bytes `module` will hold after `precision.apply(mode)`, counted on a meta module."""
+    import fnmatch
+
+    from torch import nn
+
+    total, seen = 0, set()
+    for name, m in module.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) in seen:  # tied weights (T5's shared embedding) count once
+                continue
+            seen.add(id(p))
+            quantized = (mode in ("fp8-weight", "fp8") and isinstance(m, nn.Linear) and pname == "weight"
+                         and not any(fnmatch.fnmatch(name, pat) for pat in keep))
+            if quantized:
+                total += p.numel() * 1 + p.shape[0] * 4  # FP8 E4M3 + one fp32 scale per output row
+            else:
+                total += p.numel() * 2  # bf16
+        for b in m.buffers(recurse=False):
+            if id(b) not in seen:
+                seen.add(id(b))
+                total += b.numel() * (2 if b.is_floating_point() else b.element_size())
+    return total
+
+
+def pipeline_bytes(transformer_config: dict, plan: precision.PrecisionPlan, folder: Path | None = None) -> dict:
+    """Estimated weight bytes per component for `plan`, from configs only."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tcfg = _read_config(folder, "transformer", transformer_config)
+    out = {
+        "transformer": component_bytes(_meta(lambda: SD3Transformer2DModel.from_config(tcfg)), plan.transformer,
+                                       precision.KEEP_BF16),
+        "text_encoder": component_bytes(_meta(lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig(**_read_config(folder, "text_encoder", CLIP_L)))), "bf16", {}),
+        "text_encoder_2": component_bytes(_meta(lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig(**_read_config(folder, "text_encoder_2", CLIP_G)))), "bf16", {}),
+        "vae": component_bytes(_meta(lambda: AutoencoderKL.from_config(_read_config(folder, "vae", VAE))),
+                               "bf16", {}),
+    }
+    if plan.t5 == "off":
+        out["text_encoder_3"] = 0
+    else:
+        t5 = _meta(lambda: T5EncoderModel(T5Config(**_read_config(folder, "text_encoder_3", T5_XXL))))
+        out["text_encoder_3"] = component_bytes(t5, plan.t5, precision.T5_KEEP_BF16)
+    out["total"] = sum(out.values())
+    return out
