@@ -9,6 +9,7 @@ GatedRepoError and friends. Behaviour is chosen by the repo name:
   org/forbidden   403 without an error code
   org/missing     404 RepoNotFound
   org/huge        200, but its transformer weights are 1 PB (the disk check must refuse)
+  org/open        200 for every API call
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class _Handler(BaseHTTPRequestHandler):
                                                             "X-Error-Message": "Access to model org/gated is restricted."})
             return self._send(403, {"error": "gated"}, {"X-Error-Code": "GatedRepo",
                                                         "X-Error-Message": "Access to model org/gated is restricted and you are not in the authorized list."})
+        if repo == "org/open":
+            return self._send(200, {"id": repo, "modelId": repo, "sha": COMMIT, "private": False, "gated": False})
         if repo == "org/badtoken":
             return self._send(401, {"error": "bad token"},
                               {"X-Error-Message": "Invalid credentials in Authorization header"})

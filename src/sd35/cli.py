@@ -130,6 +130,34 @@ def generate(
         err.print(f"[yellow]note:[/] {loaded.source.notice}", highlight=False)
 
 
+@app.command()
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="print the checks as a JSON list"),
+    model: Optional[str] = typer.Option(None, "--model", help="check this model instead of SD35_MODEL"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="check this precision instead of SD35_PRECISION"),
+) -> None:
+    """Check this machine for every known onboarding pitfall; exit 1 if any check fails."""
+    from pydantic import ValidationError
+
+    from . import doctor as doc
+    from . import logs
+    from .settings import Settings
+
+    logs.configure(False)
+    try:
+        settings, problem = _settings(model=model, precision=precision), None
+    except ValidationError as exc:
+        settings, problem = Settings.model_construct(), _settings_error(exc).cause
+    ctx = doc.Context(settings=settings, settings_error=problem, root=doc.find_root())
+    results = doc.run(ctx)
+    if as_json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        out.print(doc.table(results))
+    if any(r.status == doc.FAIL for r in results):
+        raise typer.Exit(1)
+
+
 @bench_app.command("memory")
 @handle_errors
 def bench_memory(

@@ -1,0 +1,582 @@
+"""`sd35 doctor`: every way a first day on SD3.5 goes wrong, found before anything else runs.
+
+Why one module of small functions: each pitfall (a torch without float8, FP8 on a GPU that can't, a
+gated repo without a token, LFS pointer stubs, a cache the group can't write, a busy port, a typo in
+`.env`) is one `@check` function that returns its finding and the fix. Adding a check is adding a
+function; the table, `--json` and the exit code follow.
+
+Nothing here downloads weights or loads a model: sizes come from configs (`sizing.py`), access from
+the Hub's auth-check endpoint (skipped offline).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+API_PORT = 8000
+DEBUGPY_PORT = 5678
+# The packages whose versions matter for behaviour; the rest of constraints.txt is their dependencies.
+KEY_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "torchao", "huggingface_hub", "safetensors",
+                "pydantic-settings", "typer")
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    finding: str
+    fix: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Context:
+    """What every check may look at; built once per `sd35 doctor` run."""
+
+    settings: object | None  # sd35.settings.Settings, None when the settings themselves are invalid
+    settings_error: str | None = None
+    root: Path = field(default_factory=Path.cwd)  # the workspace (for constraints.txt, .env.example)
+    env_file: Path = field(default_factory=lambda: Path(".env"))
+    api_port: int = API_PORT
+    debugpy_port: int = DEBUGPY_PORT
+    _hw: object | None = None
+    _hw_error: str | None = None
+
+    def hardware(self):
+        """The detected hardware, or None (with `hw_error` set) when the device setting cannot be met."""
+        if self._hw is None and self._hw_error is None:
+            from .errors import Sd35Error
+            from .hardware import detect
+
+            try:
+                self._hw = detect(self.settings.device if self.settings else "auto")
+            except Sd35Error as exc:
+                self._hw_error = str(exc)
+        return self._hw
+
+    @property
+    def model(self) -> str:
+        from .hub import expand_alias
+
+        return expand_alias(self.settings.model) if self.settings else "tiny"
+
+    @property
+    def known(self):
+        from .hub import _BY_REPO
+
+        return _BY_REPO.get(self.model)
+
+
+CHECKS: list[Callable[[Context], Check | list[Check]]] = []
+
+
+def check(fn):
+    """Register a check. It takes the Context and returns one Check (or a list)."""
+    CHECKS.append(fn)
+    return fn
+
+
+def run(ctx: Context) -> list[Check]:
+    results: list[Check] = []
+    for fn in CHECKS:
+        try:
+            got = fn(ctx)
+        except Exception as exc:  # noqa: BLE001 - a broken check must not hide the others
+            got = Check(fn.__name__.removeprefix("check_"), FAIL, f"the check itself failed: {type(exc).__name__}: {exc}",
+                        "report this as a bug in sd35 doctor")
+        results.extend(got if isinstance(got, list) else [got])
+    return results
+
+
+# --- Python and packages -------------------------------------------------------------------------------
+
+@check
+def check_settings(ctx: Context) -> Check:
+    if ctx.settings_error:
+        return Check("settings", FAIL, ctx.settings_error, "correct the value in .env or the environment (see .env.example)")
+    s = ctx.settings
+    return Check("settings", OK, f"model={s.model} precision={s.precision} t5={s.t5} device={s.device} offload={s.offload}")
+
+
+@check
+def check_python(ctx: Context) -> Check:
+    v = sys.version_info
+    if v < (3, 11):
+        return Check("python", FAIL, f"Python {v.major}.{v.minor} is too old", "use Python 3.11 or newer (`make setup`)")
+    return Check("python", OK, f"Python {v.major}.{v.minor}.{v.micro} at {sys.executable}")
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    pins = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line.strip())
+            if m:
+                pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return pins
+
+
+@check
+def check_packages(ctx: Context) -> Check:
+    pins = read_pins(ctx.root / "constraints.txt")
+    if not pins:
+        return Check("packages", WARN, f"no constraints.txt under {ctx.root}: versions not compared",
+                     "run sd35 doctor from the workspace root")
+    missing, off = [], []
+    for name in KEY_PACKAGES:
+        key = name.lower().replace("_", "-")
+        try:
+            have = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+            continue
+        want = pins.get(key)
+        if want and have.split("+")[0] != want:
+            off.append(f"{name} {have} (pinned {want})")
+    if missing:
+        return Check("packages", FAIL, "not installed: " + ", ".join(missing), "run `make setup`")
+    if off:
+        return Check("packages", WARN, "differ from constraints.txt: " + "; ".join(off),
+                     "run `make setup` (or rebuild the image) to get the pinned versions")
+    return Check("packages", OK, f"{len(KEY_PACKAGES)} key packages match constraints.txt")
+
+
+def _nvidia_smi() -> list[dict] | None:
+    """GPUs as the driver sees them (None when nvidia-smi is absent or fails)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=index,name,memory.total,driver_version,compute_cap",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 4:
+            gpus.append({"index": parts[0], "name": parts[1], "memory_mib": parts[2], "driver": parts[3],
+                         "compute_cap": parts[4] if len(parts) > 4 else "?"})
+    return gpus
+
+
+@check
+def check_torch_build(ctx: Context) -> Check:
+    import torch
+
+    cuda = torch.version.cuda
+    driver_gpus = _nvidia_smi()
+    if cuda is None:
+        if driver_gpus:
+            return Check("torch build", FAIL, f"torch {torch.__version__} is a CPU build on a machine with "
+                         f"{len(driver_gpus)} NVIDIA GPU(s)",
+                         "use the CUDA 12 image (docker/Dockerfile) or install torch's cu12x build at the pinned "
+                         "version from PyTorch's index")
+        return Check("torch build", OK, f"torch {torch.__version__}, CPU build (no NVIDIA driver here)")
+    major = cuda.split(".")[0]
+    if major != "12":
+        return Check("torch build", WARN, f"torch {torch.__version__} built for CUDA {cuda}; the image uses 12.x",
+                     "CUDA 13 builds need a recent driver (R580+); use the image's CUDA 12 build on older drivers")
+    return Check("torch build", OK, f"torch {torch.__version__}, CUDA {cuda}")
+
+
+@check
+def check_float8(ctx: Context) -> Check:
+    import torch
+
+    missing = [d for d in ("float8_e4m3fn", "float8_e5m2") if not hasattr(torch, d)]
+    if missing:
+        return Check("float8 dtypes", FAIL, f"torch {torch.__version__} lacks {', '.join(missing)}",
+                     "install the pinned torch (`make setup`); every FP8 mode needs torch.float8_e4m3fn")
+    return Check("float8 dtypes", OK, "torch.float8_e4m3fn and float8_e5m2 available")
+
+
+# --- GPUs and precision --------------------------------------------------------------------------------
+
+@check
+def check_gpu(ctx: Context) -> Check:
+    import torch
+
+    hw = ctx.hardware()
+    if hw is None:
+        return Check("gpu", FAIL, ctx._hw_error.split("\nFix: ")[0],
+                     ctx._hw_error.split("\nFix: ")[1] if "\nFix: " in ctx._hw_error else None)
+    if not torch.cuda.is_available():
+        return Check("gpu", WARN, "no CUDA GPU visible: everything runs on the CPU (fine for the tiny model; "
+                     "real SD3.5 needs a GPU)",
+                     "on a GPU server check `nvidia-smi`, CUDA_VISIBLE_DEVICES, and the container's GPU access")
+    drivers = {g["index"]: g["driver"] for g in (_nvidia_smi() or [])}
+    parts = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        parts.append(f"cuda:{i} {p.name} SM {p.major}.{p.minor} {p.total_memory / 2**30:.0f} GiB"
+                     + (f" driver {drivers[str(i)]}" if str(i) in drivers else ""))
+    return Check("gpu", OK, "; ".join(parts) + f" (using {hw.device})")
+
+
+@check
+def check_precision(ctx: Context) -> Check:
+    from .errors import Sd35Error
+    from .precision import resolve
+
+    hw = ctx.hardware()
+    if hw is None or ctx.settings is None:
+        return Check("precision", SKIP, "no usable device or settings (see above)")
+    try:
+        plan = resolve(ctx.settings.precision, ctx.settings.t5, hw)
+    except Sd35Error as exc:
+        return Check("precision", FAIL, exc.cause, exc.fix)
+    return Check("precision", OK, f"{ctx.settings.precision} → transformer {plan.transformer} "
+                 f"({plan.transformer_reason}); T5 {plan.t5}")
+
+
+def _plan(ctx: Context):
+    from .errors import Sd35Error
+    from .precision import resolve
+
+    hw = ctx.hardware()
+    if hw is None or ctx.settings is None:
+        return None
+    try:
+        return resolve(ctx.settings.precision, ctx.settings.t5, hw)
+    except Sd35Error:
+        return None
+
+
+def _model_folder(ctx: Context) -> Path | None:
+    """A local folder holding the configured model's configs, when there is one (no download)."""
+    from . import tiny
+    from .cache import cached_snapshot
+
+    if ctx.model == "tiny":
+        folder = tiny.tiny_dir(ctx.settings.cache_dir)
+        return folder if folder.is_dir() else None
+    p = Path(ctx.model).expanduser()
+    if p.is_dir():
+        return p
+    return cached_snapshot(ctx.settings.hf_hub_cache, ctx.model, ctx.settings.revision)
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _estimate(ctx: Context) -> dict | None:
+    from . import bench, sizing
+
+    plan = _plan(ctx)
+    if plan is None:
+        return None
+    folder = _model_folder(ctx)
+    if ctx.model == "tiny":
+        return sizing.pipeline_bytes(bench.ARCHS["tiny"], plan, folder) if folder else None
+    arch = None
+    if ctx.known:
+        arch = bench.ARCHS["medium" if "medium" in ctx.known.repo_id else "large"]
+    if folder is None and arch is None:
+        return None
+    return sizing.pipeline_bytes(arch or {}, plan, folder)
+
+
+@check
+def check_fits(ctx: Context) -> Check:
+    from .sizing import ACTIVATION_HEADROOM_BYTES
+
+    hw = ctx.hardware()
+    if _plan(ctx) is None:
+        return Check("fits in memory", SKIP, "the precision cannot be resolved on this machine (see above)")
+    est = _estimate(ctx)
+    if est is None:
+        return Check("fits in memory", SKIP, f"no config for {ctx.model} without downloading it")
+    gb = 1e9
+    need = est["total"] + ACTIVATION_HEADROOM_BYTES
+    parts = f"transformer {fmt_bytes(est['transformer'])} + T5 {fmt_bytes(est['text_encoder_3'])} + CLIPs/VAE " \
+            f"{fmt_bytes(est['text_encoder'] + est['text_encoder_2'] + est['vae'])}"
+    if hw is None or not hw.is_cuda:
+        return Check("fits in memory", SKIP, f"no GPU; the pipeline's weights are {fmt_bytes(est['total'])} ({parts})")
+    have = hw.total_memory_bytes
+    if ctx.settings.offload != "none":
+        largest = max(v for k, v in est.items() if k != "total") + ACTIVATION_HEADROOM_BYTES
+        status = OK if largest <= have else FAIL
+        return Check("fits in memory", status, f"offload={ctx.settings.offload}: largest component + activations "
+                     f"≈ {largest / gb:.1f} GB of {have / gb:.1f} GB", None if status == OK else
+                     "use SD35_PRECISION=fp8-weight and SD35_T5=fp8-weight, or a larger GPU")
+    if need <= have:
+        return Check("fits in memory", OK, f"≈ {need / gb:.1f} GB needed ({parts} + activations) of "
+                     f"{have / gb:.1f} GB on {hw.name}")
+    return Check("fits in memory", FAIL, f"≈ {need / gb:.1f} GB needed ({parts} + activations), {hw.name} has "
+                 f"{have / gb:.1f} GB", "set SD35_T5=fp8-weight or off, SD35_PRECISION=fp8-weight, or "
+                 "SD35_OFFLOAD=model")
+
+
+# --- Hugging Face ----------------------------------------------------------------------------------------
+
+def _token(ctx: Context) -> str | None:
+    if ctx.settings and ctx.settings.hf_token:
+        return ctx.settings.hf_token
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@check
+def check_token(ctx: Context) -> Check:
+    token = _token(ctx)
+    gated = ctx.known is not None and ctx.known.gated
+    if token:
+        return Check("hf token", OK, f"present for this user (hf_…{token[-4:]})")
+    if gated:
+        return Check("hf token", FAIL, f"no Hugging Face token, and {ctx.model} is gated",
+                     f"accept the license at https://huggingface.co/{ctx.model}, create a read token and set "
+                     "HF_TOKEN in .env (or run `hf auth login`)")
+    return Check("hf token", OK, f"none; not needed for {ctx.model} (the SD3.5 repos need one)")
+
+
+def _is_hub_repo(ctx: Context) -> bool:
+    from .hub import _REPO_ID, _looks_like_path
+
+    m = ctx.model
+    return m != "tiny" and not Path(m).expanduser().exists() and not _looks_like_path(m) and bool(_REPO_ID.match(m))
+
+
+@check
+def check_hub_access(ctx: Context) -> Check:
+    if not _is_hub_repo(ctx):
+        return Check("hub access", SKIP, f"{ctx.model} is not a Hub repo")
+    s = ctx.settings
+    if s.hf_hub_offline:
+        return Check("hub access", SKIP, f"offline (HF_HUB_OFFLINE=1): access to {ctx.model} not checked; "
+                     "the cached copy is used")
+    from huggingface_hub import HfApi
+
+    from .hub import _hub_error
+
+    token = _token(ctx)
+    try:
+        HfApi(endpoint=s.hf_endpoint, token=token).auth_check(ctx.model, token=token)
+    except Exception as exc:  # noqa: BLE001
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if not isinstance(exc, HfHubHTTPError):  # no HTTP answer at all: DNS, refused, timeout
+            return Check("hub access", WARN, f"the Hub could not be reached ({type(exc).__name__})",
+                         "check the network or HF_ENDPOINT; on an offline server set HF_HUB_OFFLINE=1")
+        err = _hub_error(exc, ctx.model, s)
+        return Check("hub access", FAIL, err.cause, err.fix)
+    return Check("hub access", OK, f"{'the token' if token else 'anonymous access'} can read {ctx.model}")
+
+
+@check
+def check_hub_cache(ctx: Context) -> Check:
+    from .cache import inspect_permissions
+
+    cache = Path(ctx.settings.hf_hub_cache).expanduser()
+    if not cache.exists():
+        parent = next((p for p in cache.parents if p.exists()), Path("/"))
+        if not os.access(parent, os.W_OK):
+            return Check("hub cache", FAIL, f"HF_HUB_CACHE={cache} does not exist and {parent} is not writable",
+                         "create it (`sd35 cache init PATH --group GROUP` for a shared one) or point HF_HUB_CACHE elsewhere")
+        return Check("hub cache", OK, f"HF_HUB_CACHE={cache} (created on first download)")
+    if not os.access(cache, os.W_OK | os.X_OK):
+        return Check("hub cache", FAIL, f"HF_HUB_CACHE={cache} is not writable by this user",
+                     "ask the cache's owner to add you to its group, or use a cache of your own")
+    report = inspect_permissions(cache)
+    if not report.shared:
+        return Check("hub cache", OK, f"HF_HUB_CACHE={cache} (private to this user)")
+    if report.ok:
+        return Check("hub cache", OK, f"HF_HUB_CACHE={cache} shared with group {report.group}, setgid, group-writable")
+    bad = report.not_group_writable + report.dirs_without_setgid + report.other_group
+    shown = ", ".join(str(p.relative_to(cache)) for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    what = []
+    if report.not_group_writable:
+        what.append(f"{len(report.not_group_writable)} not group-writable")
+    if report.dirs_without_setgid:
+        what.append(f"{len(report.dirs_without_setgid)} dirs without setgid")
+    if report.other_group:
+        what.append(f"{len(report.other_group)} owned by another group")
+    return Check("hub cache", FAIL, f"shared cache {cache} (group {report.group}): {'; '.join(what)}: {shown} — "
+                 "other users will hit PermissionError on blobs/ and .locks/", report.fix())
+
+
+@check
+def check_model(ctx: Context) -> Check:
+    from .cache import cached_snapshot
+    from .hub import _looks_like_path, find_lfs_pointers
+
+    s = ctx.settings
+    if ctx.model == "tiny":
+        return Check("model", OK, "tiny (embedded, built locally on first use; random weights)")
+    p = Path(ctx.model).expanduser()
+    if p.exists() or _looks_like_path(ctx.model):
+        if not p.is_dir():
+            return Check("model", FAIL, f"local model folder {p} does not exist", "fix SD35_MODEL")
+        stubs = find_lfs_pointers(p)
+        if stubs:
+            return Check("model", FAIL, f"{len(stubs)} weight file(s) in {p} are Git LFS pointer stubs "
+                         f"(e.g. {stubs[0].relative_to(p)})", f"git lfs install && git -C {p} lfs pull")
+        if not (p / "model_index.json").is_file():
+            return Check("model", FAIL, f"{p} has no model_index.json: not a diffusers folder",
+                         "point SD35_MODEL at the folder holding model_index.json")
+        return Check("model", OK, f"local diffusers folder {p}")
+    snap = cached_snapshot(s.hf_hub_cache, ctx.model, s.revision)
+    rev = s.revision or "main"
+    if snap is None:
+        if s.hf_hub_offline:
+            return Check("model", FAIL, f"{ctx.model}@{rev} is not cached and HF_HUB_OFFLINE=1",
+                         f"prefetch it with network access: `HF_HUB_OFFLINE=0 sd35 cache prefetch {ctx.model}`")
+        return Check("model", WARN, f"{ctx.model}@{rev} not cached yet: the first run downloads it",
+                     f"prefetch it once for everyone: `sd35 cache prefetch {ctx.model}`")
+    stubs = find_lfs_pointers(snap)
+    if stubs:
+        return Check("model", FAIL, f"cached {ctx.model} holds LFS pointer stubs ({stubs[0].relative_to(snap)})",
+                     "delete the snapshot and download it again with `sd35 cache prefetch`")
+    return Check("model", OK, f"{ctx.model}@{rev} cached at commit {snap.name[:12]}")
+
+
+@check
+def check_disk(ctx: Context) -> Check:
+    from . import bench, sizing
+    from .hardware import detect
+    from .precision import resolve
+
+    cache = Path(ctx.settings.hf_hub_cache).expanduser()
+    probe = next((p for p in [cache, *cache.parents] if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    gb = 1e9
+    if ctx.known is None or _model_folder(ctx) is not None:
+        return Check("disk", OK if free > 5 * gb else WARN, f"{free / gb:.0f} GB free under {probe}",
+                     None if free > 5 * gb else "free some space under HF_HUB_CACHE")
+    # On disk the published checkpoints are bf16: size them with the bf16 plan.
+    arch = bench.ARCHS["medium" if "medium" in ctx.known.repo_id else "large"]
+    t5 = "off" if ctx.settings.t5 == "off" else "bf16"
+    size = sizing.pipeline_bytes(arch, resolve("bf16", t5, detect("cpu")))["total"]
+    if free < size + gb:
+        return Check("disk", FAIL, f"{ctx.model} needs ≈ {size / gb:.0f} GB, {free / gb:.0f} GB free under {probe}",
+                     "free space or point HF_HUB_CACHE at a larger disk (`sd35 cache init`)")
+    return Check("disk", OK, f"{free / gb:.0f} GB free under {probe}; {ctx.model} needs ≈ {size / gb:.0f} GB")
+
+
+# --- Workspace -----------------------------------------------------------------------------------------
+
+def env_keys(path: Path, include_commented: bool = False) -> list[str]:
+    keys = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if include_commented:
+                line = line.lstrip("#").strip()
+            m = re.match(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=", line)
+            if m:
+                keys.append(m.group(1))
+    return keys
+
+
+@check
+def check_dotenv(ctx: Context) -> Check:
+    example = ctx.root / ".env.example"
+    if not ctx.env_file.is_file():
+        return Check(".env", OK, "no .env: defaults and the environment apply",
+                     None) if not example.is_file() else Check(
+            ".env", OK, "no .env: defaults and the environment apply (cp .env.example .env to configure)")
+    known = set(env_keys(example, include_commented=True))
+    unknown = [k for k in env_keys(ctx.env_file) if known and k not in known]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            hints.append(f"{k} (did you mean {close[0]}?)" if close else k)
+        return Check(".env", WARN, f"unknown key(s) in {ctx.env_file}: {', '.join(hints)} — they are ignored",
+                     "rename them to the keys in .env.example")
+    return Check(".env", OK, f"{ctx.env_file}: {len(env_keys(ctx.env_file))} known keys")
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@check
+def check_debugpy(ctx: Context) -> Check:
+    try:
+        version = importlib.metadata.version("debugpy")
+    except importlib.metadata.PackageNotFoundError:
+        return Check("debugpy", WARN, "debugpy is not installed: the VS Code launch targets need it",
+                     "run `make setup`")
+    if not port_free(ctx.debugpy_port):
+        return Check("debugpy", WARN, f"debugpy {version}; port {ctx.debugpy_port} is already in use",
+                     "stop the other debug session, or set another port in SD35_DEBUGPY=127.0.0.1:PORT")
+    return Check("debugpy", OK, f"debugpy {version}; port {ctx.debugpy_port} free")
+
+
+@check
+def check_api_port(ctx: Context) -> Check:
+    if not port_free(ctx.api_port):
+        return Check("api port", WARN, f"port {ctx.api_port} is in use (another sd35 serve, or another program)",
+                     f"`ss -ltnp 'sport = :{ctx.api_port}'` shows who holds it; stop it or serve on another --port")
+    return Check("api port", OK, f"port {ctx.api_port} free")
+
+
+@check
+def check_systemd(ctx: Context) -> Check:
+    if not Path("/run/systemd/system").is_dir() or not shutil.which("systemctl"):
+        return Check("systemd", SKIP, "systemd is not running here (container or CI): no units to check")
+    try:
+        out = subprocess.run(["systemctl", "list-units", "--all", "--no-legend", "--plain", "sd35-api@*"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check("systemd", WARN, f"systemctl failed: {exc}")
+    units = [line.split()[:4] for line in out.stdout.splitlines() if line.strip()]
+    if not units:
+        return Check("systemd", OK, "no sd35-api@ unit installed (see docs/hosting.md to serve the team)")
+    failed = [u[0] for u in units if len(u) > 3 and u[2] == "failed"]
+    if failed:
+        return Check("systemd", FAIL, f"failed: {', '.join(failed)}", f"journalctl -u {failed[0]} -n 50")
+    return Check("systemd", OK, "; ".join(f"{u[0]} {u[2]}/{u[3]}" for u in units if len(u) > 3))
+
+
+# --- Output --------------------------------------------------------------------------------------------
+
+def table(results: list[Check]):
+    from rich.table import Table
+
+    colour = {OK: "green", WARN: "yellow", FAIL: "bold red", SKIP: "dim"}
+    t = Table(title="sd35 doctor", show_lines=False)
+    t.add_column("check")
+    t.add_column("status")
+    t.add_column("finding")
+    t.add_column("fix")
+    for r in results:
+        t.add_row(r.name, f"[{colour[r.status]}]{r.status}[/]", r.finding, r.fix or "")
+    counts = {s: sum(r.status == s for r in results) for s in (OK, WARN, FAIL, SKIP)}
+    t.caption = " · ".join(f"{n} {s}" for s, n in counts.items())
+    return t
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The workspace root: the nearest folder upwards holding constraints.txt, else the package's repo."""
+    start = (start or Path.cwd()).resolve()
+    for p in [start, *start.parents]:
+        if (p / "constraints.txt").is_file() and (p / "pyproject.toml").is_file():
+            return p
+    return Path(__file__).resolve().parents[2]

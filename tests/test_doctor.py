@@ -1,0 +1,169 @@
+"""`sd35 doctor`: each planted pitfall is reported with its fix, in the table and in --json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from fakehub import FakeHub
+from helpers import run_cli
+
+from sd35 import doctor, tiny
+from sd35.hardware import Hardware
+from sd35.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ctx_for(**settings) -> doctor.Context:
+    return doctor.Context(settings=Settings(**settings), root=ROOT)
+
+
+def by_name(results, name) -> doctor.Check:
+    return next(r for r in results if r.name == name)
+
+
+def test_real_run_on_this_machine_does_not_crash():
+    r = run_cli("doctor", "--json", cwd=ROOT)
+    assert r.returncode in (0, 1), r.stderr
+    results = json.loads(r.stdout)
+    names = {c["name"] for c in results}
+    assert {"python", "packages", "torch build", "float8 dtypes", "gpu", "precision", "fits in memory",
+            "hf token", "hub access", "hub cache", "model", "disk", ".env", "debugpy", "api port", "systemd"} <= names
+    assert all(c["status"] in ("ok", "warn", "fail", "skip") and c["finding"] for c in results)
+    assert all(c["fix"] for c in results if c["status"] in ("warn", "fail"))  # every problem comes with a fix
+    assert not any("the check itself failed" in c["finding"] for c in results)
+    assert (r.returncode == 1) == any(c["status"] == "fail" for c in results)
+    table = run_cli("doctor", cwd=ROOT)
+    assert "sd35 doctor" in table.stdout and "float8 dtypes" in table.stdout and "Traceback" not in table.stderr
+
+
+def test_lfs_stub_folder(tiny_cache, tmp_path):
+    clone = tmp_path / "clone"
+    shutil.copytree(tiny.tiny_dir(tiny_cache), clone)
+    (clone / "vae" / "diffusion_pytorch_model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "1" * 64 + "\nsize 167666902\n")
+    c = by_name(doctor.run(ctx_for(model=str(clone))), "model")
+    assert c.status == "fail" and "LFS pointer" in c.finding and "lfs pull" in c.fix
+    r = run_cli("doctor", "--json", "--model", str(clone), cwd=ROOT)
+    assert r.returncode == 1
+    assert any(x["name"] == "model" and x["status"] == "fail" for x in json.loads(r.stdout))
+
+
+def test_shared_cache_that_the_group_cannot_write(tmp_path):
+    cache = tmp_path / "shared-hub"
+    blobs = cache / "models--org--m" / "blobs"
+    locks = cache / ".locks" / "models--org--m"
+    blobs.mkdir(parents=True)
+    locks.mkdir(parents=True)
+    for d in (cache, cache / "models--org--m", blobs, cache / ".locks", locks):
+        os.chmod(d, 0o2775)
+    (blobs / "abc123").write_bytes(b"x")
+    os.chmod(blobs / "abc123", 0o644)  # written by a user with umask 022
+    (locks / "abc123.lock").write_bytes(b"")
+    os.chmod(locks / "abc123.lock", 0o600)
+    os.chmod(cache / ".locks", 0o775)  # lost its setgid
+    c = by_name(doctor.run(ctx_for(hf_hub_cache=cache)), "hub cache")
+    assert c.status == "fail"
+    assert "2 not group-writable" in c.finding and "1 dirs without setgid" in c.finding
+    assert "PermissionError" in c.finding and "chmod -R g+rwX" in c.fix and "umask 0002" in c.fix
+    # fixed as the fix says, it passes
+    for p in (blobs / "abc123", locks / "abc123.lock"):
+        os.chmod(p, 0o664)
+    os.chmod(cache / ".locks", 0o2775)
+    c = by_name(doctor.run(ctx_for(hf_hub_cache=cache)), "hub cache")
+    assert c.status == "ok" and "shared with group" in c.finding
+
+
+def test_no_token_for_a_gated_model():
+    c = by_name(doctor.run(ctx_for(model="large")), "hf token")
+    assert c.status == "fail" and "gated" in c.finding and "HF_TOKEN" in c.fix
+    c = by_name(doctor.run(ctx_for(model="tiny")), "hf token")
+    assert c.status == "ok"
+
+
+def test_gated_access_online_against_a_fake_hub():
+    with FakeHub() as fake:
+        c = by_name(doctor.run(ctx_for(model="org/gated", hf_endpoint=fake.endpoint, hf_token="hf_noaccess")),
+                    "hub access")
+        assert c.status == "fail" and "no access" in c.finding and "accept the license" in c.fix
+        c = by_name(doctor.run(ctx_for(model="org/open", hf_endpoint=fake.endpoint, hf_token="hf_ok")), "hub access")
+        assert c.status == "ok"
+    c = by_name(doctor.run(ctx_for(model="large", hf_hub_offline=True)), "hub access")
+    assert c.status == "skip" and "offline" in c.finding
+
+
+def test_torch_without_float8(monkeypatch):
+    import torch
+
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    results = doctor.run(ctx_for())
+    c = by_name(results, "float8 dtypes")
+    assert c.status == "fail" and "float8_e4m3fn" in c.finding and "make setup" in c.fix
+    assert by_name(results, "precision").status == "fail"  # auto needs FP8 storage too
+
+
+def test_fp8_on_a_gpu_without_fp8_tensor_cores():
+    ctx = ctx_for(precision="fp8")
+    ctx._hw = Hardware("cuda:0", "NVIDIA A10", (8, 6), 24 << 30, False, "fp8 compute: SM 8.6 < 8.9", True)
+    c = by_name(doctor.run(ctx), "precision")
+    assert c.status == "fail" and "SM 8.6" in c.finding and "fp8-weight" in c.fix
+
+
+def test_fits_in_gpu_memory_from_configs_only():
+    l4 = Hardware("cuda:0", "NVIDIA L4", (8, 9), 24 * 10**9, True, "fp8 compute: SM 8.9 >= 8.9", True)
+    ctx = ctx_for(model="large", precision="bf16", t5="bf16")
+    ctx._hw = l4
+    c = by_name(doctor.run(ctx), "fits in memory")
+    assert c.status == "fail" and "T5 9.5 GB" in c.finding and "SD35_T5=fp8-weight" in c.fix
+    ctx = ctx_for(model="large", precision="auto")
+    ctx._hw = l4
+    c = by_name(doctor.run(ctx), "fits in memory")
+    assert c.status == "ok" and "transformer 8.3 GB" in c.finding
+
+
+def test_busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        ctx = ctx_for()
+        ctx.api_port = ctx.debugpy_port = s.getsockname()[1]
+        results = doctor.run(ctx)
+    c = by_name(results, "api port")
+    assert c.status == "warn" and "in use" in c.finding and "--port" in c.fix
+    assert by_name(results, "debugpy").status == "warn"
+
+
+def test_unknown_env_key_suggests_the_known_one(tmp_path):
+    env = tmp_path / ".env"
+    env.write_text("SD35_MODEL=tiny\nSD35_PRECISON=bf16\nHF_TOKEN=x\n")
+    ctx = ctx_for()
+    ctx.env_file = env
+    c = by_name(doctor.run(ctx), ".env")
+    assert c.status == "warn" and "SD35_PRECISON (did you mean SD35_PRECISION?)" in c.finding
+
+
+def test_bad_setting_is_a_failed_check_not_a_crash():
+    r = run_cli("doctor", "--json", cwd=ROOT, env={"SD35_PRECISION": "fp16"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    c = next(x for x in json.loads(r.stdout) if x["name"] == "settings")
+    assert c["status"] == "fail" and "SD35_PRECISION" in c["finding"]
+
+
+def test_offline_model_not_cached(tmp_path):
+    c = by_name(doctor.run(ctx_for(model="medium", hf_hub_offline=True)), "model")
+    assert c.status == "fail" and "sd35 cache prefetch" in c.fix
+
+
+@pytest.mark.parametrize("free,status", [(10**15, "ok"), (10**9, "fail")])
+def test_disk_against_model_size(monkeypatch, free, status):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: usage(free * 2, free, free))
+    c = by_name(doctor.run(ctx_for(model="large")), "disk")
+    assert c.status == status and "needs ≈ 28 GB" in c.finding
