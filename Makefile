@@ -13,7 +13,7 @@ WHEELHOUSE ?= /opt/wheels
 PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt $(if $(wildcard $(WHEELHOUSE)),--find-links $(WHEELHOUSE))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast test-gpu bench-memory clean
+.PHONY: help setup run test test-fast test-gpu doctor serve lab bench-memory clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,6 +38,15 @@ test-fast: setup ## Run the tests not marked slow
 
 test-gpu: setup ## Run only the GPU / FP8 tests (on a GPU machine)
 	$(BIN)/python -m pytest -m "gpu or fp8" $(PYTEST_ARGS)
+
+doctor: setup ## Check this machine for every onboarding pitfall (GPU, FP8, token, cache, ports)
+	$(BIN)/sd35 doctor
+
+serve: setup ## Serve the OpenAI-compatible image API on 127.0.0.1:8000 (settings from .env)
+	$(BIN)/sd35 serve $(ARGS)
+
+lab: setup ## JupyterLab on 127.0.0.1:8888 with a token, rooted at the workspace
+	$(BIN)/sd35 lab $(ARGS)
 
 bench-memory: setup ## Weight bytes per precision mode for SD3.5 Medium and Large (ARCH=medium|large)
 	$(BIN)/sd35 bench memory --arch $(or $(ARCH),medium)

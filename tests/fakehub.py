@@ -10,6 +10,10 @@ GatedRepoError and friends. Behaviour is chosen by the repo name:
   org/missing     404 RepoNotFound
   org/huge        200, but its transformer weights are 1 PB (the disk check must refuse)
   org/open        200 for every API call
+
+and it serves real repos given as `FakeHub(repos={"org/name": folder})`: repo info, the recursive tree
+and `/resolve/` downloads (HEAD and GET with the headers huggingface_hub reads), so a download runs
+end to end on loopback.
 """
 
 from __future__ import annotations
@@ -37,7 +41,55 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _resolve(self, head: bool) -> bool:
+        """Serve /{org}/{name}/resolve/{rev}/{path} from a real repo folder; False if not ours."""
+        from urllib.parse import unquote
+
+        parts = unquote(self.path.split("?", 1)[0]).strip("/").split("/")
+        if len(parts) < 5 or parts[2] != "resolve":
+            return False
+        folder = self.server.repos.get(f"{parts[0]}/{parts[1]}")
+        if folder is None:
+            return False
+        self.server.requests.append((self.path, self.headers.get("Authorization")))
+        f = folder / "/".join(parts[4:])
+        if not f.is_file():
+            self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
+            return True
+        data = f.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("ETag", '"%s"' % _sha256(data))
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+        return True
+
+    def do_HEAD(self):  # noqa: N802
+        if not self._resolve(head=True):
+            self.send_response(404)
+            self.end_headers()
+
+    def _serve_repo(self, repo: str, parts: list[str]) -> None:
+        folder = self.server.repos[repo]
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        if len(parts) >= 5 and parts[4] == "tree":
+            entries = []
+            for f in files:
+                data = f.read_bytes()
+                e = {"type": "file", "path": str(f.relative_to(folder)), "size": len(data), "oid": _sha256(data)[:40]}
+                if f.suffix == ".safetensors":
+                    e["lfs"] = {"oid": _sha256(data), "size": len(data), "pointerSize": 134}
+                entries.append(e)
+            return self._send(200, entries)
+        return self._send(200, {"id": repo, "modelId": repo, "sha": COMMIT, "private": False, "gated": False,
+                                "siblings": [{"rfilename": str(f.relative_to(folder))} for f in files]})
+
     def do_GET(self):  # noqa: N802 - http.server's naming
+        if self._resolve(head=False):
+            return
         path = self.path.split("?", 1)[0]
         parts = path.strip("/").split("/")
         if parts[:2] != ["api", "models"] or len(parts) < 4:
@@ -45,6 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
         repo = f"{parts[2]}/{parts[3]}"
         auth = self.headers.get("Authorization")
         self.server.requests.append((path, auth))
+        if repo in self.server.repos:
+            return self._serve_repo(repo, parts)
         if repo == "org/gated":
             if not auth:
                 return self._send(401, {"error": "gated"}, {"X-Error-Code": "GatedRepo",
@@ -72,10 +126,17 @@ class _Handler(BaseHTTPRequestHandler):
                                                                    "X-Error-Message": "Repository not found"})
 
 
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 class FakeHub:
-    def __init__(self):
+    def __init__(self, repos: dict[str, Path] | None = None):
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.requests = []
+        self.server.repos = dict(repos or {})
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

@@ -35,3 +35,28 @@ requires_gpu = pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU: torc
 requires_fp8 = pytest.mark.skipif(
     not has_fp8_gpu(), reason="needs FP8 tensor cores (CUDA compute capability >= 8.9); none found"
 )
+
+
+def load_jsonc(path: Path) -> object:
+    """Parse JSON with comments and trailing commas (VS Code's launch.json, devcontainer.json)."""
+    import json
+    import re
+
+    text = Path(path).read_text()
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':  # copy a string literal verbatim, honouring escapes
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i:j + 1])
+            i = j + 1
+        elif text.startswith("//", i):
+            i = text.find("\n", i) if "\n" in text[i:] else n
+        elif text.startswith("/*", i):
+            i = text.index("*/", i) + 2
+        else:
+            out.append(c)
+            i += 1
+    return json.loads(re.sub(r",(\s*[}\]])", r"\1", "".join(out)))

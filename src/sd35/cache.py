@@ -96,3 +96,148 @@ def cached_snapshot(cache: Path, repo_id: str, revision: str | None) -> Path | N
     commit = ref.read_text().strip() if ref.is_file() else rev
     snap = folder / "snapshots" / commit
     return snap if snap.is_dir() else None
+
+
+# --- sd35 cache init -------------------------------------------------------------------------------------
+
+@dataclass
+class InitResult:
+    path: Path
+    group: str | None
+    acl: str  # what happened with default ACLs
+    env_lines: list[str]
+
+
+def init(path: Path, group: str | None = None) -> InitResult:
+    """Create (or repair) a shared cache folder: group-owned, 2775, default ACLs where available."""
+    import grp
+    import shutil
+    import subprocess
+
+    from .errors import InputError, Sd35Error
+
+    path = Path(path).expanduser().resolve()
+    gid = -1
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise InputError(f"group {group!r} does not exist.",
+                             f"create it and add the team: `sudo groupadd {group} && sudo usermod -aG {group} USER`.") from None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if gid != -1:
+            os.chown(path, -1, gid)
+        os.chmod(path, 0o2775)
+    except PermissionError as exc:
+        raise Sd35Error(f"cannot set up {path}: {exc.strerror}.",
+                        f"run it with sudo, or ask the folder's owner: `sudo sd35 cache init {path}"
+                        + (f" --group {group}`" if group else "`") + ".") from None
+    group_name = _group_name(path.stat().st_gid)
+    acl = "setfacl not found: default ACLs not set (every user needs `umask 0002`)"
+    if shutil.which("setfacl"):
+        spec = f"d:u::rwx,d:g::rwx,d:o::rx,d:m::rwx" + (f",d:g:{group}:rwx" if group else "")
+        r = subprocess.run(["setfacl", "-m", spec, str(path)], capture_output=True, text=True)
+        acl = ("default ACLs set: new files are group-writable whatever a user's umask"
+               if r.returncode == 0 else f"default ACLs not set ({r.stderr.strip() or 'unsupported filesystem'}); "
+               "every user needs `umask 0002`")
+    env_lines = [f"HF_HUB_CACHE={path}"]
+    return InitResult(path, group_name, acl, env_lines)
+
+
+# --- sd35 cache verify ------------------------------------------------------------------------------------
+
+@dataclass
+class Problem:
+    kind: str  # lfs-stub | missing-blob | truncated | incomplete-download | permissions
+    path: Path
+    detail: str
+    fix: str
+
+
+def safetensors_truncated(path: Path) -> str | None:
+    """Why a .safetensors file is cut short (header vs file size), or None when it is whole."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    if size < 8:
+        return f"{size} bytes, too small for a safetensors header"
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > size - 8 or n > 100 << 20:
+            return f"header claims {n} bytes, file has {size}"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            return "header is not valid JSON"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + n + end:
+        return f"{size} bytes on disk, {8 + n + end} expected"
+    return None
+
+
+def _repos(cache: Path, model: str | None) -> list[Path]:
+    if model:
+        from .hub import expand_alias
+
+        folder = repo_folder(cache, expand_alias(model))
+        return [folder] if folder.is_dir() else []
+    return sorted(p for p in cache.glob("models--*") if p.is_dir())
+
+
+def verify(cache: Path, model: str | None = None) -> list[Problem]:
+    """Everything in the cache (or one model's part of it) that would break a load or lock a user out."""
+    from .hub import LFS_POINTER_PREFIX, WEIGHT_SUFFIXES
+
+    cache = Path(cache).expanduser()
+    problems: list[Problem] = []
+    refetch = "re-download: `sd35 cache prefetch {repo}` (delete the broken file first)"
+    for repo_dir in _repos(cache, model):
+        repo = repo_dir.name.removeprefix("models--").replace("--", "/", 1)
+        for blob in sorted((repo_dir / "blobs").glob("*.incomplete")):
+            problems.append(Problem("incomplete-download", blob, "an interrupted download left a partial blob",
+                                    f"`sd35 cache prefetch {repo}` resumes it"))
+        for f in sorted((repo_dir / "snapshots").rglob("*")):
+            if f.is_symlink() and not f.exists():
+                problems.append(Problem("missing-blob", f, "the snapshot links to a blob that is gone",
+                                        refetch.format(repo=repo)))
+                continue
+            if not f.is_file() or f.suffix not in WEIGHT_SUFFIXES:
+                continue
+            if f.stat().st_size < 1024:
+                with open(f, "rb") as fh:
+                    if fh.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX:
+                        problems.append(Problem("lfs-stub", f, "a Git LFS pointer file, not weights",
+                                                refetch.format(repo=repo)))
+                        continue
+            if f.suffix == ".safetensors":
+                why = safetensors_truncated(f)
+                if why:
+                    problems.append(Problem("truncated", f, why, refetch.format(repo=repo)))
+    if cache.is_dir() and is_shared(cache):
+        report = inspect_permissions(cache)
+        for p in (report.not_group_writable + report.dirs_without_setgid + report.other_group)[:50]:
+            problems.append(Problem("permissions", p, "the group cannot write it (others will get PermissionError)",
+                                    report.fix()))
+    return problems
+
+
+# --- sd35 cache ls -----------------------------------------------------------------------------------------
+
+def listing(cache: Path) -> list[dict]:
+    """Models in the cache with their revisions (refs → commit) and sizes on disk."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir(Path(cache).expanduser())
+    except CacheNotFound:
+        return []
+    rows = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        for rev in sorted(repo.revisions, key=lambda r: r.commit_hash):
+            rows.append({"repo_id": repo.repo_id, "type": repo.repo_type, "commit": rev.commit_hash,
+                         "refs": sorted(rev.refs), "files": rev.nb_files, "size_on_disk": rev.size_on_disk,
+                         "path": str(rev.snapshot_path)})
+    return rows

@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks (results belong in docs/benchmarks.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+cache_app = typer.Typer(help="The (shared) Hugging Face cache: init, prefetch, verify, ls.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -156,6 +158,85 @@ def doctor(
         out.print(doc.table(results))
     if any(r.status == doc.FAIL for r in results):
         raise typer.Exit(1)
+
+
+@cache_app.command("init")
+@handle_errors
+def cache_init(
+    path: Path = typer.Argument(..., help="the folder to share, e.g. /srv/cache/huggingface"),
+    group: Optional[str] = typer.Option(None, "--group", help="the team's group (owns the folder)"),
+) -> None:
+    """Create a group-owned, setgid (2775) cache folder and print the environment lines to use."""
+    from . import cache
+
+    r = cache.init(path, group)
+    err.print(f"{r.path}: group {r.group}, mode 2775 (setgid: new files inherit the group); {r.acl}.",
+              highlight=False)
+    err.print("Use these lines in /etc/sd35/sd35.env, .env or each user's shell profile. Share only the hub "
+              "cache: HF_HOME (with the token) stays per user.", highlight=False)
+    for line in r.env_lines:
+        print(line)
+    print("umask 0002  # in each user's ~/.profile (systemd units: UMask=0002)")
+
+
+@cache_app.command("prefetch")
+@handle_errors
+def cache_prefetch(
+    model: str = typer.Argument(..., help="medium, large, large-turbo or a repo id"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="branch, tag or commit [SD35_REVISION]"),
+    t5: Optional[str] = typer.Option(None, "--t5", help="off: skip the T5 encoder's 9.5 GB [SD35_T5]"),
+) -> None:
+    """Download only the files the pipeline loads into HF_HUB_CACHE (no single-file or fp32 duplicates)."""
+    from . import hub, logs
+
+    logs.configure(False)
+    settings = _settings(model=model, revision=revision, t5=t5)
+    repo = hub.expand_alias(settings.model)
+    if repo == "tiny" or Path(repo).expanduser().exists():
+        raise InputError(f"{repo!r} is not a Hub repo: nothing to prefetch.", "pass medium, large, large-turbo or org/name.")
+    folder, commit = hub.download(repo, settings, with_t5=settings.t5 != "off", progress=True)
+    hub.check_complete(folder, with_t5=settings.t5 != "off")
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    err.print(f"{repo} at commit {commit}: {size / 1e9:.2f} GB in {settings.hf_hub_cache}", highlight=False)
+    print(folder)
+
+
+@cache_app.command("verify")
+@handle_errors
+def cache_verify(model: Optional[str] = typer.Argument(None, help="one model (default: the whole cache)")) -> None:
+    """Find LFS pointer stubs, truncated or missing files and blobs/locks the group cannot write."""
+    from . import cache
+
+    settings = _settings()
+    problems = cache.verify(settings.hf_hub_cache, model)
+    for p in problems:
+        err.print(f"[bold red]{p.kind}[/]: {p.path}: {p.detail}\n  fix: {p.fix}", highlight=False)
+    if problems:
+        err.print(f"{len(problems)} problem(s) in {settings.hf_hub_cache}", highlight=False)
+        raise typer.Exit(1)
+    err.print(f"{settings.hf_hub_cache}: no problems found", highlight=False)
+
+
+@cache_app.command("ls")
+@handle_errors
+def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Models in HF_HUB_CACHE: revisions, refs, sizes."""
+    from rich.table import Table
+
+    from . import cache
+
+    settings = _settings()
+    rows = cache.listing(settings.hf_hub_cache)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"HF_HUB_CACHE={settings.hf_hub_cache}")
+    for col in ("repo", "commit", "refs", "files", "size"):
+        table.add_column(col, justify="right" if col in ("files", "size") else "left", overflow="fold")
+    for r in rows:
+        table.add_row(r["repo_id"], r["commit"][:12], ",".join(r["refs"]), str(r["files"]),
+                      f"{r['size_on_disk'] / 1e9:.2f} GB")
+    out.print(table if rows else f"no models in {settings.hf_hub_cache}")
 
 
 @bench_app.command("memory")

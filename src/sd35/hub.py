@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -321,12 +322,26 @@ def download(repo_id: str, settings: Settings, *, with_t5: bool = True, progress
             folder = snapshot_download(
                 repo_id, revision=commit, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS, **kw,
             )
+            # 4. Record which commit the branch/tag pointed at, so offline runs find it by that name too.
+            _write_ref(Path(folder).parent.parent, settings.revision or "main", commit)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes a cause + fix
         raise _hub_error(exc, repo_id, settings) from None
     folder = Path(folder)
     return folder, folder.name
+
+
+def _write_ref(repo_dir: Path, revision: str, commit: str) -> None:
+    if revision == commit:
+        return
+    ref = repo_dir / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    if ref.is_file() and ref.read_text().strip() == commit:
+        return
+    tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+    tmp.write_text(commit)
+    os.replace(tmp, ref)
 
 
 def _resolve_hub(repo_id: str, settings: Settings, *, with_t5: bool) -> ModelSource:
