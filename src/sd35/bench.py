@@ -125,3 +125,122 @@ def memory_table(report: dict):
     table.caption = (f"goal fp8-weight ≤ {goal['fp8-weight_ratio_max']} × bf16: {'met' if goal['met'] else 'NOT met'}"
                      f" · {report['seconds']} s · torch {report['torch']}")
     return table
+
+
+# --- sd35 bench serve --------------------------------------------------------------------------------------
+
+def _percentile(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 128, burst: int = 16,
+                   queue_size: int = 4) -> dict:
+    """Latency of `requests` sequential generations called directly (in this process, as `sd35 generate`
+    does) vs. through a real `sd35 serve` process on loopback, then a burst of `burst` concurrent
+    requests against a queue of `queue_size`.
+
+    The service runs as its own process, as in production: PyTorch's CPU thread pool belongs to the
+    thread that first uses it, so timing a second thread of the same process would measure an artefact
+    (about 2x slower small matmuls on CPU), not the service.
+    """
+    import json as _json
+    import os
+    import signal
+    import socket
+    import statistics
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import generate as gen
+    from .load import load
+
+    # 1. A real `sd35 serve` process with the same settings, on loopback.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SD35_MODEL": settings.model, "SD35_PRECISION": settings.precision, "SD35_T5": settings.t5,
+           "SD35_DEVICE": settings.device, "SD35_CACHE_DIR": str(settings.cache_dir),
+           "SD35_QUEUE_SIZE": str(queue_size), "SD35_HOST": "127.0.0.1", "SD35_PORT": str(port)}
+    env.pop("SD35_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "sd35", "serve"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    prompt = "benchmark prompt"
+
+    def post(seed: int):
+        body = _json.dumps({"prompt": prompt, "size": f"{size}x{size}", "steps": steps, "seed": seed,
+                            "guidance_scale": 4.5}).encode()
+        r = urllib.request.Request(url + "/v1/images/generations", data=body,
+                                   headers={"Content-Type": "application/json"})
+        t = time.perf_counter()
+        try:
+            with urllib.request.urlopen(r, timeout=600) as resp:
+                resp.read()
+                code = resp.status
+        except urllib.error.HTTPError as e:
+            e.read()
+            code = e.code
+        return code, time.perf_counter() - t
+
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sd35 serve exited: {proc.stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+
+        # 2. The same model loaded here, called directly as `sd35 generate` does.
+        loaded = load(settings)
+        device, mode = loaded.device, loaded.plan.transformer
+
+        def direct_call(seed: int) -> float:
+            t = time.perf_counter()
+            gen.run(loaded, gen.GenerationRequest(prompt, steps=steps, guidance=4.5, height=size, width=size,
+                                                  seed=seed))
+            return time.perf_counter() - t
+
+        direct_call(0), post(0)  # warm-up of both paths
+        # 3. Alternate direct and HTTP calls, so drift on a shared machine hits both alike.
+        direct, http = [], []
+        for i in range(requests):
+            direct.append(direct_call(i))
+            http.append(post(i)[1])
+        del loaded
+
+        # 4. A burst against the bounded queue.
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(burst) as pool:
+            results = list(pool.map(post, range(burst)))
+        burst_s = time.perf_counter() - t0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    ok = [lat for code, lat in results if code == 200]
+    d_mean, h_mean = statistics.mean(direct), statistics.mean(http)
+    d50, h50 = _percentile(direct, 0.5), _percentile(http, 0.5)
+    return {
+        "model": settings.model, "device": device, "precision": mode,
+        "steps": steps, "size": f"{size}x{size}", "requests": requests,
+        "direct_mean_s": round(d_mean, 4), "direct_p50_s": round(d50, 4),
+        "http_mean_s": round(h_mean, 4), "http_p50_s": round(h50, 4),
+        "overhead_mean": round((h_mean - d_mean) / d_mean, 4), "overhead_p50": round((h50 - d50) / d50, 4),
+        "goal_overhead_max": 0.05,
+        "burst": {"concurrent": burst, "queue_size": queue_size, "seconds": round(burst_s, 3),
+                  "status_counts": {str(c): sum(1 for x, _ in results if x == c) for c in sorted({x for x, _ in results})},
+                  "images_per_s": round(len(ok) / burst_s, 3),
+                  "served_p50_s": round(_percentile(ok, 0.5), 4) if ok else None,
+                  "served_p95_s": round(_percentile(ok, 0.95), 4) if ok else None},
+    }

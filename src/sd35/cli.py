@@ -133,6 +133,25 @@ def generate(
 
 
 @app.command()
+@handle_errors
+def serve(
+    host: Optional[str] = typer.Option(None, "--host", help="bind address [SD35_HOST, default 127.0.0.1]"),
+    port: Optional[int] = typer.Option(None, "--port", help="[SD35_PORT, default 8000]"),
+    model: Optional[str] = typer.Option(None, "--model", help="[SD35_MODEL]"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="[SD35_PRECISION]"),
+    allow_no_key: Optional[bool] = typer.Option(None, "--allow-no-key", help="allow a non-loopback bind without SD35_API_KEY"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve the OpenAI-compatible image API (one process per GPU; the model is loaded once)."""
+    from . import logs
+    from .service.server import serve as run_server
+
+    logs.configure(verbose)
+    settings = _settings(host=host, port=port, model=model, precision=precision, allow_no_key=allow_no_key)
+    raise typer.Exit(run_server(settings))
+
+
+@app.command()
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="print the checks as a JSON list"),
     model: Optional[str] = typer.Option(None, "--model", help="check this model instead of SD35_MODEL"),
@@ -256,6 +275,42 @@ def bench_memory(
         out.print_json(json.dumps(report))
         return
     out.print(bench.memory_table(report))
+
+
+@bench_app.command("serve")
+@handle_errors
+def bench_serve(
+    requests: int = typer.Option(20, "--requests", help="sequential requests per path"),
+    steps: int = typer.Option(4, "--steps"),
+    size: int = typer.Option(128, "--size", help="square image side"),
+    burst: int = typer.Option(16, "--burst", help="concurrent requests in the burst"),
+    queue_size: int = typer.Option(4, "--queue-size"),
+    model: Optional[str] = typer.Option(None, "--model", help="[SD35_MODEL]"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="[SD35_PRECISION]"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Service overhead vs a direct pipeline call (goal <= 5 %), and a burst against a bounded queue."""
+    from . import bench, logs
+
+    logs.configure(False)
+    import logging
+
+    logging.getLogger("sd35").setLevel(logging.WARNING)
+    report = bench.serve_overhead(_settings(model=model, precision=precision), requests=requests, steps=steps,
+                                  size=size, burst=burst, queue_size=queue_size)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    b = report["burst"]
+    out.print(f"{report['model']} {report['precision']} on {report['device']}, {report['steps']} steps "
+              f"{report['size']}, {report['requests']} sequential requests each:\n"
+              f"  direct  mean {report['direct_mean_s'] * 1000:.1f} ms  p50 {report['direct_p50_s'] * 1000:.1f} ms\n"
+              f"  HTTP    mean {report['http_mean_s'] * 1000:.1f} ms  p50 {report['http_p50_s'] * 1000:.1f} ms\n"
+              f"  overhead {report['overhead_mean'] * 100:+.1f} % (mean), {report['overhead_p50'] * 100:+.1f} % (p50); "
+              f"goal <= 5 %\n"
+              f"burst of {b['concurrent']} against queue {b['queue_size']}: {b['status_counts']} in {b['seconds']} s, "
+              f"{b['images_per_s']} images/s, served p50 {b['served_p50_s']} s p95 {b['served_p95_s']} s",
+              highlight=False)
 
 
 def main() -> None:

@@ -15,10 +15,11 @@ class Sd35Error(Exception):
 
     exit_code = 1
 
-    def __init__(self, cause: str, fix: str | None = None):
+    def __init__(self, cause: str, fix: str | None = None, *, param: str | None = None):
         super().__init__(cause)
         self.cause = cause
         self.fix = fix
+        self.param = param  # the request field at fault, for API error bodies
 
     def __str__(self) -> str:
         return f"{self.cause}\nFix: {self.fix}" if self.fix else self.cause

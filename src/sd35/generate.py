@@ -49,7 +49,7 @@ def check_request(
 ) -> GenerationRequest:
     """Validate a request up front and fill gaps from the model's defaults. Raises InputError."""
     if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("the prompt is empty.", 'pass --prompt "a photo of …".')
+        raise InputError("the prompt is empty.", 'pass --prompt "a photo of …".', param="prompt")
     steps = defaults["steps"] if steps is None else steps
     guidance = defaults["guidance"] if guidance is None else guidance
     height = defaults["height"] if height is None else height
@@ -61,25 +61,28 @@ def check_request(
             raise ValueError
         seed = int(str(seed).strip()) if isinstance(seed, str) else int(seed)
     except (TypeError, ValueError):
-        raise InputError(f"seed {seed!r} is not an integer.", f"pass --seed N with 0 <= N <= {MAX_SEED}.") from None
+        raise InputError(f"seed {seed!r} is not an integer.", f"pass --seed N with 0 <= N <= {MAX_SEED}.",
+                         param="seed") from None
     if not 0 <= seed <= MAX_SEED:
-        raise InputError(f"seed {seed} is out of range.", f"pass --seed N with 0 <= N <= {MAX_SEED}.")
+        raise InputError(f"seed {seed} is out of range.", f"pass --seed N with 0 <= N <= {MAX_SEED}.", param="seed")
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{name} {value!r} is not an integer.", f"pass --{name} as a multiple of {SIZE_MULTIPLE}.")
+            raise InputError(f"{name} {value!r} is not an integer.", f"pass --{name} as a multiple of {SIZE_MULTIPLE}.",
+                             param=name)
         if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
             near = min(MAX_SIZE, max(MIN_SIZE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE))
             raise InputError(
                 f"{name} {value} must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE} "
                 f"(the VAE halves the image 3 times and the MMDiT takes 2x2 patches).",
-                f"pass --{name} {near}.",
+                f"pass --{name} {near}.", param=name,
             )
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise InputError(f"steps {steps!r} must be an integer from 1 to {MAX_STEPS}.", "pass --steps 28 (or 4 for Turbo).")
+        raise InputError(f"steps {steps!r} must be an integer from 1 to {MAX_STEPS}.", "pass --steps 28 (or 4 for Turbo).",
+                         param="steps")
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
             or not 0 <= guidance <= 30:
         raise InputError(f"guidance {guidance!r} must be a finite number from 0 to 30.",
-                         "pass --guidance 3.5 (0 for Turbo, which needs no classifier-free guidance).")
+                         "pass --guidance 3.5 (0 for Turbo, which needs no classifier-free guidance).", param="guidance")
     return GenerationRequest(prompt, negative_prompt or "", steps, float(guidance), height, width, seed)
 
 

@@ -72,6 +72,20 @@ class Settings(BaseSettings):
         description="Where the embedded tiny model is built (not the Hugging Face cache).",
     )
 
+    # --- the service (`sd35 serve`) ---
+    host: str = Field(default="127.0.0.1", description="Address the API binds; non-loopback needs an API key.")
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key: str | None = Field(default=None, description="Bearer token every endpoint but /healthz requires.")
+    allow_no_key: bool = Field(default=False, description="Explicitly allow a non-loopback bind without a key.")
+    queue_size: int = Field(default=4, ge=1, le=1024, description="Requests waiting for the GPU before 429.")
+    request_timeout: float = Field(default=300.0, gt=0, description="Seconds before a request gets 504.")
+    shutdown_grace: float = Field(default=60.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
+    max_pixels: int = Field(default=1536 * 1536, ge=64 * 64, description="Largest width*height served.")
+    max_images: int = Field(default=4, ge=1, le=16, description="Largest `n` per request.")
+    max_steps: int = Field(default=100, ge=1, le=500)
+    max_prompt_chars: int = Field(default=2000, ge=1)
+    warmup: bool = Field(default=True, description="One 1-step generation after loading, before READY.")
+
     hf_hub_cache: Path = Field(
         default_factory=lambda: Path(_default_hub_cache()),
         validation_alias=AliasChoices("HF_HUB_CACHE", "hf_hub_cache"),
@@ -95,6 +109,11 @@ class Settings(BaseSettings):
     @field_validator("hf_token")
     @classmethod
     def _empty_token_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
 
     @field_validator("revision", "hf_endpoint")

@@ -1,0 +1,145 @@
+"""The FastAPI application: auth, request ids, metrics, OpenAI-style errors, and the worker's lifespan.
+
+Why errors are rewritten here: the official `openai` client and every OpenAI-compatible tool expect
+`{"error": {"message", "type", "param", "code"}}`; FastAPI's default 422 `{"detail": [...]}` breaks them.
+Validation problems become 400 naming the field; anything unexpected becomes a 500 with a request id
+(the traceback goes to the log, never to the client).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..settings import Settings
+from . import notify
+from .metrics import Metrics
+from .routes import error, router
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+OPEN_PATHS = {"/healthz"}  # everything else needs the API key when one is set
+JSON_BODY_PATHS = {"/v1/images/generations"}
+KNOWN_PATHS = {"/v1/images/generations", "/v1/models", "/healthz", "/readyz", "/metrics"}
+
+
+def _watchdog(worker: Worker, stop: threading.Event) -> None:
+    """Ping systemd's watchdog while the GPU worker makes progress (its heartbeat is recent)."""
+    interval = notify.watchdog_interval()
+    if interval is None:
+        return
+    limit = interval * 2  # WatchdogSec
+    while not stop.wait(interval):
+        if time.monotonic() - worker.heartbeat < limit:
+            notify.notify("WATCHDOG=1")
+        else:
+            log.error("GPU worker made no progress for %.0f s: withholding the watchdog ping", limit)
+
+
+class GuardMiddleware:
+    """Request ids, API-key auth, the JSON content-type check, 500s with an id, and request metrics.
+
+    A plain ASGI middleware (not `@app.middleware("http")`, whose task-group plumbing costs about a
+    millisecond per request): it answers refused requests itself and passes the rest through untouched.
+    """
+
+    def __init__(self, app, settings: Settings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        path, method = scope["path"], scope["method"]
+        status = {"code": 500, "started": False}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode("latin-1"))]}
+            await send(message)
+
+        refused = None
+        key = self.settings.api_key
+        if key and path not in OPEN_PATHS:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                refused = error(401, "missing or wrong API key: send `Authorization: Bearer <SD35_API_KEY>`",
+                                "invalid_request_error", None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if refused is None and method == "POST" and path in JSON_BODY_PATHS:
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                refused = error(415, f"Content-Type must be application/json (got {ctype or 'none'!r})",
+                                "invalid_request_error", None, "unsupported_media_type")
+        try:
+            if refused is not None:
+                await refused(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        except Exception:  # noqa: BLE001 - a 500 with an id, the traceback in the log
+            log.exception("request %s %s %s failed", request_id, method, path)
+            if not status["started"]:
+                await error(500, f"internal error (request id {request_id}); the server log has the details",
+                            "server_error", None, "internal_error")(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or (path if path in KNOWN_PATHS else "unmatched")
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
+
+
+def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
+    worker = worker or Worker(settings)
+    stop_watchdog = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        threading.Thread(target=_watchdog, args=(worker, stop_watchdog), name="sd35-watchdog", daemon=True).start()
+        yield
+        # uvicorn has stopped accepting and drained in-flight requests (up to its graceful timeout).
+        notify.notify("STOPPING=1", "STATUS=stopping")
+        stop_watchdog.set()
+        worker.stop(timeout=settings.shutdown_grace)
+
+    app = FastAPI(title="sd35 image API", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible image generation with Stable Diffusion 3.5 (bf16 / FP8).")
+    app.state.settings = settings
+    app.state.worker = worker
+    app.state.metrics = Metrics(worker)
+    app.state.started = int(time.time())
+    app.include_router(router)
+
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=app.state.metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            return error(400, "the request body is not valid JSON", "invalid_request_error", None, "invalid_json")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = loc[0] if loc else None
+        msg = first.get("msg", "invalid request")
+        if not loc:
+            msg = f"the request body must be a JSON object with a prompt: {msg}"
+        return error(400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}", "invalid_request_error", param,
+                     "missing_field" if first.get("type") == "missing" else "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error(exc.status_code, str(exc.detail), type_, None, {404: "not_found", 405: "method_not_allowed"}
+                     .get(exc.status_code), headers=getattr(exc, "headers", None))
+
+    return app

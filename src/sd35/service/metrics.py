@@ -1,0 +1,30 @@
+"""Prometheus metrics of one service process (its own registry, so tests can build several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, worker):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("sd35_requests_total", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("sd35_generation_latency_seconds", "Time from request to response for generations",
+                                 buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=self.registry)
+        self.images = Counter("sd35_images_generated_total", "Images generated", registry=self.registry)
+        queue_depth = Gauge("sd35_queue_depth", "Jobs waiting for the GPU worker", registry=self.registry)
+        queue_depth.set_function(lambda: worker.queue.qsize())
+        busy = Gauge("sd35_worker_busy", "1 while the GPU worker runs a job", registry=self.registry)
+        busy.set_function(lambda: 1.0 if worker.busy else 0.0)
+        ready = Gauge("sd35_ready", "1 once the model is loaded and warmed up", registry=self.registry)
+        ready.set_function(lambda: 1.0 if worker.state == "ready" else 0.0)
+
+        import torch
+
+        if torch.cuda.is_available():
+            allocated = Gauge("sd35_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated()",
+                              registry=self.registry)
+            allocated.set_function(lambda: torch.cuda.memory_allocated())
+            reserved = Gauge("sd35_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved()", registry=self.registry)
+            reserved.set_function(lambda: torch.cuda.memory_reserved())

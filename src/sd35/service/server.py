@@ -1,0 +1,93 @@
+"""The service process: preflight checks, uvicorn, and a clean exit.
+
+Order of events:
+  1. Preflight (before binding anything): refuse a non-loopback address without an API key, an
+     impossible precision for this GPU, a busy port — each as a one-paragraph error, exit code 2.
+  2. uvicorn starts: /healthz answers at once, /readyz says "loading" while the worker loads the model
+     (STATUS= lines and EXTEND_TIMEOUT_USEC to systemd), warms up, then READY=1.
+  3. SIGTERM/SIGINT: uvicorn stops accepting, in-flight requests finish within SD35_SHUTDOWN_GRACE
+     seconds, the worker stops, STOPPING=1, exit 0. If the model fails to load, exit 2 with its error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+from .. import hardware, precision
+from ..errors import InputError, Sd35Error
+from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback
+                       for info in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
+            return False
+
+
+def preflight(settings: Settings) -> None:
+    """Everything that can be refused before binding a port or loading a model."""
+    if not is_loopback(settings.host) and not settings.api_key and not settings.allow_no_key:
+        raise InputError(
+            f"refusing to serve on {settings.host}:{settings.port} without an API key: anyone who can reach that "
+            "address could use the GPU.",
+            "set SD35_API_KEY (clients send `Authorization: Bearer <key>`), bind 127.0.0.1 and use an SSH tunnel, "
+            "or pass --allow-no-key (SD35_ALLOW_NO_KEY=1) if a proxy in front does authentication.",
+            param="host",
+        )
+    precision.resolve(settings.precision, settings.t5, hardware.detect(settings.device))
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((settings.host, settings.port))
+        except OSError as exc:
+            raise InputError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}.",
+                             f"stop what holds the port (`ss -ltnp 'sport = :{settings.port}'`) or pass --port.",
+                             param="port") from None
+
+
+def serve(settings: Settings) -> int:
+    """Run the service until SIGTERM/SIGINT. Returns the process exit code."""
+    import uvicorn
+
+    from .app import create_app
+
+    preflight(settings)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=settings.shutdown_grace, lifespan="on", workers=1)
+    server = uvicorn.Server(config)
+    failure: list[BaseException] = []
+
+    def on_failed(exc: BaseException) -> None:
+        failure.append(exc)
+        server.should_exit = True
+
+    app.state.worker.on_failed = on_failed
+    if not is_loopback(settings.host) and not settings.api_key:
+        log.warning("serving on %s without an API key (--allow-no-key)", settings.host)
+    # uvicorn drains on SIGTERM/SIGINT and then re-raises the signal to the handler it found installed;
+    # ours makes that a clean exit 0 (systemd counts a signal death as a failure for Restart=on-failure).
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: log.info("stopped by %s", signal.Signals(signum).name))
+    server.run()
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, Sd35Error):
+            raise exc
+        raise Sd35Error(f"the model failed to load: {type(exc).__name__}: {exc}",
+                        "run `sd35 doctor`, then `sd35 generate` with the same settings to see the error alone.")
+    return 0

@@ -1,0 +1,368 @@
+"""`sd35 serve` over real loopback HTTP on the tiny model: the official openai client, hostile input,
+bursts, OOM, timeouts, auth, SIGTERM drain, sd_notify, and the systemd unit."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, method: str = "GET", body=None, headers=None, key: str | None = KEY, timeout: float = 60):
+    """One HTTP request; returns (status, headers, parsed JSON or text)."""
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    h = {"Content-Type": "application/json"} if body is not None else {}
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    h.update(headers or {})
+    req = urllib.request.Request(url, data=data, method=method, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw, status, hdrs = r.read(), r.status, r.headers
+    except urllib.error.HTTPError as e:
+        raw, status, hdrs = e.read(), e.code, e.headers
+    try:
+        return status, hdrs, json.loads(raw)
+    except ValueError:
+        return status, hdrs, raw.decode(errors="replace")
+
+
+class InProcessServer:
+    """uvicorn in a thread, serving create_app(settings) on a free loopback port."""
+
+    def __init__(self, settings):
+        import uvicorn
+
+        from sd35.service.app import create_app
+
+        self.app = create_app(settings)
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.port,
+                                                    log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if call(self.url + "/readyz")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("service did not become ready")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    from sd35 import tiny
+    from sd35.settings import Settings
+
+    cache = tmp_path_factory.mktemp("svc-cache")
+    tiny.ensure(cache)
+    settings = Settings(_env_file=None, model="tiny", cache_dir=cache, device="cpu", port=free_port(), api_key=KEY,
+                        queue_size=2, max_pixels=512 * 512, max_images=4, max_steps=400, request_timeout=60)
+    with InProcessServer(settings) as srv:
+        yield srv
+
+
+def test_openai_client_generates_two_images(service):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=service.url + "/v1", api_key=KEY, max_retries=0)
+    result = client.images.generate(prompt="a red cube", n=2, size="128x128", response_format="b64_json",
+                                    extra_body={"seed": 11, "steps": 2, "guidance_scale": 3.0})
+    assert len(result.data) == 2 and result.created > 0
+    for item in result.data:
+        img = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+        assert img.size == (128, 128) and img.format == "PNG"
+    assert result.data[0].b64_json != result.data[1].b64_json
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_same_seed_same_image_over_http(service):
+    body = {"prompt": "a cube", "size": "128x128", "seed": 5, "steps": 2}
+    a, b = call(service.url + "/v1/images/generations", "POST", body), call(service.url + "/v1/images/generations",
+                                                                             "POST", body)
+    assert a[0] == b[0] == 200 and a[2]["data"][0]["b64_json"] == b[2]["data"][0]["b64_json"]
+    assert a[2]["sd35"]["seed"] == 5 and a[2]["sd35"]["precision"] == "fp8-weight"
+    assert "random weights" in a[2]["sd35"]["notice"]
+
+
+HOSTILE = [
+    ({"prompt": "x", "size": "128"}, 400, "size"),
+    ({"prompt": "x", "size": "100x100"}, 400, "size"),
+    ({"prompt": "x", "size": "4096x4096"}, 400, "size"),
+    ({"prompt": "x", "size": "-128x128"}, 400, "size"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "n": 1000000}, 400, "n"),
+    ({"prompt": "x", "n": "two"}, 400, "n"),
+    ({"prompt": "x", "steps": 0}, 400, "steps"),
+    ({"prompt": "x", "steps": 10**9}, 400, "steps"),
+    ({"prompt": "x", "guidance_scale": 1e309}, 400, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": -1}, 400, "guidance_scale"),
+    ({"prompt": "x", "seed": -1}, 400, "seed"),
+    ({"prompt": "x", "seed": 2**80}, 400, "seed"),
+    ({"prompt": "x", "seed": "abc"}, 400, "seed"),
+    ({"prompt": "x" * 5000}, 400, "prompt"),
+    ({"prompt": "   "}, 400, "prompt"),
+    ({"prompt": None}, 400, "prompt"),
+    ({}, 400, "prompt"),
+    ({"prompt": "x", "response_format": "url"}, 400, "response_format"),
+    ({"prompt": "x", "model": "dall-e-3"}, 404, "model"),
+    ([1, 2, 3], 400, None),
+    ("just a string", 400, None),
+    (b"{not json", 400, None),
+    (b"", 400, None),
+]
+
+
+@pytest.mark.parametrize("body,status,param", HOSTILE, ids=[str(i) for i in range(len(HOSTILE))])
+def test_hostile_requests_get_4xx_json_naming_the_field(service, body, status, param):
+    code, headers, payload = call(service.url + "/v1/images/generations", "POST", body)
+    assert code == status, payload
+    assert set(payload["error"]) == {"message", "type", "param", "code"} and payload["error"]["message"]
+    assert payload["error"]["param"] == param
+    assert headers["X-Request-ID"]
+
+
+def test_wrong_content_type_and_bad_methods(service):
+    code, _, payload = call(service.url + "/v1/images/generations", "POST", b"prompt=x",
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert code == 415 and payload["error"]["code"] == "unsupported_media_type"
+    assert call(service.url + "/v1/images/generations", "GET")[0] == 405
+    assert call(service.url + "/nope")[0] == 404
+    # still serving after all of that
+    assert call(service.url + "/v1/images/generations", "POST", {"prompt": "ok", "size": "128x128", "steps": 1})[0] == 200
+
+
+def test_auth(service):
+    url = service.url
+    assert call(url + "/healthz", key=None)[0] == 200  # open
+    for path in ("/readyz", "/metrics", "/v1/models", "/openapi.json"):
+        code, headers, payload = call(url + path, key=None)
+        assert code == 401 and payload["error"]["code"] == "invalid_api_key" and headers["WWW-Authenticate"] == "Bearer"
+        assert call(url + path, key="wrong")[0] == 401
+        assert call(url + path)[0] == 200
+    assert call(url + "/v1/images/generations", "POST", {"prompt": "x"}, key=None)[0] == 401
+
+
+def test_readyz_metrics_and_openapi(service):
+    code, _, ready = call(service.url + "/readyz")
+    assert code == 200 and ready["status"] == "ready" and ready["device"]["device"] == "cpu"
+    assert ready["precision"]["transformer"] == "fp8-weight" and "reason" in json.dumps(ready["precision"])
+    code, _, text = call(service.url + "/metrics")
+    assert code == 200
+    for name in ("sd35_requests_total", "sd35_queue_depth", "sd35_generation_latency_seconds_bucket",
+                 "sd35_images_generated_total"):
+        assert name in text
+    code, _, schema = call(service.url + "/openapi.json")
+    assert "/v1/images/generations" in schema["paths"]
+
+
+def test_burst_against_a_small_queue_is_pushed_back_not_lost(service):
+    body = {"prompt": "burst", "size": "128x128", "steps": 30, "seed": 1}
+
+    def one(_):
+        return call(service.url + "/v1/images/generations", "POST", body, timeout=120)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    codes = [r[0] for r in results]
+    assert len(codes) == 16 and set(codes) <= {200, 429}, codes
+    assert codes.count(200) >= 1 and codes.count(429) >= 1
+    for code, headers, payload in results:
+        if code == 429:
+            assert int(headers["Retry-After"]) >= 1 and payload["error"]["code"] == "queue_full"
+        else:
+            assert len(payload["data"]) == 1
+    assert call(service.url + "/v1/images/generations", "POST", {**body, "steps": 1})[0] == 200
+
+
+def test_injected_oom_gives_503_and_the_next_request_200(service, monkeypatch):
+    import torch
+
+    from sd35.service import worker as worker_mod
+
+    real_run = worker_mod.gen.run
+    calls = {"n": 0}
+
+    def oom_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(worker_mod.gen, "run", oom_once)
+    body = {"prompt": "x", "size": "128x128", "steps": 1}
+    code, headers, payload = call(service.url + "/v1/images/generations", "POST", body)
+    assert code == 503 and payload["error"]["code"] == "out_of_memory" and headers["Retry-After"]
+    assert "20.00 GiB" not in json.dumps(payload)  # no internals
+    assert call(service.url + "/v1/images/generations", "POST", body)[0] == 200
+
+
+def test_unexpected_error_is_500_with_request_id_and_no_internals(service, monkeypatch):
+    from sd35.service import worker as worker_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("secret internal detail /home/alice/.cache")
+
+    monkeypatch.setattr(worker_mod.gen, "run", boom)
+    code, headers, payload = call(service.url + "/v1/images/generations", "POST",
+                                  {"prompt": "x", "size": "128x128", "steps": 1}, headers={"X-Request-ID": "req-42"})
+    assert code == 500 and "req-42" in payload["error"]["message"] and headers["X-Request-ID"] == "req-42"
+    assert "secret" not in json.dumps(payload)
+    monkeypatch.undo()
+    assert call(service.url + "/v1/images/generations", "POST", {"prompt": "x", "size": "128x128", "steps": 1})[0] == 200
+
+
+def test_timeout_gives_504_and_frees_the_worker(service):
+    settings = service.app.state.settings
+    old = settings.request_timeout
+    settings.request_timeout = 0.5
+    try:
+        code, _, payload = call(service.url + "/v1/images/generations", "POST",
+                                {"prompt": "slow", "size": "512x512", "steps": 400})
+    finally:
+        settings.request_timeout = old
+    assert code == 504 and payload["error"]["code"] == "timeout"
+    started = time.time()
+    assert call(service.url + "/v1/images/generations", "POST", {"prompt": "x", "size": "128x128", "steps": 1})[0] == 200
+    assert time.time() - started < 20  # the abandoned job was stopped at a step, not run to the end
+
+
+# --- the real process: preflight, SIGTERM drain, sd_notify ------------------------------------------------
+
+def sd35_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("sd35")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "sd35"]
+
+
+def test_refuses_public_bind_without_key():
+    r = subprocess.run(sd35_cmd() + ["serve", "--host", "0.0.0.0", "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "without an API key" in r.stderr and "SD35_API_KEY" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_refuses_busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = subprocess.run(sd35_cmd() + ["serve", "--port", str(s.getsockname()[1])], capture_output=True, text=True,
+                           timeout=60)
+    assert r.returncode == 2 and "cannot listen" in r.stderr and "--port" in r.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_request_and_notifies_systemd(tmp_path, tiny_cache):
+    sock_path = tmp_path / "notify.sock"
+    messages: list[str] = []
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(str(sock_path))
+    ns.settimeout(0.2)
+    stop = threading.Event()
+
+    def collect():
+        while not stop.is_set():
+            try:
+                messages.extend(ns.recv(4096).decode().splitlines())
+            except socket.timeout:
+                pass
+
+    collector = threading.Thread(target=collect, daemon=True)
+    collector.start()
+    port = free_port()
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000", "SD35_SHUTDOWN_GRACE": "60",
+           "SD35_CACHE_DIR": str(tiny_cache), "SD35_DEVICE": "cpu"}
+    proc = subprocess.Popen(sd35_cmd() + ["serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while "READY=1" not in messages and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert "READY=1" in messages, messages
+        assert call(url + "/readyz", key=None)[0] == 200
+        result = {}
+
+        def long_request():
+            result["r"] = call(url + "/v1/images/generations", "POST",
+                               {"prompt": "drain me", "size": "256x256", "steps": 100}, key=None, timeout=120)
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        deadline = time.time() + 30
+        while time.time() < deadline:  # wait until the worker is really running it
+            if "sd35_worker_busy 1.0" in call(url + "/metrics", key=None)[2]:
+                break
+            time.sleep(0.05)
+        time.sleep(2.5)  # ...and long enough for a few watchdog pings
+        proc.send_signal(signal.SIGTERM)
+        t.join(timeout=120)
+        assert proc.wait(timeout=90) == 0
+        code, _, payload = result["r"]
+        assert code == 200 and len(payload["data"]) == 1  # the in-flight request finished
+        with pytest.raises(OSError):  # and nothing listens any more
+            call(url + "/healthz", key=None, timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop.set()
+        collector.join(timeout=5)
+        ns.close()
+    assert any(m.startswith("STATUS=loading") for m in messages)
+    assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages)
+    assert messages.index("READY=1") > 0 and "WATCHDOG=1" in messages
+    assert "STOPPING=1" in messages and messages.index("STOPPING=1") > messages.index("READY=1")
+
+
+# --- the unit -------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed (.ci/run installs it)")
+def test_unit_verifies_clean_and_is_hardened(tmp_path):
+    unit = tmp_path / "sd35-api@0.service"
+    shutil.copy(ROOT / "systemd" / "sd35-api@.service", unit)
+    for path in (ROOT / "systemd" / "sd35-api@.service", unit):
+        r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    r = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)], capture_output=True, text=True)
+    score = float(r.stdout.strip().splitlines()[-1].split("exposure level for")[1].split(":")[1].split()[0])
+    assert score <= 3.0, r.stdout[-2000:]
+    text = unit.read_text()
+    for directive in ("Type=notify", "WatchdogSec=", "CUDA_VISIBLE_DEVICES=%i", "EnvironmentFile=/etc/sd35/sd35.env",
+                      "UMask=0002", "NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=/srv/cache/huggingface",
+                      "PrivateTmp=yes", "DevicePolicy=closed", "DeviceAllow=", "Restart=on-failure"):
+        assert directive in text, directive
+    env = (ROOT / "systemd" / "sd35.env.example").read_text()
+    assert "HF_HUB_CACHE=/srv/cache/huggingface" in env and "HF_HUB_OFFLINE=1" in env
