@@ -60,3 +60,21 @@ def test_cli_reports_a_bad_env_value_without_traceback(tmp_path):
     assert "SD35_PRECISION" in r.stderr and "fp16" in r.stderr and "fix:" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_every_setting_is_documented_in_env_example():
+    from sd35.doctor import env_keys
+
+    documented = set(env_keys(Path(__file__).resolve().parents[1] / ".env.example", include_commented=True))
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        env = alias.choices[0] if alias is not None else f"SD35_{name.upper()}"
+        assert env in documented, f"{env} is missing from .env.example"
+
+
+def test_env_example_loads_as_is(tmp_path):
+    import shutil
+
+    shutil.copy(Path(__file__).resolve().parents[1] / ".env.example", tmp_path / ".env")
+    s = Settings()
+    assert s.model == "tiny" and s.revision is None and s.api_key is None and s.port == 8000

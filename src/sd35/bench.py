@@ -244,3 +244,35 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
                   "served_p50_s": round(_percentile(ok, 0.5), 4) if ok else None,
                   "served_p95_s": round(_percentile(ok, 0.95), 4) if ok else None},
     }
+
+
+# --- sd35 bench break -------------------------------------------------------------------------------------
+
+def break_overhead(settings, *, runs: int = 20, steps: int = 4, size: int = 128) -> dict:
+    """Denoising time with SD35_BREAK armed on every block, attention, the transformer and the scheduler at a
+    step that never comes, vs. nothing armed — alternating runs on the same loaded pipeline."""
+    import statistics
+
+    from . import debug
+    from . import generate as gen
+    from .load import load
+
+    loaded = load(settings)
+    n = len(loaded.pipe.transformer.transformer_blocks)
+    never = 10**9
+    spec = ",".join([f"transformer@{never}", f"scheduler@{never}"] + [f"block.{k}@{never}" for k in range(n)]
+                    + [f"attn.{k}@{never}" for k in range(n)])
+    breaks = debug.parse(spec)
+    req = gen.GenerationRequest("benchmark prompt", steps=steps, guidance=4.5, height=size, width=size, seed=0)
+    gen.run(loaded, req)  # warm-up
+    plain, armed = [], []
+    for _ in range(runs):
+        plain.append(gen.run(loaded, req).timings["denoise"] / steps)
+        harness = debug.arm(loaded.pipe, breaks)
+        armed.append(gen.run(loaded, req).timings["denoise"] / steps)
+        harness.disarm()
+    p, a = statistics.median(plain), statistics.median(armed)
+    return {"model": settings.model, "device": loaded.device, "precision": loaded.plan.transformer,
+            "wrappers_armed": len(breaks), "steps": steps, "size": f"{size}x{size}", "runs": runs,
+            "step_ms_plain_median": round(p * 1000, 3), "step_ms_armed_median": round(a * 1000, 3),
+            "overhead": round((a - p) / p, 4), "goal_overhead_max": 0.01}

@@ -37,9 +37,11 @@ _ENV_NAMES = {"hf_hub_cache": "HF_HUB_CACHE", "hf_token": "HF_TOKEN", "hf_hub_of
 
 
 def _fail(exc: Sd35Error) -> None:
-    err.print(f"[bold red]error:[/] {exc.cause}", highlight=False)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(exc.cause)}", highlight=False)
     if exc.fix:
-        err.print(f"[bold]fix:[/] {exc.fix}", highlight=False)
+        err.print(f"[bold]fix:[/] {escape(exc.fix)}", highlight=False)
     raise typer.Exit(exc.exit_code)
 
 
@@ -95,14 +97,17 @@ def generate(
     width: Optional[int] = typer.Option(None, "--width", help="multiple of 16"),
     seed: Optional[str] = typer.Option(None, "--seed", help="integer; random when omitted (recorded)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder [SD35_OUTPUT_DIR]"),
+    breaks: Optional[str] = typer.Option(None, "--break", help="stop inside diffusers: block.K@STEP, attn.K@STEP, "
+                                         "scheduler@STEP, transformer@STEP, vae.decode [SD35_BREAK]"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show the libraries' own logs"),
 ) -> None:
     """Generate an image; write <out>/<timestamp>-<seed>.png and a .json sidecar beside it."""
-    from . import logs
+    from . import debug, logs
 
     logs.configure(verbose)
     settings = _settings(model=model, revision=revision, precision=precision, t5=t5, device=device,
-                         offload=offload, output_dir=out_dir)
+                         offload=offload, output_dir=out_dir, breaks=breaks)
+    break_list = debug.parse(settings.breaks)
     from .generate import check_request
 
     # Check everything that does not need the model before loading it (nothing written on bad input).
@@ -117,7 +122,10 @@ def generate(
     from . import generate as gen
     from .load import load
 
+    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote)
     loaded = load(settings)
+    debug.validate(break_list, loaded.pipe, request.steps)
+    debug.arm(loaded.pipe, break_list)
     with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as progress:
         task = progress.add_task("denoise", total=request.steps)
@@ -148,6 +156,10 @@ def serve(
 
     logs.configure(verbose)
     settings = _settings(host=host, port=port, model=model, precision=precision, allow_no_key=allow_no_key)
+    from . import debug
+
+    debug.parse(settings.breaks)
+    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote)
     raise typer.Exit(run_server(settings))
 
 
@@ -224,12 +236,15 @@ def cache_prefetch(
 @handle_errors
 def cache_verify(model: Optional[str] = typer.Argument(None, help="one model (default: the whole cache)")) -> None:
     """Find LFS pointer stubs, truncated or missing files and blobs/locks the group cannot write."""
+    from rich.markup import escape
+
     from . import cache
 
     settings = _settings()
     problems = cache.verify(settings.hf_hub_cache, model)
     for p in problems:
-        err.print(f"[bold red]{p.kind}[/]: {p.path}: {p.detail}\n  fix: {p.fix}", highlight=False)
+        err.print(f"[bold red]{p.kind}[/]: {escape(str(p.path))}: {escape(p.detail)}\n  fix: {escape(p.fix)}",
+                  highlight=False)
     if problems:
         err.print(f"{len(problems)} problem(s) in {settings.hf_hub_cache}", highlight=False)
         raise typer.Exit(1)
@@ -311,6 +326,30 @@ def bench_serve(
               f"burst of {b['concurrent']} against queue {b['queue_size']}: {b['status_counts']} in {b['seconds']} s, "
               f"{b['images_per_s']} images/s, served p50 {b['served_p50_s']} s p95 {b['served_p95_s']} s",
               highlight=False)
+
+
+@bench_app.command("break")
+@handle_errors
+def bench_break(
+    runs: int = typer.Option(20, "--runs"),
+    steps: int = typer.Option(4, "--steps"),
+    model: Optional[str] = typer.Option(None, "--model", help="[SD35_MODEL]"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Cost of armed SD35_BREAK hooks that do not match, per denoising step (goal <= 1 %)."""
+    from . import bench, logs
+
+    logs.configure(False)
+    import logging
+
+    logging.getLogger("sd35").setLevel(logging.WARNING)
+    r = bench.break_overhead(_settings(model=model), runs=runs, steps=steps)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    out.print(f"{r['model']} {r['precision']} on {r['device']}: {r['wrappers_armed']} wrappers armed, "
+              f"step {r['step_ms_plain_median']} ms plain vs {r['step_ms_armed_median']} ms armed "
+              f"(median of {r['runs']}): overhead {r['overhead'] * 100:+.2f} % (goal <= 1 %)", highlight=False)
 
 
 def main() -> None:

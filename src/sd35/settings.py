@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         description="Where the embedded tiny model is built (not the Hugging Face cache).",
     )
 
+    # --- debugging (docs/debugging.md) ---
+    breaks: str = Field(default="", validation_alias=AliasChoices("SD35_BREAK", "breaks"),
+                        description="Stop inside diffusers at TARGET@STEP, e.g. block.12@5,scheduler@5.")
+    debugpy: str | None = Field(default=None, description="HOST:PORT for debugpy.listen before the model loads.")
+    debugpy_wait: bool = Field(default=False, description="Wait for the debugger client before loading.")
+    debugpy_allow_remote: bool = Field(default=False, description="Allow debugpy on a non-loopback address.")
+
     # --- the service (`sd35 serve`) ---
     host: str = Field(default="127.0.0.1", description="Address the API binds; non-loopback needs an API key.")
     port: int = Field(default=8000, ge=1, le=65535)
@@ -111,7 +118,7 @@ class Settings(BaseSettings):
     def _empty_token_is_none(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
 
-    @field_validator("api_key")
+    @field_validator("api_key", "debugpy")
     @classmethod
     def _empty_key_is_none(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None

@@ -140,6 +140,12 @@ class Worker:
         threading.Thread(target=extend, name="sd35-extend-timeout", daemon=True).start()
         try:
             self.loaded = self.loader(s)
+            if s.breaks:  # SD35_BREAK in a service: stop in diffusers during a request (attach first)
+                from .. import debug
+
+                breaks = debug.parse(s.breaks)
+                debug.validate(breaks, self.loaded.pipe)
+                debug.arm(self.loaded.pipe, breaks)
             if s.warmup:
                 self.state = "warming up"
                 notify.notify("STATUS=warming up")
