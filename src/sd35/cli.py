@@ -164,6 +164,39 @@ def serve(
 
 
 @app.command()
+@handle_errors
+def lab(
+    port: Optional[int] = typer.Option(None, "--port", help="[SD35_LAB_PORT, default 8888]"),
+    root: Optional[Path] = typer.Option(None, "--root", help="folder JupyterLab opens (default: this workspace)"),
+) -> None:
+    """JupyterLab on 127.0.0.1 with a token, rooted at the workspace, kernel = this environment."""
+    import os
+    import secrets
+
+    from .doctor import find_root, port_free
+
+    settings = _settings(lab_port=port)
+    root = (root or find_root()).expanduser().resolve()
+    if not root.is_dir():
+        raise InputError(f"--root {root} is not a folder.", "pass the workspace's path.")
+    if not port_free(settings.lab_port):
+        raise InputError(f"port {settings.lab_port} on 127.0.0.1 is in use.", "pass --port or set SD35_LAB_PORT.")
+    token = settings.lab_token or secrets.token_urlsafe(24)
+    err.print(f"JupyterLab: http://127.0.0.1:{settings.lab_port}/lab?token={token}\n"
+              f"  root {root}; kernel {sys.executable}\n"
+              f"  from a laptop: ssh -L {settings.lab_port}:127.0.0.1:{settings.lab_port} HOST", highlight=False)
+    args = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={settings.lab_port}",
+            "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
+            "--KernelSpecManager.ensure_native_kernel=True"]
+    if os.geteuid() == 0:  # JupyterLab refuses root unless told; containers and CI often are root
+        err.print("warning: running JupyterLab as root (it still listens on 127.0.0.1 only)", highlight=False)
+        args.append("--allow-root")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, args)  # JupyterLab takes over the process (signals, exit code)
+
+
+@app.command()
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="print the checks as a JSON list"),
     model: Optional[str] = typer.Option(None, "--model", help="check this model instead of SD35_MODEL"),

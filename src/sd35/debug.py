@@ -191,39 +191,40 @@ class Harness:
                      "; ".join(f"{k}={v}" for k, v in summary.items()) or "no tensor inputs")
             return label, named, summary, False
 
-        if attr == "processor":  # an attention processor object: keep its call signature visible
-            class _Processor:
-                def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args,
-                             **kwargs):
-                    call_args = (attn, hidden_states, encoder_hidden_states, attention_mask, *args)
-                    if matches():
-                        label, named, summary, _ = fire(call_args, kwargs)
-                        return _stop_here(label, attn, named, summary, original, call_args, kwargs)
-                    return original(*call_args, **kwargs)
+        if attr == "processor":  # an attention processor object: see hooks.ProcessorProxy
+            from .hooks import proxy_processor
 
-                def __getattr__(self, name):
-                    return getattr(original, name)
-
-            wrapper = _Processor()
-        else:
-            def wrapper(*args, **kwargs):
+            def intercept(processor, call_args, kwargs):
                 if matches():
-                    label, named, summary, _ = fire(args, kwargs)
-                    return _stop_here(label, owner, named, summary, original, args, kwargs)
-                return original(*args, **kwargs)
+                    label, named, summary, _ = fire(call_args, kwargs)
+                    return _stop_here(label, call_args[0], named, summary, processor, call_args, kwargs)
+                return processor(*call_args, **kwargs)
+
+            self._undo.append(proxy_processor(owner, intercept))
+            return
+
+        def wrapper(*args, **kwargs):
+            if matches():
+                label, named, summary, _ = fire(args, kwargs)
+                return _stop_here(label, owner, named, summary, original, args, kwargs)
+            return original(*args, **kwargs)
 
         setattr(owner, attr, wrapper)
-        self._undo.append((owner, attr, original if had_instance_attr else None))
 
-    def disarm(self) -> None:
-        for owner, attr, original in reversed(self._undo):
-            if original is None:
+        def undo():
+            if had_instance_attr:
+                setattr(owner, attr, original)
+            else:
                 try:
                     delattr(owner, attr)
                 except AttributeError:
                     pass
-            else:
-                setattr(owner, attr, original)
+
+        self._undo.append(undo)
+
+    def disarm(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
         self._undo.clear()
 
 

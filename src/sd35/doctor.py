@@ -49,7 +49,7 @@ class Context:
     settings: object | None  # sd35.settings.Settings, None when the settings themselves are invalid
     settings_error: str | None = None
     root: Path = field(default_factory=Path.cwd)  # the workspace (for constraints.txt, .env.example)
-    env_file: Path = field(default_factory=lambda: Path(".env"))
+    env_file: Path = field(default_factory=lambda: Path(_env_file()))
     api_port: int = API_PORT
     debugpy_port: int = DEBUGPY_PORT
     _hw: object | None = None
@@ -78,6 +78,12 @@ class Context:
         from .hub import _BY_REPO
 
         return _BY_REPO.get(self.model)
+
+
+def _env_file() -> str:
+    from .settings import find_env_file
+
+    return find_env_file()
 
 
 CHECKS: list[Callable[[Context], Check | list[Check]]] = []

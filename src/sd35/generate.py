@@ -112,14 +112,26 @@ def _peak_memory(device: str) -> dict:
             "bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)}
 
 
+def decode(pipe, latents) -> list:
+    """Latents → PIL images with the VAE (SD3's scaling and shift factors)."""
+    vae = pipe.vae
+    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(decoded, output_type="pil")
+
+
 def run(
     loaded: LoadedPipeline,
     request: GenerationRequest,
     *,
     num_images: int = 1,
     on_step: Callable[[int, int], None] | None = None,
+    on_latents: Callable[[int, object], None] | None = None,
 ) -> GenerationResult:
-    """Generate `num_images` images for one request (encode, denoise, decode, each timed)."""
+    """Generate `num_images` images for one request (encode, denoise, decode, each timed).
+
+    `on_step(step, total)` is called after every denoising step (progress bars, watchdogs, deadlines);
+    `on_latents(step, latents)` hands over the latents after that step (trajectories in notebooks)."""
     import torch
 
     pipe, device = loaded.pipe, loaded.device
@@ -144,6 +156,8 @@ def run(
 
         # 2. Denoise: the MMDiT and the flow-matching scheduler, latents out.
         def step_end(_pipe, i, _t, kwargs):
+            if on_latents is not None:
+                on_latents(i, kwargs["latents"])
             if on_step is not None:
                 on_step(i + 1, request.steps)
             return kwargs
@@ -160,10 +174,7 @@ def run(
 
         # 3. Decode with the VAE.
         t = time.perf_counter()
-        vae = pipe.vae
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        images = pipe.image_processor.postprocess(decoded, output_type="pil")
+        images = decode(pipe, latents)
         _sync(device)
         timings["decode"] = time.perf_counter() - t
     pipe.maybe_free_model_hooks()

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=2000, ge=1)
     warmup: bool = Field(default=True, description="One 1-step generation after loading, before READY.")
 
+    # --- JupyterLab (`sd35 lab`, `make lab`) ---
+    lab_port: int = Field(default=8888, ge=1, le=65535, description="JupyterLab's port on 127.0.0.1.")
+    lab_token: str | None = Field(default=None, description="JupyterLab's token; a random one is printed if unset.")
+
     hf_hub_cache: Path = Field(
         default_factory=lambda: Path(_default_hub_cache()),
         validation_alias=AliasChoices("HF_HUB_CACHE", "hf_hub_cache"),
@@ -118,7 +122,7 @@ class Settings(BaseSettings):
     def _empty_token_is_none(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
 
-    @field_validator("api_key", "debugpy")
+    @field_validator("api_key", "debugpy", "lab_token")
     @classmethod
     def _empty_key_is_none(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
@@ -129,7 +133,15 @@ class Settings(BaseSettings):
         return value.strip() or None if value is not None else None
 
 
+def find_env_file() -> str:
+    """The `.env` in the working directory or the nearest parent (python-dotenv's `find_dotenv`), so a
+    notebook running in notebooks/ reads the workspace's .env like the CLI at the root does."""
+    from dotenv import find_dotenv
+
+    return find_dotenv(usecwd=True) or ".env"
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build the settings; `overrides` are CLI flags (None means "not given")."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**given)
+    return Settings(_env_file=find_env_file(), **given)
