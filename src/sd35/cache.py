@@ -188,7 +188,7 @@ def _repos(cache: Path, model: str | None) -> list[Path]:
 
 def verify(cache: Path, model: str | None = None) -> list[Problem]:
     """Everything in the cache (or one model's part of it) that would break a load or lock a user out."""
-    from .hub import LFS_POINTER_PREFIX, WEIGHT_SUFFIXES
+    from .hub import WEIGHT_SUFFIXES, is_lfs_pointer
 
     cache = Path(cache).expanduser()
     problems: list[Problem] = []
@@ -205,12 +205,9 @@ def verify(cache: Path, model: str | None = None) -> list[Problem]:
                 continue
             if not f.is_file() or f.suffix not in WEIGHT_SUFFIXES:
                 continue
-            if f.stat().st_size < 1024:
-                with open(f, "rb") as fh:
-                    if fh.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX:
-                        problems.append(Problem("lfs-stub", f, "a Git LFS pointer file, not weights",
-                                                refetch.format(repo=repo)))
-                        continue
+            if is_lfs_pointer(f):
+                problems.append(Problem("lfs-stub", f, "a Git LFS pointer file, not weights", refetch.format(repo=repo)))
+                continue
             if f.suffix == ".safetensors":
                 why = safetensors_truncated(f)
                 if why:

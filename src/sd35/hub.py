@@ -152,15 +152,17 @@ def _resolve_local(requested: str, path: Path, *, with_t5: bool) -> ModelSource:
     return ModelSource(requested, "local", path.resolve())
 
 
+def is_lfs_pointer(f: Path) -> bool:
+    """A weight file that is a Git LFS pointer (~130 bytes of text) instead of weights."""
+    if f.suffix not in WEIGHT_SUFFIXES or not f.is_file() or f.stat().st_size >= 1024:
+        return False
+    with open(f, "rb") as fh:
+        return fh.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
+
+
 def find_lfs_pointers(folder: Path) -> list[Path]:
     """Weight files that are Git LFS pointer stubs (a `git clone` made without git-lfs)."""
-    stubs = []
-    for f in sorted(folder.rglob("*")):
-        if f.suffix in WEIGHT_SUFFIXES and f.is_file() and f.stat().st_size < 1024:
-            with open(f, "rb") as fh:
-                if fh.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX:
-                    stubs.append(f)
-    return stubs
+    return [f for f in sorted(folder.rglob("*")) if is_lfs_pointer(f)]
 
 
 def check_complete(folder: Path, *, with_t5: bool = True) -> None:
