@@ -10,6 +10,9 @@ TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 PYTEST_ARGS ?=
 # A local folder of wheels (e.g. a CPU torch wheel) pip should look in first, when it exists.
 WHEELHOUSE ?= /opt/wheels
+# GPU servers with a CUDA 12 driver: make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# (PyPI's default torch wheel is the CUDA 13 build; the Dockerfile uses the same cu12x index).
+TORCH_INDEX_URL ?=
 PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt $(if $(wildcard $(WHEELHOUSE)),--find-links $(WHEELHOUSE))
 
 .DEFAULT_GOAL := help
@@ -23,7 +26,7 @@ setup: $(STAMP) ## Create .venv and install the pinned packages (idempotent; run
 $(STAMP): constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first and exactly pinned: a looser spec would pull the CUDA 13 build (GBs) from PyPI.
-	$(PIP_INSTALL) "torch==$(TORCH_VERSION)"
+	$(PIP_INSTALL) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "torch==$(TORCH_VERSION)"
 	$(PIP_INSTALL) -e ".[dev]"
 	@touch $@
 

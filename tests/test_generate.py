@@ -48,13 +48,14 @@ def test_generate_writes_image_and_sidecar(tmp_path):
 @pytest.mark.slow
 def test_generate_flags_override_env(tmp_path):
     r = run_cli("generate", "--precision", "bf16", "--t5", "off", "--steps", "2", "--height", "64",
-                "--width", "96", "--seed", "1", "--negative-prompt", "blurry",
+                "--width", "96", "--seed", "1", "--negative-prompt", "blurry", "--offload", "model", "--device", "cpu",
                 env={"SD35_PRECISION": "fp8-weight", "SD35_OUTPUT_DIR": str(tmp_path / "env-out")})
     assert r.returncode == 0, r.stderr
     meta = json.loads(next((tmp_path / "env-out").glob("*.json")).read_text())
     assert meta["precision"]["transformer"] == "bf16" and meta["precision"]["t5"] == "off"
     assert meta["weight_bytes"]["text_encoder_3"]["total"] == 0
     assert meta["parameters"]["steps"] == 2 and meta["parameters"]["negative_prompt"] == "blurry"
+    assert meta["offload"] == "none" and "offload=model ignored" in r.stderr  # no GPU to offload from
     assert Image.open(next((tmp_path / "env-out").glob("*.png"))).size == (96, 64)
 
 
