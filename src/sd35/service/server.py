@@ -45,7 +45,12 @@ def preflight(settings: Settings) -> None:
             "or pass --allow-no-key (SD35_ALLOW_NO_KEY=1) if a proxy in front does authentication.",
             param="host",
         )
-    precision.resolve(settings.precision, settings.t5, hardware.detect(settings.device))
+    hw = hardware.detect(settings.device)
+    precision.resolve(settings.precision, settings.t5, hw)
+    if not hw.is_cuda and settings.model != "tiny":
+        log.warning("serving %s from the CPU (SD35_DEVICE=%s found no GPU): every request will take minutes. "
+                    "On a GPU server set SD35_DEVICE=cuda:0 so a missing GPU fails the start instead.",
+                    settings.model, settings.device)
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
