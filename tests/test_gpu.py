@@ -1,0 +1,56 @@
+"""GPU tier: runs where a CUDA GPU is present (`make test-gpu`), skipped with the reason elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import requires_fp8, requires_gpu
+from torch import nn
+
+from sd35 import bench, precision
+from sd35 import generate as gen
+from sd35.load import load
+from sd35.settings import Settings
+
+pytestmark = pytest.mark.gpu
+
+
+@requires_gpu
+@pytest.mark.slow
+def test_quantizing_never_holds_the_full_bf16_transformer_on_the_gpu():
+    """precision.apply(device=cuda) moves one Linear at a time: the GPU peak stays near the FP8 size."""
+    model = bench.build_transformer("medium")  # bf16 on the CPU, 4.5 GB
+    largest = max(m.weight.numel() * 2 for m in model.modules() if isinstance(m, nn.Linear))
+    bf16 = sum(p.numel() * 2 for p in model.parameters())
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    precision.apply(model, "fp8-weight", device="cuda")
+    model.to("cuda")
+    peak = torch.cuda.max_memory_allocated()
+    fp8 = precision.weight_bytes(model)["total"]
+    assert peak <= fp8 + 4 * largest, (peak, fp8, largest)
+    assert peak < 0.7 * bf16
+
+
+@requires_gpu
+def test_generate_on_cuda_records_gpu_peak_and_device():
+    loaded = load(Settings(device="cuda", precision="fp8-weight"))
+    assert loaded.device.startswith("cuda") and "Float8" in type(
+        loaded.pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__
+    result = gen.run(loaded, gen.GenerationRequest("a cube", steps=2, seed=0))
+    assert result.peak_memory["kind"] == "cuda_max_allocated" and result.peak_memory["bytes"] > 0
+
+
+@requires_gpu
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_modes_generate(offload):
+    loaded = load(Settings(device="cuda", precision="bf16", offload=offload))
+    assert loaded.offload == offload
+    assert gen.run(loaded, gen.GenerationRequest("a cube", steps=2, seed=0)).images[0].size == (128, 128)
+
+
+@requires_fp8
+@pytest.mark.fp8
+def test_auto_picks_fp8_on_an_fp8_gpu():
+    loaded = load(Settings(device="cuda"))
+    assert loaded.plan.transformer == "fp8" and "8.9" in loaded.plan.transformer_reason
