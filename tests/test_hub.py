@@ -158,3 +158,22 @@ def test_cli_gated_repo_error(hub_cache, tmp_path):
                     env={"HF_ENDPOINT": fake.endpoint, "HF_HUB_CACHE": str(hub_cache)})
     assert r.returncode == 2 and "gated" in r.stderr and "HF_TOKEN" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def _unreachable_endpoint() -> str:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_hub_unreachable_not_cached_names_the_way_out(hub_cache):
+    with pytest.raises(ModelError) as e:
+        hub.resolve(Settings(model="large", hf_endpoint=_unreachable_endpoint(), hf_hub_cache=hub_cache))
+    assert "could not be reached" in e.value.cause and "HF_HUB_OFFLINE=1" in e.value.fix
+
+
+def test_hub_unreachable_falls_back_to_the_cache(cached_medium, hub_cache):
+    src = hub.resolve(Settings(model="medium", hf_endpoint=_unreachable_endpoint(), hf_hub_cache=hub_cache))
+    assert src.path == cached_medium and src.commit == COMMIT

@@ -329,7 +329,23 @@ def download(repo_id: str, settings: Settings, *, with_t5: bool = True, progress
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes a cause + fix
-        raise _hub_error(exc, repo_id, settings) from None
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if offline or isinstance(exc, HfHubHTTPError):
+            raise _hub_error(exc, repo_id, settings) from None
+        # No answer at all (DNS, refused, timeout): use the cached copy if there is one, as huggingface_hub does.
+        try:
+            folder = snapshot_download(repo_id, revision=settings.revision, allow_patterns=patterns,
+                                       ignore_patterns=IGNORE_PATTERNS, local_files_only=True, **kw)
+        except Exception:  # noqa: BLE001
+            raise ModelError(
+                f"the Hub ({settings.hf_endpoint or 'https://huggingface.co'}) could not be reached "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}) and {repo_id} "
+                f"at revision {settings.revision or 'main'} is not in HF_HUB_CACHE={cache}.",
+                "connect to the network (or set HF_ENDPOINT to a mirror), or download it on a machine with access "
+                f"(`sd35 cache prefetch {repo_id}`), copy the cache here and set HF_HUB_OFFLINE=1.",
+            ) from None
+        log.warning("the Hub could not be reached (%s); using the cached %s", type(exc).__name__, repo_id)
     folder = Path(folder)
     return folder, folder.name
 
