@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     max_steps: int = Field(default=100, ge=1, le=500)
     max_prompt_chars: int = Field(default=2000, ge=1)
     warmup: bool = Field(default=True, description="One 1-step generation after loading, before READY.")
+    load_timeout: float = Field(default=3600.0, gt=0, description="Seconds a load (with its first download) may "
+                                "take before systemd is no longer asked to wait.")
 
     # --- JupyterLab (`sd35 lab`, `make lab`) ---
     lab_port: int = Field(default=8888, ge=1, le=65535, description="JupyterLab's port on 127.0.0.1.")

@@ -133,8 +133,16 @@ class Worker:
         notify.notify(f"STATUS=loading {s.model} ({s.precision})", "EXTEND_TIMEOUT_USEC=60000000")
         stop_extending = threading.Event()
 
-        def extend():  # keep systemd's start timeout from firing during a long first load
-            while not stop_extending.wait(20):
+        started = time.monotonic()
+
+        def extend():  # keep systemd's start timeout (and the watchdog) quiet during a long first load, but
+            while not stop_extending.wait(20):  # only up to SD35_LOAD_TIMEOUT: a hung load must still fail
+                if time.monotonic() - started > s.load_timeout:
+                    notify.notify(f"STATUS=load exceeded SD35_LOAD_TIMEOUT={s.load_timeout:g}s")
+                    log.error("loading has taken over %.0f s; no longer extending systemd's start timeout",
+                              s.load_timeout)
+                    return
+                self.heartbeat = time.monotonic()
                 notify.notify("EXTEND_TIMEOUT_USEC=60000000", f"STATUS=still loading {s.model}")
 
         threading.Thread(target=extend, name="sd35-extend-timeout", daemon=True).start()
