@@ -198,7 +198,7 @@ def _sd3_forward_line() -> tuple[str, int]:
 
     path = m.__file__
     lines = Path(path).read_text().splitlines()
-    start = next(i for i, l in enumerate(lines) if "class SD3Transformer2DModel" in l)
+    start = next(i for i, text in enumerate(lines) if "class SD3Transformer2DModel" in text)
     n = next(i for i in range(start, len(lines)) if "hidden_states = self.pos_embed(hidden_states)" in lines[i])
     return path, n + 1
 

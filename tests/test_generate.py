@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,8 +84,6 @@ def test_bad_input_exits_2_with_cause_and_fix_and_writes_nothing(tmp_path, args,
 
 
 def test_fp8_refused_on_a_machine_without_fp8_tensor_cores(tmp_path):
-    import torch
-
     if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
         pytest.skip("this machine has FP8 tensor cores; the refusal only happens without them")
     r = run_cli("generate", "--precision", "fp8", "--out", str(tmp_path / "out"))

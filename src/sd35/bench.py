@@ -54,7 +54,7 @@ def build_transformer(arch: str, seed: int = 0):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=gen)
-        for name, b in model.named_buffers():
+        for b in model.buffers():
             b.normal_(0.0, 0.02, generator=gen)
     return model.eval()
 
@@ -214,7 +214,6 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
         for i in range(requests):
             direct.append(direct_call(i))
             http.append(post(i)[1])
-        del loaded
 
         # 4. A burst against the bounded queue.
         t0 = time.perf_counter()

@@ -136,7 +136,7 @@ def init(path: Path, group: str | None = None) -> InitResult:
     group_name = _group_name(path.stat().st_gid)
     acl = "setfacl not found: default ACLs not set (every user needs `umask 0002`)"
     if shutil.which("setfacl"):
-        spec = f"d:u::rwx,d:g::rwx,d:o::rx,d:m::rwx" + (f",d:g:{group}:rwx" if group else "")
+        spec = "d:u::rwx,d:g::rwx,d:o::rx,d:m::rwx" + (f",d:g:{group}:rwx" if group else "")
         r = subprocess.run(["setfacl", "-m", spec, str(path)], capture_output=True, text=True)
         acl = ("default ACLs set: new files are group-writable whatever a user's umask"
                if r.returncode == 0 else f"default ACLs not set ({r.stderr.strip() or 'unsupported filesystem'}); "
