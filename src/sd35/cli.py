@@ -256,7 +256,7 @@ def cache_prefetch(
     logs.configure(False)
     settings = _settings(model=model, revision=revision, t5=t5)
     repo = hub.expand_alias(settings.model)
-    if repo == "tiny" or Path(repo).expanduser().exists():
+    if hub.classify(repo) != "hub":
         raise InputError(f"{repo!r} is not a Hub repo: nothing to prefetch.", "pass medium, large, large-turbo or org/name.")
     folder, commit = hub.download(repo, settings, with_t5=settings.t5 != "off", progress=True)
     hub.check_complete(folder, with_t5=settings.t5 != "off")

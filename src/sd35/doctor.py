@@ -75,9 +75,15 @@ class Context:
 
     @property
     def known(self):
-        from .hub import _BY_REPO
+        from .hub import known_model
 
-        return _BY_REPO.get(self.model)
+        return known_model(self.model)
+
+    @property
+    def kind(self) -> str:
+        from .hub import classify
+
+        return classify(self.model)
 
 
 def _env_file() -> str:
@@ -269,12 +275,12 @@ def _model_folder(ctx: Context) -> Path | None:
     from . import tiny
     from .cache import cached_snapshot
 
-    if ctx.model == "tiny":
+    if ctx.kind == "tiny":
         folder = tiny.tiny_dir(ctx.settings.cache_dir)
         return folder if folder.is_dir() else None
-    p = Path(ctx.model).expanduser()
-    if p.is_dir():
-        return p
+    if ctx.kind == "local":
+        p = Path(ctx.model).expanduser()
+        return p if p.is_dir() else None
     return cached_snapshot(ctx.settings.hf_hub_cache, ctx.model, ctx.settings.revision)
 
 
@@ -291,9 +297,7 @@ def _estimate(ctx: Context) -> dict | None:
     folder = _model_folder(ctx)
     if ctx.model == "tiny":
         return sizing.pipeline_bytes(bench.ARCHS["tiny"], plan, folder) if folder else None
-    arch = None
-    if ctx.known:
-        arch = bench.ARCHS["medium" if "medium" in ctx.known.repo_id else "large"]
+    arch = bench.ARCHS[ctx.known.arch] if ctx.known else None
     if folder is None and arch is None:
         return None
     return sizing.pipeline_bytes(arch or {}, plan, folder)
@@ -356,16 +360,9 @@ def check_token(ctx: Context) -> Check:
     return Check("hf token", OK, f"none; not needed for {ctx.model} (the SD3.5 repos need one)")
 
 
-def _is_hub_repo(ctx: Context) -> bool:
-    from .hub import _REPO_ID, _looks_like_path
-
-    m = ctx.model
-    return m != "tiny" and not Path(m).expanduser().exists() and not _looks_like_path(m) and bool(_REPO_ID.match(m))
-
-
 @check
 def check_hub_access(ctx: Context) -> Check:
-    if not _is_hub_repo(ctx):
+    if ctx.kind != "hub":
         return Check("hub access", SKIP, f"{ctx.model} is not a Hub repo")
     s = ctx.settings
     if s.hf_hub_offline:
@@ -373,7 +370,7 @@ def check_hub_access(ctx: Context) -> Check:
                      "the cached copy is used")
     from huggingface_hub import HfApi
 
-    from .hub import _hub_error
+    from .hub import hub_error
 
     token = _token(ctx)
     try:
@@ -384,7 +381,7 @@ def check_hub_access(ctx: Context) -> Check:
         if not isinstance(exc, HfHubHTTPError):  # no HTTP answer at all: DNS, refused, timeout
             return Check("hub access", WARN, f"the Hub could not be reached ({type(exc).__name__})",
                          "check the network or HF_ENDPOINT; on an offline server set HF_HUB_OFFLINE=1")
-        err = _hub_error(exc, ctx.model, s)
+        err = hub_error(exc, ctx.model, s)
         return Check("hub access", FAIL, err.cause, err.fix)
     return Check("hub access", OK, f"{'the token' if token else 'anonymous access'} can read {ctx.model}")
 
@@ -424,23 +421,21 @@ def check_hub_cache(ctx: Context) -> Check:
 @check
 def check_model(ctx: Context) -> Check:
     from .cache import cached_snapshot
-    from .hub import _looks_like_path, find_lfs_pointers
+    from .errors import ModelError
+    from .hub import check_local, find_lfs_pointers
 
     s = ctx.settings
-    if ctx.model == "tiny":
+    if ctx.kind == "tiny":
         return Check("model", OK, "tiny (embedded, built locally on first use; random weights)")
-    p = Path(ctx.model).expanduser()
-    if p.exists() or _looks_like_path(ctx.model):
-        if not p.is_dir():
-            return Check("model", FAIL, f"local model folder {p} does not exist", "fix SD35_MODEL")
-        stubs = find_lfs_pointers(p)
-        if stubs:
-            return Check("model", FAIL, f"{len(stubs)} weight file(s) in {p} are Git LFS pointer stubs "
-                         f"(e.g. {stubs[0].relative_to(p)})", f"git lfs install && git -C {p} lfs pull")
-        if not (p / "model_index.json").is_file():
-            return Check("model", FAIL, f"{p} has no model_index.json: not a diffusers folder",
-                         "point SD35_MODEL at the folder holding model_index.json")
-        return Check("model", OK, f"local diffusers folder {p}")
+    if ctx.kind == "local":
+        try:
+            check_local(ctx.model, with_t5=s.t5 != "off")
+        except ModelError as exc:
+            return Check("model", FAIL, exc.cause, exc.fix)
+        return Check("model", OK, f"local diffusers folder {Path(ctx.model).expanduser()}")
+    if ctx.kind == "invalid":
+        return Check("model", FAIL, f"SD35_MODEL={ctx.model!r} is neither tiny, a folder nor a Hub repo id",
+                     "use tiny, medium, large, large-turbo, org/name or a folder path")
     snap = cached_snapshot(s.hf_hub_cache, ctx.model, s.revision)
     rev = s.revision or "main"
     if snap is None:
@@ -470,7 +465,7 @@ def check_disk(ctx: Context) -> Check:
         return Check("disk", OK if free > 5 * gb else WARN, f"{free / gb:.0f} GB free under {probe}",
                      None if free > 5 * gb else "free some space under HF_HUB_CACHE")
     # On disk the published checkpoints are bf16: size them with the bf16 plan.
-    arch = bench.ARCHS["medium" if "medium" in ctx.known.repo_id else "large"]
+    arch = bench.ARCHS[ctx.known.arch]
     t5 = "off" if ctx.settings.t5 == "off" else "bf16"
     size = sizing.pipeline_bytes(arch, resolve("bf16", t5, detect("cpu")))["total"]
     if free < size + gb:

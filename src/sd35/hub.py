@@ -33,16 +33,22 @@ class KnownModel:
     repo_id: str
     steps: int
     guidance: float
+    arch: str  # key of bench.ARCHS: the transformer's published config
     gated: bool = True
 
 
 # The published SD3.5 checkpoints, with Stability AI's recommended sampling defaults.
 KNOWN_MODELS: dict[str, KnownModel] = {
-    "large": KnownModel("stabilityai/stable-diffusion-3.5-large", steps=28, guidance=3.5),
-    "medium": KnownModel("stabilityai/stable-diffusion-3.5-medium", steps=40, guidance=4.5),
-    "large-turbo": KnownModel("stabilityai/stable-diffusion-3.5-large-turbo", steps=4, guidance=0.0),
+    "large": KnownModel("stabilityai/stable-diffusion-3.5-large", steps=28, guidance=3.5, arch="large"),
+    "medium": KnownModel("stabilityai/stable-diffusion-3.5-medium", steps=40, guidance=4.5, arch="medium"),
+    "large-turbo": KnownModel("stabilityai/stable-diffusion-3.5-large-turbo", steps=4, guidance=0.0, arch="large"),
 }
 _BY_REPO = {m.repo_id: m for m in KNOWN_MODELS.values()}
+
+
+def known_model(model: str) -> KnownModel | None:
+    """The published SD3.5 checkpoint `model` names (alias or repo id), if it is one."""
+    return _BY_REPO.get(expand_alias(model))
 
 # The components StableDiffusion3Pipeline loads; T5 is left out when SD35_T5=off.
 PIPELINE_FOLDERS = (
@@ -93,7 +99,7 @@ def sampling_defaults(model: str) -> dict:
         from . import tiny
 
         return dict(tiny.TINY_DEFAULTS)
-    known = _BY_REPO.get(model)
+    known = known_model(model)
     steps, guidance = (known.steps, known.guidance) if known else (28, 3.5)
     return {"steps": steps, "guidance": guidance, "height": 1024, "width": 1024}
 
@@ -113,21 +119,33 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or model.endswith("/")
 
 
+def classify(model: str) -> str:
+    """What `model` names, without touching the network: "tiny", "local" (a folder, existing or meant to be),
+    "hub" (a repo id or alias) or "invalid". The one place this decision is made."""
+    model = expand_alias(model)
+    if model == "tiny":
+        return "tiny"
+    if not model:
+        return "invalid"
+    if Path(model).expanduser().exists() or _looks_like_path(model):
+        return "local"
+    return "hub" if _REPO_ID.match(model) else "invalid"
+
+
 def resolve(settings: Settings, *, with_t5: bool = True) -> ModelSource:
     """Resolve `settings.model` to a local diffusers folder, downloading into the Hub cache if allowed."""
     model = expand_alias(settings.model)
     if not model:
         raise ModelError("no model was given.", "set SD35_MODEL or pass --model (e.g. tiny, medium, large).")
-    if model == "tiny":
+    kind = classify(model)
+    if kind == "tiny":
         from . import tiny
 
         path = tiny.ensure(settings.cache_dir)
         return ModelSource(model, "tiny", path, notice=tiny.TINY_NOTICE)
-
-    path = Path(model).expanduser()
-    if path.exists() or _looks_like_path(model):
-        return _resolve_local(model, path, with_t5=with_t5)
-    if not _REPO_ID.match(model):
+    if kind == "local":
+        return check_local(model, with_t5=with_t5)
+    if kind == "invalid":
         raise ModelError(
             f"model {model!r} is neither `tiny`, an existing local folder, nor a Hub repo id (org/name).",
             "pass --model tiny, medium, large, large-turbo, a repo id such as "
@@ -136,7 +154,9 @@ def resolve(settings: Settings, *, with_t5: bool = True) -> ModelSource:
     return _resolve_hub(model, settings, with_t5=with_t5)
 
 
-def _resolve_local(requested: str, path: Path, *, with_t5: bool) -> ModelSource:
+def check_local(requested: str, *, with_t5: bool = True) -> ModelSource:
+    """A local diffusers folder, checked (exists, model_index.json, no LFS stubs, components present)."""
+    path = Path(requested).expanduser()
     if not path.exists():
         raise ModelError(
             f"local model folder {str(path)!r} does not exist.",
@@ -195,7 +215,7 @@ def check_complete(folder: Path, *, with_t5: bool = True) -> None:
         )
 
 
-def _hub_error(exc: Exception, repo_id: str, settings: Settings) -> ModelError:
+def hub_error(exc: Exception, repo_id: str, settings: Settings) -> ModelError:
     """Map huggingface_hub's exceptions to a cause and a fix."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -332,7 +352,7 @@ def download(repo_id: str, settings: Settings, *, with_t5: bool = True, progress
         from huggingface_hub.errors import HfHubHTTPError
 
         if offline or isinstance(exc, HfHubHTTPError):
-            raise _hub_error(exc, repo_id, settings) from None
+            raise hub_error(exc, repo_id, settings) from None
         # No answer at all (DNS, refused, timeout): use the cached copy if there is one, as huggingface_hub does.
         try:
             folder = snapshot_download(repo_id, revision=settings.revision, allow_patterns=patterns,
