@@ -185,18 +185,17 @@ class Harness:
             named.update(kwargs)
             summary = summarize(named)
             harness.hits.append(label)
-            if debugger_attached():
-                return label, named, summary, True
-            log.info("SD35_BREAK %s matched (no debugger attached, continuing): %s", label,
-                     "; ".join(f"{k}={v}" for k, v in summary.items()) or "no tensor inputs")
-            return label, named, summary, False
+            if not debugger_attached():
+                log.info("SD35_BREAK %s matched (no debugger attached, continuing): %s", label,
+                         "; ".join(f"{k}={v}" for k, v in summary.items()) or "no tensor inputs")
+            return label, named, summary
 
         if attr == "processor":  # an attention processor object: see hooks.ProcessorProxy
             from .hooks import proxy_processor
 
             def intercept(processor, call_args, kwargs):
                 if matches():
-                    label, named, summary, _ = fire(call_args, kwargs)
+                    label, named, summary = fire(call_args, kwargs)
                     return _stop_here(label, call_args[0], named, summary, processor, call_args, kwargs)
                 return processor(*call_args, **kwargs)
 
@@ -205,7 +204,7 @@ class Harness:
 
         def wrapper(*args, **kwargs):
             if matches():
-                label, named, summary, _ = fire(args, kwargs)
+                label, named, summary = fire(args, kwargs)
                 return _stop_here(label, owner, named, summary, original, args, kwargs)
             return original(*args, **kwargs)
 
