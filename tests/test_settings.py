@@ -63,7 +63,7 @@ def test_cli_reports_a_bad_env_value_without_traceback(tmp_path):
 
 
 def test_every_setting_is_documented_in_env_example():
-    from sd35.doctor import env_keys
+    from sd35.settings import dotenv_keys as env_keys
 
     documented = set(env_keys(Path(__file__).resolve().parents[1] / ".env.example", include_commented=True))
     for name, field in Settings.model_fields.items():

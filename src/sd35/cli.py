@@ -173,7 +173,8 @@ def lab(
     import os
     import secrets
 
-    from .doctor import find_root, port_free
+    from .net import port_free
+    from .workspace import find_root
 
     settings = _settings(lab_port=port)
     root = (root or find_root()).expanduser().resolve()
@@ -207,6 +208,7 @@ def doctor(
 
     from . import doctor as doc
     from . import logs
+    from .workspace import find_root
     from .settings import Settings
 
     logs.configure(False)
@@ -214,7 +216,7 @@ def doctor(
         settings, problem = _settings(model=model, precision=precision), None
     except ValidationError as exc:
         settings, problem = Settings.model_construct(), _settings_error(exc).cause
-    ctx = doc.Context(settings=settings, settings_error=problem, root=doc.find_root())
+    ctx = doc.Context(settings=settings, settings_error=problem, root=find_root())
     results = doc.run(ctx)
     if as_json:
         print(json.dumps([r.as_dict() for r in results], indent=2))

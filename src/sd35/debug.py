@@ -270,7 +270,7 @@ def listen(address: str | None, *, wait: bool = False, allow_remote: bool = Fals
     if not port.isdigit():
         raise InputError(f"SD35_DEBUGPY={address!r} is not HOST:PORT.", "use e.g. SD35_DEBUGPY=127.0.0.1:5678.",
                          param="debugpy")
-    from .service.server import is_loopback
+    from .net import is_loopback
 
     if not is_loopback(host):
         if not allow_remote:

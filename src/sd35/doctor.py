@@ -131,18 +131,11 @@ def check_python(ctx: Context) -> Check:
     return Check("python", OK, f"Python {v.major}.{v.minor}.{v.micro} at {sys.executable}")
 
 
-def read_pins(path: Path) -> dict[str, str]:
-    pins = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line.strip())
-            if m:
-                pins[m.group(1).lower().replace("_", "-")] = m.group(2)
-    return pins
-
 
 @check
 def check_packages(ctx: Context) -> Check:
+    from .workspace import read_pins
+
     pins = read_pins(ctx.root / "constraints.txt")
     if not pins:
         return Check("packages", WARN, f"no constraints.txt under {ctx.root}: versions not compared",
@@ -476,18 +469,6 @@ def check_disk(ctx: Context) -> Check:
 
 # --- Workspace -----------------------------------------------------------------------------------------
 
-def env_keys(path: Path, include_commented: bool = False) -> list[str]:
-    keys = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if include_commented:
-                line = line.lstrip("#").strip()
-            m = re.match(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=", line)
-            if m:
-                keys.append(m.group(1))
-    return keys
-
 
 @check
 def check_dotenv(ctx: Context) -> Check:
@@ -496,6 +477,8 @@ def check_dotenv(ctx: Context) -> Check:
         return Check(".env", OK, "no .env: defaults and the environment apply",
                      None) if not example.is_file() else Check(
             ".env", OK, "no .env: defaults and the environment apply (cp .env.example .env to configure)")
+    from .settings import dotenv_keys as env_keys
+
     known = set(env_keys(example, include_commented=True))
     unknown = [k for k in env_keys(ctx.env_file) if known and k not in known]
     if unknown:
@@ -508,14 +491,6 @@ def check_dotenv(ctx: Context) -> Check:
     return Check(".env", OK, f"{ctx.env_file}: {len(env_keys(ctx.env_file))} known keys")
 
 
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
 
 @check
 def check_debugpy(ctx: Context) -> Check:
@@ -524,6 +499,8 @@ def check_debugpy(ctx: Context) -> Check:
     except importlib.metadata.PackageNotFoundError:
         return Check("debugpy", WARN, "debugpy is not installed: the VS Code launch targets need it",
                      "run `make setup`")
+    from .net import port_free
+
     if not port_free(ctx.debugpy_port):
         return Check("debugpy", WARN, f"debugpy {version}; port {ctx.debugpy_port} is already in use",
                      "stop the other debug session, or set another port in SD35_DEBUGPY=127.0.0.1:PORT")
@@ -532,6 +509,8 @@ def check_debugpy(ctx: Context) -> Check:
 
 @check
 def check_api_port(ctx: Context) -> Check:
+    from .net import port_free
+
     if not port_free(ctx.api_port):
         return Check("api port", WARN, f"port {ctx.api_port} is in use (another sd35 serve, or another program)",
                      f"`ss -ltnp 'sport = :{ctx.api_port}'` shows who holds it; stop it or serve on another --port")
@@ -574,10 +553,3 @@ def table(results: list[Check]):
     return t
 
 
-def find_root(start: Path | None = None) -> Path:
-    """The workspace root: the nearest folder upwards holding constraints.txt, else the package's repo."""
-    start = (start or Path.cwd()).resolve()
-    for p in [start, *start.parents]:
-        if (p / "constraints.txt").is_file() and (p / "pyproject.toml").is_file():
-            return p
-    return Path(__file__).resolve().parents[2]

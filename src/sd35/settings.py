@@ -143,6 +143,27 @@ def find_env_file() -> str:
     return find_dotenv(usecwd=True) or ".env"
 
 
+def dotenv_keys(path: Path | str, include_commented: bool = False) -> list[str]:
+    """The keys a dotenv file sets, in order, read by python-dotenv (the parser Settings uses).
+
+    `include_commented` also counts commented-out `# KEY=value` lines: `.env.example` documents optional
+    keys that way."""
+    import re
+
+    from dotenv import dotenv_values
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    keys = [k for k in dotenv_values(path) if k]
+    if include_commented:
+        for line in path.read_text().splitlines():
+            m = re.match(r"^#\s*(?:export\s+)?([A-Z_][A-Z0-9_]*)=", line.strip())
+            if m and m.group(1) not in keys:
+                keys.append(m.group(1))
+    return keys
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build the settings; `overrides` are CLI flags (None means "not given")."""
     given = {k: v for k, v in overrides.items() if v is not None}

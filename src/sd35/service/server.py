@@ -11,28 +11,16 @@ Order of events:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 
 from .. import hardware, precision
 from ..errors import InputError, Sd35Error
+from ..net import is_loopback
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        try:
-            return all(ipaddress.ip_address(info[4][0]).is_loopback
-                       for info in socket.getaddrinfo(host, None))
-        except (OSError, ValueError):
-            return False
 
 
 def preflight(settings: Settings) -> None:
