@@ -7,11 +7,10 @@ import json
 
 from helpers import run_cli
 
-from sd35 import bench
-
-
 def test_published_configs_have_sd35_shapes():
-    med, large = bench.ARCHS["medium"], bench.ARCHS["large"]
+    from sd35.models import ARCHS
+
+    med, large = ARCHS["medium"], ARCHS["large"]
     assert med["num_layers"] == 24 and med["dual_attention_layers"] == list(range(13))
     assert large["num_layers"] == 38 and large["caption_projection_dim"] == 38 * 64
     assert med["qk_norm"] == large["qk_norm"] == "rms_norm"

@@ -60,7 +60,8 @@ def test_generate_flags_override_env(tmp_path):
 
 BAD_INPUT = [
     (["--height", "100"], "multiple of 16", "--height 96"),
-    (["--width", "4096"], "between 64 and 2048", "--width 2048"),
+    (["--width", "4096"], "between 64 and 1536", "--width 1536"),  # the tiny model's position table
+    (["-n", "0"], "-n 0", "-n from 1"),
     (["--steps", "0"], "steps 0", "--steps"),
     (["--seed", "abc"], "not an integer", "--seed"),
     (["--seed", "-3"], "out of range", "--seed"),

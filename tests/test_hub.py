@@ -30,10 +30,13 @@ def cached_medium(hub_cache, tiny_cache) -> Path:
 
 
 def test_aliases_and_defaults():
-    assert hub.expand_alias("medium") == MEDIUM
-    assert hub.expand_alias("large-turbo") == "stabilityai/stable-diffusion-3.5-large-turbo"
-    assert hub.sampling_defaults("large-turbo")["guidance"] == 0.0
-    assert hub.sampling_defaults("tiny")["height"] == 128
+    from sd35 import models
+
+    assert models.expand_alias("medium") == MEDIUM
+    assert models.expand_alias("large-turbo") == "stabilityai/stable-diffusion-3.5-large-turbo"
+    assert models.lookup("large-turbo").sampling.guidance == 0.0
+    assert models.lookup(MEDIUM).alias == "medium"
+    assert models.info_for("tiny", None).sampling.height == 128
 
 
 def test_allow_patterns_skip_single_file_checkpoints_and_t5_when_off():

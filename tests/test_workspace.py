@@ -34,7 +34,6 @@ def test_dockerfile_passes_hadolint():
 def test_dockerfile_reads_the_torch_pin_and_uses_cuda12():
     text = (ROOT / "docker" / "Dockerfile").read_text()
     pin = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
-    assert pin == "2.13.0"
     # the version is not repeated in the Dockerfile: it is read from constraints.txt at build time
     assert "sed -n 's/^torch==//p' constraints.txt" in text and pin not in text
     assert re.search(r"nvidia/cuda:12\.(8|9|\d\d)[\w.\-]*ubuntu24\.04", text)

@@ -1,7 +1,7 @@
 """Benchmarks. `memory`: weight bytes of the real SD3.5 transformer architectures per precision mode.
 
 Why build the real architecture with random weights: weight bytes depend only on shapes and on which
-layers a mode quantizes, not on the values, so the published configs (below, copied from the
+layers a mode quantizes, not on the values, so the published configs (`models.ARCHS`, from the
 `transformer/config.json` of each Hub repo) give the exact figures without a 16 GB download — and the
 same `precision.apply` verb the loader uses is what gets measured. Buffers (SD3's fixed sin-cos
 position table) are reported separately from parameters: they are not weights, no mode touches them.
@@ -16,29 +16,8 @@ from __future__ import annotations
 import gc
 import time
 
-# transformer/config.json of the published checkpoints (Large Turbo shares Large's architecture).
-ARCHS: dict[str, dict] = {
-    "medium": {  # stabilityai/stable-diffusion-3.5-medium
-        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
-        "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
-        "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
-        "qk_norm": "rms_norm", "dual_attention_layers": list(range(13)),
-    },
-    "large": {  # stabilityai/stable-diffusion-3.5-large (and -large-turbo)
-        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 38,
-        "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
-        "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
-        "qk_norm": "rms_norm", "dual_attention_layers": [],
-    },
-}
+from .models import ARCHS  # the published transformer architectures (and the tiny one), from the registry
 
-def _tiny_arch() -> dict:
-    from .tiny import TINY_SPEC
-
-    return dict(TINY_SPEC["transformer"])
-
-
-ARCHS["tiny"] = _tiny_arch()  # the embedded test model: same code path, seconds instead of minutes
 GOAL_FP8_WEIGHT_RATIO = 0.52
 
 
@@ -156,7 +135,7 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
     from concurrent.futures import ThreadPoolExecutor
 
     from . import generate as gen
-    from .load import load
+    from .runtime import Runtime
 
     # 1. A real `sd35 serve` process with the same settings, on loopback.
     with socket.socket() as s:
@@ -199,13 +178,12 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
                 time.sleep(0.2)
 
         # 2. The same model loaded here, called directly as `sd35 generate` does.
-        loaded = load(settings)
-        device, mode = loaded.device, loaded.plan.transformer
+        rt = Runtime.load(settings, breaks=[])
+        device, mode = rt.device, rt.loaded.plan.transformer
 
         def direct_call(seed: int) -> float:
             t = time.perf_counter()
-            gen.run(loaded, gen.GenerationRequest(prompt, steps=steps, guidance=4.5, height=size, width=size,
-                                                  seed=seed))
+            rt.generate(gen.GenerationRequest(prompt, steps=steps, guidance=4.5, height=size, width=size, seed=seed))
             return time.perf_counter() - t
 
         direct_call(0), post(0)  # warm-up of both paths
@@ -254,24 +232,24 @@ def break_overhead(settings, *, runs: int = 20, steps: int = 4, size: int = 128)
 
     from . import debug
     from . import generate as gen
-    from .load import load
+    from .runtime import Runtime
 
-    loaded = load(settings)
-    n = len(loaded.pipe.transformer.transformer_blocks)
+    rt = Runtime.load(settings, breaks=[])
+    n = len(rt.pipe.transformer.transformer_blocks)
     never = 10**9
     spec = ",".join([f"transformer@{never}", f"scheduler@{never}"] + [f"block.{k}@{never}" for k in range(n)]
                     + [f"attn.{k}@{never}" for k in range(n)])
     breaks = debug.parse(spec)
     req = gen.GenerationRequest("benchmark prompt", steps=steps, guidance=4.5, height=size, width=size, seed=0)
-    gen.run(loaded, req)  # warm-up
+    rt.generate(req)  # warm-up
     plain, armed = [], []
     for _ in range(runs):
-        plain.append(gen.run(loaded, req).timings["denoise"] / steps)
-        harness = debug.arm(loaded.pipe, breaks)
-        armed.append(gen.run(loaded, req).timings["denoise"] / steps)
+        plain.append(rt.generate(req).timings["denoise"] / steps)
+        harness = debug.arm(rt.pipe, breaks)
+        armed.append(rt.generate(req).timings["denoise"] / steps)
         harness.disarm()
     p, a = statistics.median(plain), statistics.median(armed)
-    return {"model": settings.model, "device": loaded.device, "precision": loaded.plan.transformer,
+    return {"model": settings.model, "device": rt.device, "precision": rt.loaded.plan.transformer,
             "wrappers_armed": len(breaks), "steps": steps, "size": f"{size}x{size}", "runs": runs,
             "step_ms_plain_median": round(p * 1000, 3), "step_ms_armed_median": round(a * 1000, 3),
             "overhead": round((a - p) / p, 4), "goal_overhead_max": 0.01}

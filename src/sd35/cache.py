@@ -18,6 +18,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .hub import repo_folder  # the cache layout (models--org--name/…) lives in hub
 
 
 @dataclass
@@ -82,20 +83,6 @@ def inspect_permissions(cache: Path, limit: int = 1000) -> PermissionReport:
             if len(report.not_group_writable) + len(report.dirs_without_setgid) >= limit:
                 return report
     return report
-
-
-def repo_folder(cache: Path, repo_id: str) -> Path:
-    return Path(cache) / ("models--" + repo_id.replace("/", "--"))
-
-
-def cached_snapshot(cache: Path, repo_id: str, revision: str | None) -> Path | None:
-    """The snapshot folder of `repo_id` at `revision` (branch, tag or commit), if cached."""
-    folder = repo_folder(cache, repo_id)
-    rev = revision or "main"
-    ref = folder / "refs" / rev
-    commit = ref.read_text().strip() if ref.is_file() else rev
-    snap = folder / "snapshots" / commit
-    return snap if snap.is_dir() else None
 
 
 # --- sd35 cache init -------------------------------------------------------------------------------------
@@ -179,7 +166,7 @@ def safetensors_truncated(path: Path) -> str | None:
 
 def _repos(cache: Path, model: str | None) -> list[Path]:
     if model:
-        from .hub import expand_alias
+        from .models import expand_alias
 
         folder = repo_folder(cache, expand_alias(model))
         return [folder] if folder.is_dir() else []

@@ -29,6 +29,7 @@ app.add_typer(bench_app, name="bench")
 cache_app = typer.Typer(help="The (shared) Hugging Face cache: init, prefetch, verify, ls.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
+MAX_CLI_IMAGES = 16
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
@@ -91,53 +92,52 @@ def generate(
     t5: Optional[str] = typer.Option(None, "--t5", help="auto | bf16 | fp8-weight | off [SD35_T5]"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N [SD35_DEVICE]"),
     offload: Optional[str] = typer.Option(None, "--offload", help="none | model | sequential [SD35_OFFLOAD]"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the model's)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the model's, read from its "
+                                        "configs)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
     height: Optional[int] = typer.Option(None, "--height", help="multiple of 16"),
     width: Optional[int] = typer.Option(None, "--width", help="multiple of 16"),
-    seed: Optional[str] = typer.Option(None, "--seed", help="integer; random when omitted (recorded)"),
+    seed: Optional[str] = typer.Option(None, "--seed", help="integer; random when omitted (recorded); image i of -n "
+                                       "gets seed+i"),
+    n: int = typer.Option(1, "-n", "--n", help="number of images (each reproducible alone with its own seed)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder [SD35_OUTPUT_DIR]"),
     breaks: Optional[str] = typer.Option(None, "--break", help="stop inside diffusers: block.K@STEP, attn.K@STEP, "
                                          "scheduler@STEP, transformer@STEP, vae.decode [SD35_BREAK]"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show the libraries' own logs"),
 ) -> None:
-    """Generate an image; write <out>/<timestamp>-<seed>.png and a .json sidecar beside it."""
+    """Generate images; write <out>/<timestamp>-<seed>.png and a .json sidecar beside each."""
     from . import debug, logs
+    from .runtime import Runtime, precheck
 
     logs.configure(verbose)
     settings = _settings(model=model, revision=revision, precision=precision, t5=t5, device=device,
                          offload=offload, output_dir=out_dir, breaks=breaks)
+    if not 1 <= n <= MAX_CLI_IMAGES:
+        raise InputError(f"-n {n} is out of range.", f"pass -n from 1 to {MAX_CLI_IMAGES}.", param="n")
+    fields = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
+                  width=width, seed=seed)
+    # Bad input is refused before the model loads (and nothing is written).
     break_list = debug.parse(settings.breaks)
-    from .generate import check_request
-
-    # Check everything that does not need the model before loading it (nothing written on bad input).
-    from . import hub
-
-    defaults = hub.sampling_defaults(settings.model)
-    request = check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-                            height=height, width=width, seed=seed, defaults=defaults)
+    draft = precheck(settings, **fields)
+    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote)
+    rt = Runtime.load(settings, breaks=break_list)
+    request = rt.check(**{**fields, "seed": draft.seed})
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from . import generate as gen
-    from .load import load
-
-    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote)
-    loaded = load(settings)
-    debug.validate(break_list, loaded.pipe, request.steps)
-    debug.arm(loaded.pipe, break_list)
     with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as progress:
         task = progress.add_task("denoise", total=request.steps)
-        result = gen.run(loaded, request, on_step=lambda i, n: progress.update(task, completed=i))
-    written = gen.save(loaded, result, settings.output_dir)
+        result = rt.generate(request, n=n, on_step=lambda i, total: progress.update(task, completed=i))
+    written = rt.save(result, settings.output_dir)
     t = result.timings
     for png, js in written:
         print(png, js, sep="\n")  # plain stdout: paths are for scripts
-    err.print(f"load {loaded.load_seconds:.1f}s · encode {t['encode']:.2f}s · denoise {t['denoise']:.2f}s · "
-              f"decode {t['decode']:.2f}s · {loaded.plan.transformer} on {loaded.device}", highlight=False)
-    if loaded.source.notice:
-        err.print(f"[yellow]note:[/] {loaded.source.notice}", highlight=False)
+    err.print(f"load {rt.loaded.load_seconds:.1f}s · encode {t['encode']:.2f}s · denoise {t['denoise']:.2f}s · "
+              f"decode {t['decode']:.2f}s · {rt.loaded.plan.transformer} on {rt.device} · "
+              f"seed{'s' if n > 1 else ''} {', '.join(map(str, result.seeds))}", highlight=False)
+    if rt.loaded.source.notice:
+        err.print(f"[yellow]note:[/] {rt.loaded.source.notice}", highlight=False)
 
 
 @app.command()
@@ -254,10 +254,11 @@ def cache_prefetch(
 ) -> None:
     """Download only the files the pipeline loads into HF_HUB_CACHE (no single-file or fp32 duplicates)."""
     from . import hub, logs
+    from .models import expand_alias
 
     logs.configure(False)
     settings = _settings(model=model, revision=revision, t5=t5)
-    repo = hub.expand_alias(settings.model)
+    repo = expand_alias(settings.model)
     if hub.classify(repo) != "hub":
         raise InputError(f"{repo!r} is not a Hub repo: nothing to prefetch.", "pass medium, large, large-turbo or org/name.")
     folder, commit = hub.download(repo, settings, with_t5=settings.t5 != "off", progress=True)
@@ -316,10 +317,11 @@ def bench_memory(
 ) -> None:
     """Weight bytes of the SD3.5 transformer per precision mode (random weights, built on the CPU)."""
     from . import bench, logs
+    from .models import ARCHS
 
     logs.configure(False)
-    if arch not in bench.ARCHS:
-        raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(bench.ARCHS)}.")
+    if arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(ARCHS)}.")
     report = bench.memory(arch)
     if as_json:
         out.print_json(json.dumps(report))

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
-API_PORT = 8000
 DEBUGPY_PORT = 5678
 # The packages whose versions matter for behaviour; the rest of constraints.txt is their dependencies.
 KEY_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "torchao", "huggingface_hub", "safetensors",
@@ -50,7 +49,7 @@ class Context:
     settings_error: str | None = None
     root: Path = field(default_factory=Path.cwd)  # the workspace (for constraints.txt, .env.example)
     env_file: Path = field(default_factory=lambda: Path(_env_file()))
-    api_port: int = API_PORT
+    api_port: int | None = None  # None: the configured SD35_PORT
     debugpy_port: int = DEBUGPY_PORT
     _hw: object | None = None
     _hw_error: str | None = None
@@ -69,15 +68,15 @@ class Context:
 
     @property
     def model(self) -> str:
-        from .hub import expand_alias
+        from .models import expand_alias
 
         return expand_alias(self.settings.model) if self.settings else "tiny"
 
     @property
     def known(self):
-        from .hub import known_model
+        from .models import lookup
 
-        return known_model(self.model)
+        return lookup(self.model)
 
     @property
     def kind(self) -> str:
@@ -265,16 +264,9 @@ def _plan(ctx: Context):
 
 def _model_folder(ctx: Context) -> Path | None:
     """A local folder holding the configured model's configs, when there is one (no download)."""
-    from . import tiny
-    from .cache import cached_snapshot
+    from .hub import find_local
 
-    if ctx.kind == "tiny":
-        folder = tiny.tiny_dir(ctx.settings.cache_dir)
-        return folder if folder.is_dir() else None
-    if ctx.kind == "local":
-        p = Path(ctx.model).expanduser()
-        return p if p.is_dir() else None
-    return cached_snapshot(ctx.settings.hf_hub_cache, ctx.model, ctx.settings.revision)
+    return find_local(ctx.settings) if ctx.settings else None
 
 
 def fmt_bytes(n: float) -> str:
@@ -282,15 +274,15 @@ def fmt_bytes(n: float) -> str:
 
 
 def _estimate(ctx: Context) -> dict | None:
-    from . import bench, sizing
+    from . import sizing
 
     plan = _plan(ctx)
     if plan is None:
         return None
     folder = _model_folder(ctx)
-    if ctx.model == "tiny":
-        return sizing.pipeline_bytes(bench.ARCHS["tiny"], plan, folder) if folder else None
-    arch = bench.ARCHS[ctx.known.arch] if ctx.known else None
+    if ctx.model == "tiny" and folder is None:
+        return None
+    arch = ctx.known.transformer if ctx.known else None
     if folder is None and arch is None:
         return None
     return sizing.pipeline_bytes(arch or {}, plan, folder)
@@ -413,9 +405,8 @@ def check_hub_cache(ctx: Context) -> Check:
 
 @check
 def check_model(ctx: Context) -> Check:
-    from .cache import cached_snapshot
     from .errors import ModelError
-    from .hub import check_local, find_lfs_pointers
+    from .hub import check_local, find_lfs_pointers, find_local, revision_for
 
     s = ctx.settings
     if ctx.kind == "tiny":
@@ -429,8 +420,8 @@ def check_model(ctx: Context) -> Check:
     if ctx.kind == "invalid":
         return Check("model", FAIL, f"SD35_MODEL={ctx.model!r} is neither tiny, a folder nor a Hub repo id",
                      "use tiny, medium, large, large-turbo, org/name or a folder path")
-    snap = cached_snapshot(s.hf_hub_cache, ctx.model, s.revision)
-    rev = s.revision or "main"
+    snap = find_local(s)
+    rev = revision_for(ctx.model, s) or "main"
     if snap is None:
         if s.hf_hub_offline:
             return Check("model", FAIL, f"{ctx.model}@{rev} is not cached and HF_HUB_OFFLINE=1",
@@ -446,7 +437,7 @@ def check_model(ctx: Context) -> Check:
 
 @check
 def check_disk(ctx: Context) -> Check:
-    from . import bench, sizing
+    from . import sizing
     from .hardware import detect
     from .precision import resolve
 
@@ -458,7 +449,7 @@ def check_disk(ctx: Context) -> Check:
         return Check("disk", OK if free > 5 * gb else WARN, f"{free / gb:.0f} GB free under {probe}",
                      None if free > 5 * gb else "free some space under HF_HUB_CACHE")
     # On disk the published checkpoints are bf16: size them with the bf16 plan.
-    arch = bench.ARCHS[ctx.known.arch]
+    arch = ctx.known.transformer
     t5 = "off" if ctx.settings.t5 == "off" else "bf16"
     size = sizing.pipeline_bytes(arch, resolve("bf16", t5, detect("cpu")))["total"]
     if free < size + gb:
@@ -509,12 +500,13 @@ def check_debugpy(ctx: Context) -> Check:
 
 @check
 def check_api_port(ctx: Context) -> Check:
+    port = ctx.api_port or (ctx.settings.port if ctx.settings else 8000)
     from .net import port_free
 
-    if not port_free(ctx.api_port):
-        return Check("api port", WARN, f"port {ctx.api_port} is in use (another sd35 serve, or another program)",
-                     f"`ss -ltnp 'sport = :{ctx.api_port}'` shows who holds it; stop it or serve on another --port")
-    return Check("api port", OK, f"port {ctx.api_port} free")
+    if not port_free(port):
+        return Check("api port", WARN, f"port {port} is in use (another sd35 serve, or another program)",
+                     f"`ss -ltnp 'sport = :{port}'` shows who holds it; stop it or serve on another --port")
+    return Check("api port", OK, f"port {port} free")
 
 
 @check

@@ -2,9 +2,14 @@
 
 Why a class of our own: every failure we can foresee (a gated repo, offline without a cache, an LFS
 pointer instead of weights, a bad flag) must reach the user as one short paragraph that names the
-cause and the fix, never as a traceback. Code raises `Sd35Error(cause, fix)`; the CLI prints it and
-exits with `exit_code` (2 for bad input, 1 for an environment problem); the service turns it into a
-4xx/5xx body.
+cause and the fix, never as a traceback. Code raises `Sd35Error(cause, fix)`; the CLI prints
+"error: … / fix: …" and exits with the class's `exit_code`:
+  2  InputError (a flag, a setting, a request field), ModelError (missing, gated, offline, LFS stubs,
+     disk), HardwareError (e.g. fp8 on a GPU without FP8 tensor cores) — the run was refused as asked;
+  1  a plain Sd35Error (the environment failed us, e.g. cannot set up a folder), and `sd35 doctor` with a
+     failing check;
+  130 interrupted (Ctrl-C).
+The service turns an InputError into a 400 naming `param`.
 """
 
 from __future__ import annotations

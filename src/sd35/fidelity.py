@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import generate as gen
-from .load import LoadedPipeline
+from .runtime import Runtime
 
 
 @dataclass
@@ -53,9 +53,9 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
 
 
-def capture_blocks(loaded: LoadedPipeline, request: gen.GenerationRequest, step: int) -> tuple[list, object]:
+def capture_blocks(rt: Runtime, request: gen.GenerationRequest, step: int) -> tuple[list, object]:
     """Run `request` and return ([(text_out, image_out) per block at `step`], the generation result)."""
-    pipe = loaded.pipe
+    pipe = rt.pipe
     captured: list = [None] * len(pipe.transformer.transformer_blocks)
 
     def hook(index):
@@ -69,7 +69,7 @@ def capture_blocks(loaded: LoadedPipeline, request: gen.GenerationRequest, step:
     handles = [b.register_forward_hook(hook(i), with_kwargs=True)
                for i, b in enumerate(pipe.transformer.transformer_blocks)]
     try:
-        result = gen.run(loaded, request)
+        result = rt.generate(request)
     finally:
         for h in handles:
             h.remove()
@@ -110,12 +110,12 @@ def _array(img):
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def compare(reference: LoadedPipeline, candidate: LoadedPipeline, request: gen.GenerationRequest,
+def compare(reference: Runtime, candidate: Runtime, request: gen.GenerationRequest,
             step: int = 0) -> FidelityReport:
-    """Per-block and final-image differences between two loaded pipelines on the same request."""
+    """Per-block and final-image differences between two loaded runtimes on the same request."""
     ref_blocks, ref_result = capture_blocks(reference, request, step)
     cand_blocks, cand_result = capture_blocks(candidate, request, step)
-    report = FidelityReport(reference.plan.transformer, candidate.plan.transformer, step)
+    report = FidelityReport(reference.loaded.plan.transformer, candidate.loaded.plan.transformer, step)
     for i, (r, c) in enumerate(zip(ref_blocks, cand_blocks)):
         if r is None or c is None:
             continue

@@ -25,11 +25,11 @@ from typing import Callable
 from . import __version__
 from .errors import InputError
 from .load import LoadedPipeline
+from .models import ModelInfo
 
-SIZE_MULTIPLE = 16  # VAE down-sampling (8) x MMDiT patch size (2)
-MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_STEPS = 500
 MAX_SEED = 2**63 - 1
+MIN_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,25 @@ class GenerationRequest:
     seed: int = 0
 
 
+def image_seeds(seed: int, n: int) -> list[int]:
+    """The seed of each of `n` images: seed, seed+1, … (wrapping at MAX_SEED). Image i of a batch is the
+    image a request for one image with seed `image_seeds(seed, n)[i]` gives."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
+
+
 def check_request(
     *, prompt: str, negative_prompt: str | None, steps: int | None, guidance: float | None,
-    height: int | None, width: int | None, seed: int | str | None, defaults: dict,
+    height: int | None, width: int | None, seed: int | str | None, info: ModelInfo,
 ) -> GenerationRequest:
-    """Validate a request up front and fill gaps from the model's defaults. Raises InputError."""
+    """Validate a request up front and fill gaps from the model's defaults and limits (`info`, from the model
+    registry). Raises InputError naming the field and the fix."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("the prompt is empty.", 'pass --prompt "a photo of …".', param="prompt")
-    steps = defaults["steps"] if steps is None else steps
-    guidance = defaults["guidance"] if guidance is None else guidance
-    height = defaults["height"] if height is None else height
-    width = defaults["width"] if width is None else width
+    d = info.sampling
+    steps = d.steps if steps is None else steps
+    guidance = d.guidance if guidance is None else guidance
+    height = d.height if height is None else height
+    width = d.width if width is None else width
     if seed is None:
         seed = random.SystemRandom().randrange(0, 2**32)
     try:
@@ -65,24 +73,26 @@ def check_request(
                          param="seed") from None
     if not 0 <= seed <= MAX_SEED:
         raise InputError(f"seed {seed} is out of range.", f"pass --seed N with 0 <= N <= {MAX_SEED}.", param="seed")
+    multiple, largest = info.size_multiple, info.max_side
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{name} {value!r} is not an integer.", f"pass --{name} as a multiple of {SIZE_MULTIPLE}.",
+            raise InputError(f"{name} {value!r} is not an integer.", f"pass --{name} as a multiple of {multiple}.",
                              param=name)
-        if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
-            near = min(MAX_SIZE, max(MIN_SIZE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE))
+        if value % multiple or not MIN_SIZE <= value <= largest:
+            near = min(largest, max(MIN_SIZE, round(value / multiple) * multiple))
             raise InputError(
-                f"{name} {value} must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE} "
-                f"(the VAE halves the image 3 times and the MMDiT takes 2x2 patches).",
+                f"{name} {value} must be a multiple of {multiple} between {MIN_SIZE} and {largest}: the VAE "
+                f"down-samples {info.vae_scale_factor}x, the MMDiT takes {info.patch_size}x{info.patch_size} "
+                f"patches, and this model's position embedding covers {largest} px per side at most.",
                 f"pass --{name} {near}.", param=name,
             )
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise InputError(f"steps {steps!r} must be an integer from 1 to {MAX_STEPS}.", "pass --steps 28 (or 4 for Turbo).",
-                         param="steps")
+        raise InputError(f"steps {steps!r} must be an integer from 1 to {MAX_STEPS}.",
+                         f"pass --steps {d.steps} (this model's default).", param="steps")
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
             or not 0 <= guidance <= 30:
         raise InputError(f"guidance {guidance!r} must be a finite number from 0 to 30.",
-                         "pass --guidance 3.5 (0 for Turbo, which needs no classifier-free guidance).", param="guidance")
+                         f"pass --guidance {d.guidance:g} (this model's default; Turbo needs 0).", param="guidance")
     return GenerationRequest(prompt, negative_prompt or "", steps, float(guidance), height, width, seed)
 
 
@@ -90,6 +100,7 @@ def check_request(
 class GenerationResult:
     images: list  # PIL images
     request: GenerationRequest
+    seeds: list[int] = field(default_factory=list)  # one per image: image i alone = this request with seeds[i]
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory: dict = field(default_factory=dict)
 
@@ -140,8 +151,10 @@ def run(
         torch.cuda.reset_peak_memory_stats(device)
     timings: dict[str, float] = {}
     cfg = request.guidance > 1.0
-    # A CPU generator gives the same latents for the same seed on every device.
-    generator = torch.Generator("cpu").manual_seed(request.seed)
+    # One generator per image, so each image is reproducible on its own (`image_seeds`); CPU generators give
+    # the same latents for the same seed on every device.
+    seeds = image_seeds(request.seed, num_images)
+    generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
     with torch.inference_mode():
         # 1. Encode the prompt (two CLIPs + T5).
@@ -178,23 +191,28 @@ def run(
         _sync(device)
         timings["decode"] = time.perf_counter() - t
     pipe.maybe_free_model_hooks()
-    return GenerationResult(images, request, timings, _peak_memory(device))
+    return GenerationResult(images, request, seeds, timings, _peak_memory(device))
 
 
-def sidecar(loaded: LoadedPipeline, result: GenerationResult, image_name: str) -> dict:
-    """Everything needed to reproduce and judge an image, as JSON."""
+def sidecar(loaded: LoadedPipeline, result: GenerationResult, image_name: str, index: int = 0,
+            extra: dict | None = None) -> dict:
+    """Everything needed to reproduce and judge image `index` of `result`, as JSON. Its `parameters` alone
+    reproduce it (their seed is this image's own); `batch` says where it came from."""
     import diffusers
     import torch
     import torchao
     import transformers
 
+    seeds = result.seeds or [result.request.seed]
     timings = {"load": round(loaded.load_seconds, 4)}
     timings.update({k: round(v, 4) for k, v in result.timings.items()})
     record = {
         "image": image_name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "parameters": asdict(result.request),
+        "parameters": {**asdict(result.request), "seed": seeds[index]},
+        "batch": {"n": len(seeds), "index": index, "seeds": seeds, "request_seed": result.request.seed},
         **loaded.describe(),
+        **(extra or {}),
         "timings_s": timings,
         "peak_memory": result.peak_memory,
         "versions": {"sd35": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
@@ -205,21 +223,24 @@ def sidecar(loaded: LoadedPipeline, result: GenerationResult, image_name: str) -
     return record
 
 
-def save(loaded: LoadedPipeline, result: GenerationResult, out_dir: Path) -> list[tuple[Path, Path]]:
-    """Write `<out>/<timestamp>-<seed>[-i].png` and its `.json` sidecar, atomically. Returns the pairs."""
+def save(loaded: LoadedPipeline, result: GenerationResult, out_dir: Path,
+         extra: dict | None = None) -> list[tuple[Path, Path]]:
+    """Write `<out>/<timestamp>-<seed>.png` (each image's own seed) and its `.json` sidecar, atomically.
+    Returns the pairs."""
     from PIL.PngImagePlugin import PngInfo
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     written = []
+    seeds = result.seeds or [result.request.seed] * len(result.images)
     for i, image in enumerate(result.images):
-        base = f"{stamp}-{result.request.seed}" + (f"-{i}" if len(result.images) > 1 else "")
+        base = f"{stamp}-{seeds[i]}"
         n = 1
         while (out_dir / f"{base}.png").exists() or (out_dir / f"{base}.json").exists():
-            base, n = f"{stamp}-{result.request.seed}-{n}", n + 1
+            base, n = f"{stamp}-{seeds[i]}-{n}", n + 1
         png, js = out_dir / f"{base}.png", out_dir / f"{base}.json"
-        record = sidecar(loaded, result, png.name)
+        record = sidecar(loaded, result, png.name, i, extra)
         info = PngInfo()
         info.add_text("parameters", json.dumps(record["parameters"]))
         if loaded.source.notice:

@@ -23,32 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ModelError
+from .models import MODELS, expand_alias, lookup
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class KnownModel:
-    repo_id: str
-    steps: int
-    guidance: float
-    arch: str  # key of bench.ARCHS: the transformer's published config
-    gated: bool = True
-
-
-# The published SD3.5 checkpoints, with Stability AI's recommended sampling defaults.
-KNOWN_MODELS: dict[str, KnownModel] = {
-    "large": KnownModel("stabilityai/stable-diffusion-3.5-large", steps=28, guidance=3.5, arch="large"),
-    "medium": KnownModel("stabilityai/stable-diffusion-3.5-medium", steps=40, guidance=4.5, arch="medium"),
-    "large-turbo": KnownModel("stabilityai/stable-diffusion-3.5-large-turbo", steps=4, guidance=0.0, arch="large"),
-}
-_BY_REPO = {m.repo_id: m for m in KNOWN_MODELS.values()}
-
-
-def known_model(model: str) -> KnownModel | None:
-    """The published SD3.5 checkpoint `model` names (alias or repo id), if it is one."""
-    return _BY_REPO.get(expand_alias(model))
 
 # The components StableDiffusion3Pipeline loads; T5 is left out when SD35_T5=off.
 PIPELINE_FOLDERS = (
@@ -82,37 +61,15 @@ class ModelSource:
     commit: str | None = None  # the commit the snapshot is at
     notice: str | None = None  # printed next to every output (the tiny model's warning)
 
-    @property
-    def defaults(self) -> dict:
-        return sampling_defaults(self.requested)
-
     def as_dict(self) -> dict:
         d = asdict(self)
         d["path"] = str(self.path)
         return d
 
 
-def sampling_defaults(model: str) -> dict:
-    """Steps, guidance and size a model is meant to run with (known before anything is loaded)."""
-    model = expand_alias(model)
-    if model == "tiny":
-        from . import tiny
-
-        return dict(tiny.TINY_DEFAULTS)
-    known = known_model(model)
-    steps, guidance = (known.steps, known.guidance) if known else (28, 3.5)
-    return {"steps": steps, "guidance": guidance, "height": 1024, "width": 1024}
-
-
 def allow_patterns(with_t5: bool = True) -> list[str]:
     folders = [f for f in PIPELINE_FOLDERS if with_t5 or f not in ("text_encoder_3", "tokenizer_3")]
     return ["model_index.json"] + [f"{f}/*" for f in folders]
-
-
-def expand_alias(model: str) -> str:
-    """`large`, `medium`, `large-turbo` are short for the published repo ids."""
-    known = KNOWN_MODELS.get(model.strip().lower())
-    return known.repo_id if known else model.strip()
 
 
 def _looks_like_path(model: str) -> bool:
@@ -148,10 +105,42 @@ def resolve(settings: Settings, *, with_t5: bool = True) -> ModelSource:
     if kind == "invalid":
         raise ModelError(
             f"model {model!r} is neither `tiny`, an existing local folder, nor a Hub repo id (org/name).",
-            "pass --model tiny, medium, large, large-turbo, a repo id such as "
-            "stabilityai/stable-diffusion-3.5-medium, or the path of a diffusers folder.",
+            f"pass --model {', '.join(MODELS)}, a repo id such as {MODELS['medium'].repo_id}, or the path of "
+            "a diffusers folder.",
         )
     return _resolve_hub(model, settings, with_t5=with_t5)
+
+
+def repo_folder(cache: Path, repo_id: str) -> Path:
+    return Path(cache) / ("models--" + repo_id.replace("/", "--"))
+
+
+def cached_snapshot(cache: Path, repo_id: str, revision: str | None) -> Path | None:
+    """The snapshot folder of `repo_id` at `revision` (branch, tag or commit), if cached."""
+    folder = repo_folder(cache, repo_id)
+    rev = revision or "main"
+    ref = folder / "refs" / rev
+    commit = ref.read_text().strip() if ref.is_file() else rev
+    snap = folder / "snapshots" / commit
+    return snap if snap.is_dir() else None
+
+
+def find_local(settings: Settings) -> Path | None:
+    """The folder already on this machine that holds the configured model's files, if any — without
+    building, downloading or contacting anything (the tiny build, a local folder, a cached snapshot)."""
+    model = expand_alias(settings.model)
+    kind = classify(model)
+    if kind == "tiny":
+        from . import tiny
+
+        folder = tiny.tiny_dir(settings.cache_dir)
+        return folder if (folder / "model_index.json").is_file() else None
+    if kind == "local":
+        p = Path(model).expanduser()
+        return p if p.is_dir() else None
+    if kind == "hub":
+        return cached_snapshot(Path(settings.hf_hub_cache).expanduser(), model, revision_for(model, settings))
+    return None
 
 
 def check_local(requested: str, *, with_t5: bool = True) -> ModelSource:
@@ -160,7 +149,7 @@ def check_local(requested: str, *, with_t5: bool = True) -> ModelSource:
     if not path.exists():
         raise ModelError(
             f"local model folder {str(path)!r} does not exist.",
-            "check the path, or pass a Hub repo id (e.g. stabilityai/stable-diffusion-3.5-medium) or `tiny`.",
+            f"check the path, or pass a Hub repo id (e.g. {MODELS['medium'].repo_id}) or `tiny`.",
         )
     if not path.is_dir() or not (path / "model_index.json").is_file():
         raise ModelError(
@@ -316,8 +305,16 @@ def check_disk(cache: Path, needed: int, what: str) -> None:
         )
 
 
+def revision_for(repo_id: str, settings: Settings) -> str | None:
+    """SD35_REVISION when set, else the registry's default revision for a known model (None = main)."""
+    spec = lookup(repo_id)
+    return settings.revision or (spec.revision if spec else None)
+
+
 def download(repo_id: str, settings: Settings, *, with_t5: bool = True, progress: bool = True) -> tuple[Path, str]:
     """Fetch (or find, offline) the pipeline's files of `repo_id` in the Hub cache; return (folder, commit)."""
+    if settings.revision is None and revision_for(repo_id, settings):
+        settings = settings.model_copy(update={"revision": revision_for(repo_id, settings)})
     import huggingface_hub
     from huggingface_hub import HfApi, snapshot_download
 
@@ -385,4 +382,5 @@ def _write_ref(repo_dir: Path, revision: str, commit: str) -> None:
 def _resolve_hub(repo_id: str, settings: Settings, *, with_t5: bool) -> ModelSource:
     folder, commit = download(repo_id, settings, with_t5=with_t5)
     check_complete(folder, with_t5=with_t5)
-    return ModelSource(repo_id, "hub", folder, repo_id=repo_id, revision=settings.revision or "main", commit=commit)
+    return ModelSource(repo_id, "hub", folder, repo_id=repo_id, revision=revision_for(repo_id, settings) or "main",
+                       commit=commit)

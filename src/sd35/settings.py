@@ -56,7 +56,7 @@ class Settings(BaseSettings):
 
     model: str = Field(
         default="tiny",
-        description="Hub repo id (stabilityai/stable-diffusion-3.5-large), a local diffusers folder, or `tiny`.",
+        description="tiny, medium, large, large-turbo (sd35.models), a Hub repo id (org/name) or a local diffusers folder.",
     )
     revision: str | None = Field(
         default=None,

@@ -14,16 +14,7 @@ from pathlib import Path
 
 from . import precision
 
-# Text encoders and VAE of the published SD3.5 checkpoints (identical across Large / Medium / Turbo).
-CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-          "projection_dim": 768, "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu"}
-CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
-          "projection_dim": 1280, "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu"}
-T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
-          "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32}
-VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
-       "layers_per_block": 2, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False,
-       "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+from .models import CLIP_G, CLIP_L, T5_XXL, VAE  # the published component configs (models.py)
 
 # Room for activations, the CUDA context and the allocator's slack at 1024x1024, batch 1. An estimate:
 # measured peaks go in docs/benchmarks.md.

@@ -23,67 +23,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import models
+
 TINY_NOTICE = (
     "Made with the embedded tiny SD3.5-shaped model: random weights for exercising code, not a picture."
 )
 
-# Everything that defines the tiny model. Changing it changes the folder name (the digest), so a stale
-# build is never loaded.
-TINY_SPEC: dict = {
-    "version": 1,
-    "seed": 0,
-    "transformer": {
-        "sample_size": 16,  # 128 px / VAE factor 8
-        "patch_size": 2,
-        "in_channels": 16,
-        "out_channels": 16,
-        "num_layers": 4,
-        "attention_head_dim": 16,
-        "num_attention_heads": 4,
-        "joint_attention_dim": 64,  # = T5 d_model
-        "caption_projection_dim": 64,
-        "pooled_projection_dim": 64,  # = CLIP-L projection + CLIP-G projection
-        "pos_embed_max_size": 96,  # up to 96 patches = 1536 px per side
-        "qk_norm": "rms_norm",
-        "dual_attention_layers": [0, 1],  # SD3.5 Medium uses dual attention in its first layers
-    },
-    "clip": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "projection_dim": 32,
-        "max_position_embeddings": 77,
-        "hidden_act": "gelu",
-    },
-    "t5": {
-        "d_model": 64,
-        "d_kv": 16,
-        "d_ff": 128,
-        "num_layers": 2,
-        "num_heads": 4,
-        "relative_attention_num_buckets": 8,
-        "feed_forward_proj": "gated-gelu",
-        "dense_act_fn": "gelu_new",
-        "is_gated_act": True,
-    },
-    "vae": {
-        "in_channels": 3,
-        "out_channels": 3,
-        "latent_channels": 16,
-        "block_out_channels": [16, 16, 32, 32],  # four blocks: 8x down-sampling, as SD3.5
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
-        "scaling_factor": 1.5305,  # SD3.5's VAE values
-        "shift_factor": 0.0609,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-    },
-    "scheduler": {"num_train_timesteps": 1000, "shift": 3.0},
-}
-
-# Default generation parameters for the tiny model: a 4-step 128x128 image takes seconds on 2 cores.
-TINY_DEFAULTS = {"steps": 4, "guidance": 4.5, "height": 128, "width": 128}
+# Its architecture lives in the model registry (`models.TINY_SPEC`), like the published ones.
+TINY_SPEC = models.TINY_SPEC
 
 
 def spec_digest() -> str:

@@ -30,6 +30,7 @@ class ImageData(BaseModel):
 
 class GenerationInfo(BaseModel):
     seed: int
+    seeds: list[int] = Field(description="each image's own seed: image i alone = this request with seeds[i], n=1")
     steps: int
     guidance_scale: float
     size: str

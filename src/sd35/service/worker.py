@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from .. import generate as gen
 from ..errors import Sd35Error
-from ..load import LoadedPipeline, load
+from ..runtime import Runtime
 from ..settings import Settings
 from . import notify
 
@@ -65,12 +65,12 @@ class Job:
 
 
 class Worker:
-    def __init__(self, settings: Settings, *, loader=load):
+    def __init__(self, settings: Settings, *, loader=Runtime.load):
         self.settings = settings
-        self.loader = loader
+        self.loader = loader  # settings -> Runtime (tests pass a fake)
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=settings.queue_size)
         self.state = "starting"  # starting | loading | warming up | ready | failed | stopped
-        self.loaded: LoadedPipeline | None = None
+        self.runtime: Runtime | None = None
         self.error: Exception | None = None
         self.heartbeat = time.monotonic()
         self.busy = False
@@ -147,28 +147,20 @@ class Worker:
 
         threading.Thread(target=extend, name="sd35-extend-timeout", daemon=True).start()
         try:
-            self.loaded = self.loader(s)
-            if s.breaks:  # SD35_BREAK in a service: stop in diffusers during a request (attach first)
-                from .. import debug
-
-                breaks = debug.parse(s.breaks)
-                debug.validate(breaks, self.loaded.pipe)
-                debug.arm(self.loaded.pipe, breaks)
+            # The runtime loads the model and arms SD35_BREAK (a service stops in diffusers during a request).
+            self.runtime = self.loader(s)
             if s.warmup:
                 self.state = "warming up"
                 notify.notify("STATUS=warming up")
-                d = self.loaded.source.defaults
                 t = time.perf_counter()
-                gen.run(self.loaded, gen.GenerationRequest("warm-up", steps=1, guidance=d["guidance"],
-                                                           height=min(d["height"], 512), width=min(d["width"], 512)),
-                        on_step=self._beat)
+                self.runtime.warm_up(on_step=self._beat)
                 log.info("warm-up took %.2f s", time.perf_counter() - t)
         finally:
             stop_extending.set()
         self.state = "ready"
-        p = self.loaded.plan
-        notify.notify("READY=1", f"STATUS=ready: {s.model} {p.transformer} on {self.loaded.device}")
-        log.info("ready: %s, %s on %s", s.model, p.transformer, self.loaded.device)
+        p = self.runtime.loaded.plan
+        notify.notify("READY=1", f"STATUS=ready: {s.model} {p.transformer} on {self.runtime.device}")
+        log.info("ready: %s, %s on %s", s.model, p.transformer, self.runtime.device)
 
     def _beat(self, step: int, total: int) -> None:
         self.heartbeat = time.monotonic()
@@ -188,7 +180,7 @@ class Worker:
         self.busy = True
         started = time.perf_counter()
         try:
-            result = gen.run(self.loaded, job.request, num_images=job.n, on_step=on_step)
+            result = self.runtime.generate(job.request, n=job.n, on_step=on_step)
         except Cancelled as exc:
             job.future.set_exception(exc)
         except Exception as exc:  # noqa: BLE001 - every failure goes to its own request
@@ -212,7 +204,7 @@ class Worker:
     def _release_memory(self) -> None:
         import torch
 
-        self.loaded.pipe.maybe_free_model_hooks()
+        self.runtime.pipe.maybe_free_model_hooks()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

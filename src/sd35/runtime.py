@@ -1,0 +1,148 @@
+"""The runtime: one loaded pipeline and everything done with it — check, break, generate, save, encode.
+
+Why one object: the CLI, the service worker, the notebooks and the benchmarks all run the same
+sequence — check the request against *this* model's defaults and limits, arm the debugger's
+breakpoints, generate with step callbacks (progress bars, watchdogs, cancellation, previews), then save
+PNG + sidecar or encode for HTTP. Written once here, a feature that touches a generation (compilation,
+streaming previews, a NaN watch, Ray replicas) is added once, and every entry point gets it.
+
+    rt = Runtime.load(settings)                       # load once (precision, device, breakpoints)
+    request = rt.check(prompt="a lighthouse", steps=None, seed=None)   # defaults from the model's configs
+    result = rt.generate(request, n=2, on_step=print) # per-image seeds, timings, peak memory
+    rt.save(result, "outputs")                        # PNG + JSON sidecar, atomically
+
+The layering: settings → models / hardware / precision → load → runtime → CLI | service | notebooks |
+bench. Nothing here imports the CLI or the service.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from pathlib import Path
+from typing import Callable
+
+from . import debug, models
+from . import generate as gen
+from .load import LoadedPipeline
+from .load import load as load_pipeline
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+LatentsCallback = Callable[[int, object], None]
+
+
+class Cancelled(Exception):
+    """A generation stopped at a step boundary because its `cancel` event was set."""
+
+
+class Runtime:
+    """A loaded pipeline, the facts about its model (`info`) and the armed breakpoints."""
+
+    def __init__(self, loaded: LoadedPipeline, breaks: list[debug.Break] | None = None):
+        self.loaded = loaded
+        # Defaults and limits from the loaded folder's own configs (a Turbo folder gets Turbo's steps).
+        self.info: models.ModelInfo = models.describe_folder(loaded.source.path, loaded.source.requested)
+        self.breaks = list(breaks or [])
+        self.harness = None
+        if self.breaks:
+            debug.validate(self.breaks, loaded.pipe)
+            self.harness = debug.arm(loaded.pipe, self.breaks)
+        log.info("model family %s (%s); defaults %s", self.info.family, self.info.family_reason,
+                 self.info.sampling.as_dict())
+
+    @classmethod
+    def load(cls, settings: Settings, *, breaks: list[debug.Break] | None = None) -> Runtime:
+        """Load the model `settings` describe and arm SD35_BREAK (`breaks` overrides it)."""
+        return cls(load_pipeline(settings), debug.parse(settings.breaks) if breaks is None else breaks)
+
+    # --- facts ----------------------------------------------------------------------------------------
+
+    @property
+    def pipe(self):
+        return self.loaded.pipe
+
+    @property
+    def device(self) -> str:
+        return self.loaded.device
+
+    def describe(self) -> dict:
+        """What every record of an output says about the model and how it was loaded."""
+        return {**self.loaded.describe(), "model_info": self.info.as_dict()}
+
+    # --- 1. check -------------------------------------------------------------------------------------
+
+    def check(self, *, prompt: str, negative_prompt: str | None = None, steps: int | None = None,
+              guidance: float | None = None, height: int | None = None, width: int | None = None,
+              seed: int | str | None = None) -> gen.GenerationRequest:
+        """A request filled with this model's defaults and checked against its limits and the armed
+        breakpoints. Raises InputError (a flag or field, and the fix)."""
+        request = gen.check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                    height=height, width=width, seed=seed, info=self.info)
+        if self.breaks:
+            debug.validate(self.breaks, self.pipe, request.steps)
+        return request
+
+    # --- 2. generate ----------------------------------------------------------------------------------
+
+    def generate(self, request: gen.GenerationRequest, *, n: int = 1, on_step: StepCallback | None = None,
+                 on_latents: LatentsCallback | None = None,
+                 cancel: threading.Event | None = None) -> gen.GenerationResult:
+        """Generate `n` images (image i uses seed `request.seed + i`). `on_step(step, total)` after every
+        denoising step; `on_latents(step, latents)` hands over the latents (previews, trajectories);
+        setting `cancel` stops the run at the next step with `Cancelled`."""
+
+        def step(i: int, total: int) -> None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled at step {i}/{total}")
+            if on_step is not None:
+                on_step(i, total)
+
+        return gen.run(self.loaded, request, num_images=n, on_step=step, on_latents=on_latents)
+
+    def warm_up(self, on_step: StepCallback | None = None) -> gen.GenerationResult:
+        """One 1-step generation through the same path as a request (kernels, allocator, caches)."""
+        d = self.info.sampling
+        request = gen.GenerationRequest("warm-up", steps=1, guidance=d.guidance, height=min(d.height, 512),
+                                        width=min(d.width, 512), seed=0)
+        if self.harness is not None:  # a warm-up must not stop in the debugger
+            self.harness.disarm()
+        try:
+            return self.generate(request, on_step=on_step)
+        finally:
+            if self.harness is not None:
+                self.harness = debug.arm(self.pipe, self.breaks)
+
+    # --- 3. save / encode -----------------------------------------------------------------------------
+
+    def save(self, result: gen.GenerationResult, out_dir: Path | str) -> list[tuple[Path, Path]]:
+        """PNG + JSON sidecar per image, written atomically; returns the (png, json) pairs."""
+        return gen.save(self.loaded, result, Path(out_dir), extra={"model_info": self.info.as_dict()})
+
+    @staticmethod
+    def encode(image, fmt: str = "png", quality: int | None = None) -> bytes:
+        """One image as PNG (fast compression: latency matters more than bytes here), JPEG or WebP."""
+        buf = io.BytesIO()
+        fmt = fmt.lower()
+        if fmt == "png":
+            image.save(buf, format="PNG", compress_level=1)
+        elif fmt in ("jpeg", "jpg"):
+            image.convert("RGB").save(buf, format="JPEG", quality=quality or 90)
+        elif fmt == "webp":
+            image.save(buf, format="WEBP", quality=quality or 90)
+        else:
+            raise ValueError(f"unknown image format {fmt!r}")
+        return buf.getvalue()
+
+
+def precheck(settings: Settings, **fields) -> gen.GenerationRequest:
+    """Check a request *before* loading, with what the model's name and local files tell (no download):
+    bad input is refused before a minute of loading. `Runtime.check` checks again once loaded."""
+    from . import hub
+
+    info = models.info_for(settings.model, hub.find_local(settings))
+    return gen.check_request(info=info, **{k: fields.get(k) for k in (
+        "prompt", "negative_prompt", "steps", "guidance", "height", "width", "seed")})
