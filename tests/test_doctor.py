@@ -182,7 +182,8 @@ def gpu_server(tmp_path, monkeypatch):
 
     def plant(torch_cuda, arch_list, driver, driver_cuda, gpus):
         rows = "\n".join(f"{i}, {name}, 81559, {driver}, {cap}" for i, (name, cap) in enumerate(gpus))
-        header = f"| NVIDIA-SMI {driver}   Driver Version: {driver}   CUDA Version: {driver_cuda}  |" if driver_cuda else ""
+        header = (f"| NVIDIA-SMI {driver}   Driver Version: {driver}   CUDA Version: {driver_cuda}  |"
+                  if driver_cuda else "")
         smi = tmp_path / "nvidia-smi"
         smi.write_text(f"""#!/bin/sh
 case "$1" in
@@ -229,7 +230,8 @@ def test_matching_build_driver_and_gpus_pass(gpu_server):
     c = gpu_server("12.6", CU126_ARCHS, "560.35.03", "12.6", [("NVIDIA H100 80GB HBM3", "9.0"), ("NVIDIA A100", "8.0")])
     assert c["cuda driver"].status == "ok" and c["cuda driver"].fix is None
     assert c["gpu arch"].status == "ok"
-    assert "cuda:0 NVIDIA H100 80GB HBM3 SM 9.0 → sm_90" in c["gpu arch"].finding and "cuda:1 NVIDIA A100 SM 8.0 → sm_80" in c["gpu arch"].finding
+    assert "cuda:0 NVIDIA H100 80GB HBM3 SM 9.0 → sm_90" in c["gpu arch"].finding
+    assert "cuda:1 NVIDIA A100 SM 8.0 → sm_80" in c["gpu arch"].finding
     c = gpu_server("13.0", CU130_ARCHS, "580.65.06", "13.0", [("NVIDIA RTX PRO 6000 Blackwell", "12.0")])
     assert c["cuda driver"].status == "ok" and c["gpu arch"].status == "ok" and "sm_120" in c["gpu arch"].finding
 
@@ -256,3 +258,17 @@ def test_cpu_torch_on_a_gpu_server_fails_with_the_cuda_setup(gpu_server):
     assert c["torch build"].status == "fail" and "CPU build" in c["torch build"].finding
     assert "make setup CUDA=12" in c["torch build"].fix and "CUDA=13" in c["torch build"].fix
     assert c["cuda driver"].status == "skip" and c["gpu arch"].status == "skip"
+
+
+def test_arch_rules_and_driver_parsing():
+    from sd35.torch_cuda import arch_in_build, driver_cuda_from_header, driver_cuda_from_version, wheel_tag
+
+    assert arch_in_build((8, 9), CU126_ARCHS) == "sm_86"  # same major, lower minor: binary compatible
+    assert arch_in_build((10, 0), CU126_ARCHS) is None and arch_in_build((12, 0), CU130_ARCHS) == "sm_120"
+    assert arch_in_build((10, 3), ["sm_90a", "sm_100a"]) is None  # arch-specific kernels run on that GPU only
+    assert arch_in_build((12, 0), ["sm_90", "compute_90"]) == "compute_90"  # PTX: JIT for newer GPUs
+    assert arch_in_build((8, 0), ["sm_90", "compute_90"]) is None  # ...never for older ones
+    header = "| NVIDIA-SMI 580.65.06      Driver Version: 580.65.06      CUDA Version: 13.0     |"
+    assert driver_cuda_from_header(header) == (13, 0) and driver_cuda_from_header("garbage") is None
+    assert driver_cuda_from_version("575.57.08") == (12, 0) and driver_cuda_from_version("580.65.06") == (13, 0)
+    assert driver_cuda_from_version("") is None and wheel_tag("12.6.3") == "cu126" and wheel_tag("13.0") == "cu130"

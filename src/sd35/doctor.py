@@ -198,7 +198,8 @@ def _cuda_build_fix(ctx: Context, major: int) -> str:
 
     line = read_cuda_lines(ctx.root / "constraints.txt").get(major)
     if line is None:
-        return f"the pinned torch has no CUDA {major} build here: upgrade the driver (>= 560 for CUDA 12.6, >= 580 for 13)"
+        return (f"the pinned torch has no CUDA {major} build here: upgrade the driver (>= 560 for CUDA 12.6, "
+                ">= 580 for 13)")
     return (f"install torch's CUDA {major} build ({wheel_tag(line)}): `make setup CUDA={major}`, or the image: "
             f"`docker build --build-arg CUDA={line} -f docker/Dockerfile .`")
 
@@ -240,10 +241,11 @@ def check_cuda_driver(ctx: Context) -> Check:
     if have[0] < built[0]:
         floor = next(branch for branch, cuda in DRIVER_FLOOR if cuda[0] <= built[0])
         return Check("cuda driver", FAIL, f"torch is built for CUDA {want}, driver {driver} runs CUDA <= {got}: "
-                     "CUDA will not initialise", f"upgrade the driver to >= {floor}, or {_cuda_build_fix(ctx, have[0])}")
+                     "CUDA will not initialise",
+                     f"upgrade the driver to >= {floor}, or {_cuda_build_fix(ctx, have[0])}")
     if have < built:
-        return Check("cuda driver", WARN, f"torch is built for CUDA {want}, driver {driver} reports CUDA {got}: it runs "
-                     "through CUDA minor version compatibility (limited: no JIT of newer PTX)",
+        return Check("cuda driver", WARN, f"torch is built for CUDA {want}, driver {driver} reports CUDA {got}: "
+                     "it runs through CUDA minor version compatibility (limited: no JIT of newer PTX)",
                      f"upgrade the driver to one for CUDA {want} or newer (docs/container.md lists them)")
     return Check("cuda driver", OK, f"driver {driver} runs CUDA {got}; torch is built for CUDA {want}")
 
@@ -275,8 +277,8 @@ def check_gpu_arch(ctx: Context) -> Check:
         return Check("gpu arch", SKIP, "no NVIDIA GPU or no CUDA build of torch (see above)")
     archs = torch.cuda.get_arch_list()  # empty when torch cannot start CUDA at all
     if not archs:
-        return Check("gpu arch", SKIP, f"torch (CUDA {torch.version.cuda}) cannot start CUDA here, so its architectures "
-                     "are unknown (see cuda driver)")
+        return Check("gpu arch", SKIP, f"torch (CUDA {torch.version.cuda}) cannot start CUDA here, so its "
+                     "architectures are unknown (see cuda driver)")
     built = f"CUDA {torch.version.cuda} build ({' '.join(archs)})"
     found, ptx, missing = [], [], []
     for label, cap in gpus:
@@ -288,7 +290,8 @@ def check_gpu_arch(ctx: Context) -> Check:
                      _arch_fix(ctx, missing[0][1], torch.version.cuda))
     if ptx:
         return Check("gpu arch", WARN, "; ".join(f"{e} via {how} (PTX, JIT-compiled at first use)" for e, _, how in ptx)
-                     + f"; torch's {built}", "a torch build with native kernels for it starts faster (docs/container.md)")
+                     + f"; torch's {built}",
+                     "a torch build with native kernels for it starts faster (docs/container.md)")
     return Check("gpu arch", OK, "; ".join(f"{e} → {how}" for e, _, how in found) + f" (CUDA {torch.version.cuda})")
 
 
