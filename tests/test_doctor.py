@@ -258,6 +258,8 @@ def test_cpu_torch_on_a_gpu_server_fails_with_the_cuda_setup(gpu_server):
     assert c["torch build"].status == "fail" and "CPU build" in c["torch build"].finding
     assert "make setup CUDA=12" in c["torch build"].fix and "CUDA=13" in c["torch build"].fix
     assert c["cuda driver"].status == "skip" and c["gpu arch"].status == "skip"
+    c = gpu_server(None, [], "580.65.06", "13.0", [("NVIDIA B200", "10.0")])
+    assert c["torch build"].status == "fail" and "make setup CUDA=13" in c["torch build"].fix
 
 
 def test_arch_rules_and_driver_parsing():

@@ -212,8 +212,12 @@ def check_torch_build(ctx: Context) -> Check:
     if cuda is None:
         gpus = _nvidia_smi()
         if gpus:
+            from .torch_cuda import parse_version
+
+            blackwell = any((parse_version(g["compute_cap"]) or (0, 0)) >= (10, 0) for g in gpus)
             return Check("torch build", FAIL, f"torch {torch.__version__} is a CPU build on a machine with "
-                         f"{len(gpus)} NVIDIA GPU(s)", _cuda_build_fix(ctx, 12) + " (`CUDA=13` for Blackwell)")
+                         f"{len(gpus)} NVIDIA GPU(s)", _cuda_build_fix(ctx, 13) + " (Blackwell: driver >= 580)"
+                         if blackwell else _cuda_build_fix(ctx, 12) + " (`CUDA=13` for Blackwell)")
         return Check("torch build", OK, f"torch {torch.__version__}, CPU build (no NVIDIA driver here)")
     return Check("torch build", OK, f"torch {torch.__version__}, built for CUDA {cuda}")
 
