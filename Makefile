@@ -5,14 +5,29 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.sd35-setup
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 PYTEST_ARGS ?=
 # A local folder of wheels (e.g. a CPU torch wheel) pip should look in first, when it exists.
 WHEELHOUSE ?= /opt/wheels
-# GPU servers with a CUDA 12 driver: make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-# (PyPI's default torch wheel is the CUDA 13 build; the Dockerfile uses the same cu12x index).
+# torch's CUDA build on a GPU server (docs/container.md has the driver each line needs):
+#   make setup CUDA=12    the `# torch-cuda12:` line next to the torch pin in constraints.txt (cu126: up to
+#                         Hopper, driver >= 560); docker/Dockerfile's CUDA build argument defaults to it
+#   make setup CUDA=13    the `# torch-cuda13:` line (cu130: Turing to Blackwell, driver >= 580)
+#   CUDA=12.6 / cu130     a line by version or index name; TORCH_INDEX_URL=... overrides the index itself
+# Without CUDA pip takes torch from PyPI (its default Linux wheel is a CUDA 13 build) or WHEELHOUSE.
+CUDA ?=
+CUDA_LINE := $(or $(if $(CUDA),$(shell sed -n 's/^. torch-cuda$(CUDA): *//p' constraints.txt)),$(CUDA))
+TORCH_CUDA_TAG := $(if $(CUDA),$(shell echo '$(CUDA_LINE)' | sed -nE 's/^(cu[0-9]+)$$/\1/p; s/^([0-9]+)\.([0-9]+)(\.[0-9]+)?$$/cu\1\2/p'))
+ifneq ($(CUDA),)
+ifeq ($(TORCH_CUDA_TAG),)
+$(error CUDA=$(CUDA) is not a CUDA line: use 12 or 13 (the torch-cudaNN lines in constraints.txt), a version like 12.6, or an index name like cu126)
+endif
+endif
 TORCH_INDEX_URL ?=
+TORCH_INDEX := $(or $(TORCH_INDEX_URL),$(if $(TORCH_CUDA_TAG),https://download.pytorch.org/whl/$(TORCH_CUDA_TAG)))
+# The local version (+cu126) makes pip replace a torch of another build; a stamp per build re-runs setup.
+TORCH_SPEC := torch==$(TORCH_VERSION)$(if $(TORCH_CUDA_TAG),+$(TORCH_CUDA_TAG))
+STAMP := $(VENV)/.sd35-setup$(if $(TORCH_CUDA_TAG),-$(TORCH_CUDA_TAG))
 PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt $(if $(wildcard $(WHEELHOUSE)),--find-links $(WHEELHOUSE))
 
 .DEFAULT_GOAL := help
@@ -26,7 +41,7 @@ setup: $(STAMP) ## Create .venv and install the pinned packages (idempotent; run
 $(STAMP): constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first and exactly pinned: a looser spec would pull the CUDA 13 build (GBs) from PyPI.
-	$(PIP_INSTALL) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "torch==$(TORCH_VERSION)"
+	$(PIP_INSTALL) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PIP_INSTALL) -e ".[dev]"
 	@touch $@
 

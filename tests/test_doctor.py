@@ -32,7 +32,7 @@ def test_real_run_on_this_machine_does_not_crash():
     assert r.returncode in (0, 1), r.stderr
     results = json.loads(r.stdout)
     names = {c["name"] for c in results}
-    assert {"python", "packages", "torch build", "float8 dtypes", "gpu", "precision", "fits in memory",
+    assert {"python", "packages", "torch build", "cuda driver", "gpu arch", "float8 dtypes", "gpu", "precision", "fits in memory",
             "hf token", "hub access", "hub cache", "model", "disk", ".env", "debugpy", "api port", "systemd"} <= names
     assert all(c["status"] in ("ok", "warn", "fail", "skip") and c["finding"] for c in results)
     assert all(c["fix"] for c in results if c["status"] in ("warn", "fail"))  # every problem comes with a fix
@@ -167,3 +167,110 @@ def test_disk_against_model_size(monkeypatch, free, status):
     monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: usage(free * 2, free, free))
     c = by_name(doctor.run(ctx_for(model="large")), "disk")
     assert c.status == status and "needs ≈ 28 GB" in c.finding
+
+
+# --- torch's CUDA build against the driver and the GPUs: a fake nvidia-smi, monkeypatched torch ------------
+
+CU126_ARCHS = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+
+
+@pytest.fixture
+def gpu_server(tmp_path, monkeypatch):
+    """Plant a GPU server: a fake `nvidia-smi` first on PATH, and torch's build (CUDA line, arch list)."""
+    import torch
+
+    def plant(torch_cuda, arch_list, driver, driver_cuda, gpus):
+        rows = "\n".join(f"{i}, {name}, 81559, {driver}, {cap}" for i, (name, cap) in enumerate(gpus))
+        header = (f"| NVIDIA-SMI {driver}   Driver Version: {driver}   CUDA Version: {driver_cuda}  |"
+                  if driver_cuda else "")
+        smi = tmp_path / "nvidia-smi"
+        smi.write_text(f"""#!/bin/sh
+case "$1" in
+  --query-gpu=*) printf '%s\\n' "{rows}" ;;
+  *) printf '%s\\n' "+------+" "{header}" "+------+" ;;
+esac
+""")
+        smi.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+        monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(arch_list))
+        results = doctor.run(ctx_for())
+        return {name: by_name(results, name) for name in ("torch build", "cuda driver", "gpu arch")}
+
+    return plant
+
+
+def test_blackwell_card_with_a_cuda12_build_fails_with_the_cuda13_fix(gpu_server):
+    c = gpu_server("12.6", CU126_ARCHS, "580.65.06", "13.0", [("NVIDIA B200", "10.0")])
+    assert c["torch build"].status == "ok" and "CUDA 12.6" in c["torch build"].finding
+    assert c["cuda driver"].status == "ok" and "runs CUDA 13.0" in c["cuda driver"].finding
+    arch = c["gpu arch"]
+    assert arch.status == "fail" and "NVIDIA B200 SM 10.0" in arch.finding and "sm_90" in arch.finding
+    assert "make setup CUDA=13" in arch.fix and "--build-arg CUDA=13.0.2" in arch.fix and "580" in arch.fix
+
+
+def test_cuda13_build_on_a_cuda12_driver_fails_with_both_ways_out(gpu_server):
+    c = gpu_server("13.0", CU130_ARCHS, "550.54.14", "12.4", [("NVIDIA H100 80GB HBM3", "9.0")])
+    drv = c["cuda driver"]
+    assert drv.status == "fail" and "CUDA 13.0" in drv.finding and "550.54.14" in drv.finding and "12.4" in drv.finding
+    assert ">= 580" in drv.fix and "make setup CUDA=12" in drv.fix and "--build-arg CUDA=12.6.3" in drv.fix
+    assert c["gpu arch"].status == "ok" and "sm_90" in c["gpu arch"].finding
+
+
+def test_cuda12_build_on_an_older_cuda12_driver_warns(gpu_server):
+    c = gpu_server("12.6", CU126_ARCHS, "550.54.14", "12.4", [("NVIDIA L4", "8.9")])
+    assert c["cuda driver"].status == "warn" and "minor version compatibility" in c["cuda driver"].finding
+    assert "CUDA 12.6" in c["cuda driver"].fix
+    # Ada (8.9) runs the build's sm_86 kernels: same major, lower minor
+    assert c["gpu arch"].status == "ok" and "SM 8.9 → sm_86" in c["gpu arch"].finding
+
+
+def test_matching_build_driver_and_gpus_pass(gpu_server):
+    c = gpu_server("12.6", CU126_ARCHS, "560.35.03", "12.6", [("NVIDIA H100 80GB HBM3", "9.0"), ("NVIDIA A100", "8.0")])
+    assert c["cuda driver"].status == "ok" and c["cuda driver"].fix is None
+    assert c["gpu arch"].status == "ok"
+    assert "cuda:0 NVIDIA H100 80GB HBM3 SM 9.0 → sm_90" in c["gpu arch"].finding
+    assert "cuda:1 NVIDIA A100 SM 8.0 → sm_80" in c["gpu arch"].finding
+    c = gpu_server("13.0", CU130_ARCHS, "580.65.06", "13.0", [("NVIDIA RTX PRO 6000 Blackwell", "12.0")])
+    assert c["cuda driver"].status == "ok" and c["gpu arch"].status == "ok" and "sm_120" in c["gpu arch"].finding
+
+
+def test_volta_with_a_cuda13_build_points_back_to_cuda12(gpu_server):
+    c = gpu_server("13.0", CU130_ARCHS, "580.65.06", "13.0", [("Tesla V100", "7.0")])
+    assert c["gpu arch"].status == "fail" and "make setup CUDA=12" in c["gpu arch"].fix
+
+
+def test_ptx_only_is_a_warning(gpu_server):
+    c = gpu_server("12.6", [*CU126_ARCHS, "compute_90"], "580.65.06", "13.0", [("NVIDIA B200", "10.0")])
+    assert c["gpu arch"].status == "warn" and "compute_90" in c["gpu arch"].finding and c["gpu arch"].fix
+
+
+def test_no_cuda_version_in_the_header_falls_back_to_the_driver_branch(gpu_server):
+    c = gpu_server("13.0", CU130_ARCHS, "570.86.10", None, [("NVIDIA H100", "9.0")])
+    assert c["cuda driver"].status == "fail" and "12.x" in c["cuda driver"].finding
+    c = gpu_server("12.6", CU126_ARCHS, "560.35.03", None, [("NVIDIA H100", "9.0")])
+    assert c["cuda driver"].status == "ok"
+
+
+def test_cpu_torch_on_a_gpu_server_fails_with_the_cuda_setup(gpu_server):
+    c = gpu_server(None, [], "560.35.03", "12.6", [("NVIDIA H100", "9.0")])
+    assert c["torch build"].status == "fail" and "CPU build" in c["torch build"].finding
+    assert "make setup CUDA=12" in c["torch build"].fix and "CUDA=13" in c["torch build"].fix
+    assert c["cuda driver"].status == "skip" and c["gpu arch"].status == "skip"
+    c = gpu_server(None, [], "580.65.06", "13.0", [("NVIDIA B200", "10.0")])
+    assert c["torch build"].status == "fail" and "make setup CUDA=13" in c["torch build"].fix
+
+
+def test_arch_rules_and_driver_parsing():
+    from sd35.torch_cuda import arch_in_build, driver_cuda_from_header, driver_cuda_from_version, wheel_tag
+
+    assert arch_in_build((8, 9), CU126_ARCHS) == "sm_86"  # same major, lower minor: binary compatible
+    assert arch_in_build((10, 0), CU126_ARCHS) is None and arch_in_build((12, 0), CU130_ARCHS) == "sm_120"
+    assert arch_in_build((10, 3), ["sm_90a", "sm_100a"]) is None  # arch-specific kernels run on that GPU only
+    assert arch_in_build((12, 0), ["sm_90", "compute_90"]) == "compute_90"  # PTX: JIT for newer GPUs
+    assert arch_in_build((8, 0), ["sm_90", "compute_90"]) is None  # ...never for older ones
+    header = "| NVIDIA-SMI 580.65.06      Driver Version: 580.65.06      CUDA Version: 13.0     |"
+    assert driver_cuda_from_header(header) == (13, 0) and driver_cuda_from_header("garbage") is None
+    assert driver_cuda_from_version("575.57.08") == (12, 0) and driver_cuda_from_version("580.65.06") == (13, 0)
+    assert driver_cuda_from_version("") is None and wheel_tag("12.6.3") == "cu126" and wheel_tag("13.0") == "cu130"

@@ -179,24 +179,132 @@ def _nvidia_smi() -> list[dict] | None:
     return gpus
 
 
+def _nvidia_smi_header() -> str | None:
+    """`nvidia-smi`'s plain output, whose header names the driver's CUDA version (None without a driver)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _cuda_build_fix(ctx: Context, major: int) -> str:
+    """How to install torch's CUDA `major` build at the pinned version, for a fix column."""
+    from .torch_cuda import read_cuda_lines, wheel_tag
+
+    line = read_cuda_lines(ctx.root / "constraints.txt").get(major)
+    if line is None:
+        return (f"the pinned torch has no CUDA {major} build here: upgrade the driver (>= 560 for CUDA 12.6, "
+                ">= 580 for 13)")
+    return (f"install torch's CUDA {major} build ({wheel_tag(line)}): `make setup CUDA={major}`, or the image: "
+            f"`docker build --build-arg CUDA={line} -f docker/Dockerfile .`")
+
+
 @check
 def check_torch_build(ctx: Context) -> Check:
     import torch
 
     cuda = torch.version.cuda
-    driver_gpus = _nvidia_smi()
     if cuda is None:
-        if driver_gpus:
+        gpus = _nvidia_smi()
+        if gpus:
+            from .torch_cuda import parse_version
+
+            blackwell = any((parse_version(g["compute_cap"]) or (0, 0)) >= (10, 0) for g in gpus)
             return Check("torch build", FAIL, f"torch {torch.__version__} is a CPU build on a machine with "
-                         f"{len(driver_gpus)} NVIDIA GPU(s)",
-                         "use the CUDA 12 image (docker/Dockerfile) or install torch's cu12x build at the pinned "
-                         "version from PyTorch's index")
+                         f"{len(gpus)} NVIDIA GPU(s)", _cuda_build_fix(ctx, 13) + " (Blackwell: driver >= 580)"
+                         if blackwell else _cuda_build_fix(ctx, 12) + " (`CUDA=13` for Blackwell)")
         return Check("torch build", OK, f"torch {torch.__version__}, CPU build (no NVIDIA driver here)")
-    major = cuda.split(".")[0]
-    if major != "12":
-        return Check("torch build", WARN, f"torch {torch.__version__} built for CUDA {cuda}; the image uses 12.x",
-                     "CUDA 13 builds need a recent driver (R580+); use the image's CUDA 12 build on older drivers")
-    return Check("torch build", OK, f"torch {torch.__version__}, CUDA {cuda}")
+    return Check("torch build", OK, f"torch {torch.__version__}, built for CUDA {cuda}")
+
+
+@check
+def check_cuda_driver(ctx: Context) -> Check:
+    """torch's CUDA line against the newest CUDA the driver runs (nvidia-smi's header, else its branch)."""
+    import torch
+
+    from .torch_cuda import DRIVER_FLOOR, driver_cuda_from_header, driver_cuda_from_version, parse_version
+
+    built = parse_version(torch.version.cuda)
+    gpus = _nvidia_smi()
+    if built is None or not gpus:
+        return Check("cuda driver", SKIP, "no NVIDIA driver here" if not gpus else "torch is a CPU build (see above)")
+    driver = gpus[0]["driver"]
+    have = driver_cuda_from_header(_nvidia_smi_header() or "")
+    if have is None:  # no header: the branch still tells the CUDA major (minor 99: compare majors only)
+        branch = driver_cuda_from_version(driver)
+        have = (branch[0], 99) if branch else None
+    if have is None:
+        return Check("cuda driver", WARN, f"driver {driver}: its CUDA version could not be read",
+                     "check `nvidia-smi`; the CUDA 12.6 build needs a driver >= 560, CUDA 13.x >= 580")
+    want, got = f"{built[0]}.{built[1]}", f"{have[0]}.{have[1]}" if have[1] != 99 else f"{have[0]}.x"
+    if have[0] < built[0]:
+        floor = next(branch for branch, cuda in DRIVER_FLOOR if cuda[0] <= built[0])
+        return Check("cuda driver", FAIL, f"torch is built for CUDA {want}, driver {driver} runs CUDA <= {got}: "
+                     "CUDA will not initialise",
+                     f"upgrade the driver to >= {floor}, or {_cuda_build_fix(ctx, have[0])}")
+    if have < built:
+        return Check("cuda driver", WARN, f"torch is built for CUDA {want}, driver {driver} reports CUDA {got}: "
+                     "it runs through CUDA minor version compatibility (limited: no JIT of newer PTX)",
+                     f"upgrade the driver to one for CUDA {want} or newer (docs/container.md lists them)")
+    return Check("cuda driver", OK, f"driver {driver} runs CUDA {got}; torch is built for CUDA {want}")
+
+
+def _gpu_capabilities() -> list[tuple[str, tuple[int, int]]]:
+    """(label, compute capability) per GPU: from nvidia-smi (works when torch cannot start CUDA), else torch."""
+    import torch
+
+    from .torch_cuda import parse_version
+
+    gpus = [(f"cuda:{g['index']} {g['name']}", parse_version(g["compute_cap"])) for g in _nvidia_smi() or []]
+    if gpus and all(cap for _, cap in gpus):
+        return gpus
+    if torch.version.cuda and torch.cuda.is_available():
+        return [(f"cuda:{i} {torch.cuda.get_device_name(i)}", torch.cuda.get_device_capability(i))
+                for i in range(torch.cuda.device_count())]
+    return []
+
+
+@check
+def check_gpu_arch(ctx: Context) -> Check:
+    """Each GPU's compute capability against the architectures torch's build has kernels for."""
+    import torch
+
+    from .torch_cuda import arch_in_build
+
+    gpus = _gpu_capabilities() if torch.version.cuda else []
+    if not gpus:
+        return Check("gpu arch", SKIP, "no NVIDIA GPU or no CUDA build of torch (see above)")
+    archs = torch.cuda.get_arch_list()  # empty when torch cannot start CUDA at all
+    if not archs:
+        return Check("gpu arch", SKIP, f"torch (CUDA {torch.version.cuda}) cannot start CUDA here, so its "
+                     "architectures are unknown (see cuda driver)")
+    built = f"CUDA {torch.version.cuda} build ({' '.join(archs)})"
+    found, ptx, missing = [], [], []
+    for label, cap in gpus:
+        how = arch_in_build(cap, archs)
+        entry = (f"{label} SM {cap[0]}.{cap[1]}", cap, how)
+        (missing if how is None else ptx if how.startswith("compute_") else found).append(entry)
+    if missing:
+        return Check("gpu arch", FAIL, "; ".join(e for e, _, _ in missing) + f": not in torch's {built}",
+                     _arch_fix(ctx, missing[0][1], torch.version.cuda))
+    if ptx:
+        return Check("gpu arch", WARN, "; ".join(f"{e} via {how} (PTX, JIT-compiled at first use)" for e, _, how in ptx)
+                     + f"; torch's {built}",
+                     "a torch build with native kernels for it starts faster (docs/container.md)")
+    return Check("gpu arch", OK, "; ".join(f"{e} → {how}" for e, _, how in found) + f" (CUDA {torch.version.cuda})")
+
+
+def _arch_fix(ctx: Context, cap: tuple[int, int], cuda: str) -> str:
+    """The build that has kernels for a GPU of compute capability `cap` (PyTorch's published lines)."""
+    if cap >= (10, 0) and cuda.startswith("12."):  # Blackwell: CUDA 12.6 builds stop at Hopper (sm_90)
+        return _cuda_build_fix(ctx, 13) + " (driver >= 580)"
+    if cap < (7, 5) and cuda.startswith("13."):  # CUDA 13 dropped Maxwell, Pascal and Volta
+        return _cuda_build_fix(ctx, 12)
+    return "install a torch build whose arch list has this GPU (docs/container.md lists the lines)"
 
 
 @check
