@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import time
+from pathlib import Path
 
 from .models import ARCHS  # the published transformer architectures (and the tiny one), from the registry
 
@@ -253,3 +254,140 @@ def break_overhead(settings, *, runs: int = 20, steps: int = 4, size: int = 128)
             "wrappers_armed": len(breaks), "steps": steps, "size": f"{size}x{size}", "runs": runs,
             "step_ms_plain_median": round(p * 1000, 3), "step_ms_armed_median": round(a * 1000, 3),
             "overhead": round((a - p) / p, 4), "goal_overhead_max": 0.01}
+
+
+# --- sd35 bench speed ---------------------------------------------------------------------------------------
+
+def _step_inputs(config: dict, size: int, device: str, batch: int = 2):
+    """One denoising step's transformer inputs at `size`² (batch 2 = the CFG pair), random, bf16."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    lat = size // 8
+    return dict(
+        hidden_states=torch.randn(batch, config["in_channels"], lat, lat, generator=g),
+        encoder_hidden_states=torch.randn(batch, 77 + 256, config["joint_attention_dim"], generator=g),
+        pooled_projections=torch.randn(batch, config["pooled_projection_dim"], generator=g),
+        timestep=torch.full((batch,), 500.0),
+    ), device
+
+
+def _time_steps(model, inputs: dict, device: str, repeats: int) -> list[float]:
+    import torch
+
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            model(**inputs, return_dict=False)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def speed(arch: str = "large", size: int = 1024, *, device: str | None = None, modes=("bf16", "fp8-weight", "fp8"),
+          compiled: bool = True, repeats: int = 10, cache_dir: str | None = None) -> dict:
+    """Transformer step latency (and peak GPU memory) per precision mode, eager and compiled, in one run.
+
+    Random weights of the published architecture. On a CPU the tiny model runs instead (and the report says
+    so): those figures exercise the code path, they are not GPU numbers."""
+    import statistics
+    import tempfile
+
+    import torch
+
+    from . import compilation, precision
+
+    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    note = None
+    if not device.startswith("cuda"):
+        if arch != "tiny" or size > 256:
+            note = (f"CPU: ran the tiny model at 128² instead of {arch} at {size}² — these times exercise the code "
+                    "path on this CPU; GPU figures must be measured on a GPU")
+        arch, size = "tiny", 128
+    config = ARCHS[arch]
+    cache = cache_dir or tempfile.mkdtemp(prefix="sd35-bench-compile-")
+    rows: dict[str, dict] = {}
+    for mode in modes:
+        row: dict = {}
+        rows[mode] = row
+        model = build_transformer(arch)
+        try:
+            precision.apply(model, mode, device=device)
+            model.to(device)
+            inputs, _ = _step_inputs(config, size, device)
+            inputs = {k: v.to(device=device, dtype=torch.bfloat16 if v.is_floating_point() and k != "timestep"
+                               else v.dtype) for k, v in inputs.items()}
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(device)
+            _time_steps(model, inputs, device, 2)  # warm-up
+            eager = _time_steps(model, inputs, device, repeats)
+            row["eager"] = {"step_ms_median": round(statistics.median(eager) * 1000, 3),
+                            "step_ms_min": round(min(eager) * 1000, 3)}
+            if device.startswith("cuda"):
+                row["eager"]["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
+            if compiled:
+                plan = compilation.apply(model, compilation.CompilePlan("blocks", "benchmark", cache))
+                if device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats(device)
+                first = _time_steps(model, inputs, device, 1)[0]
+                _time_steps(model, inputs, device, 2)
+                comp = _time_steps(model, inputs, device, repeats)
+                row["compiled"] = {"step_ms_median": round(statistics.median(comp) * 1000, 3),
+                                   "step_ms_min": round(min(comp) * 1000, 3),
+                                   "first_call_s": round(first, 2), "mode": plan.mode}
+                if device.startswith("cuda"):
+                    row["compiled"]["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        except Exception as exc:  # noqa: BLE001 - e.g. fp8 compute needs FP8 tensor cores
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            row["note"] = f"not run here: {type(exc).__name__}: {first_line[:160]}"
+        finally:
+            del model
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    base = rows.get("bf16", {})
+    for mode, row in rows.items():
+        for kind in ("eager", "compiled"):
+            ref = base.get("compiled" if kind == "compiled" else "eager", {}).get("step_ms_median")
+            if kind in row and ref:
+                row[kind]["ratio_vs_bf16"] = round(row[kind]["step_ms_median"] / ref, 3)
+    import diffusers
+    import torchao
+
+    return {
+        "arch": arch, "size": size, "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU",
+        "note": note, "repeats": repeats, "modes": rows, "compile_cache_dir": cache,
+        "goal": {"fp8_compiled_vs_bf16_compiled_max": 0.60},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "torchao": torchao.__version__},
+    }
+
+
+def compile_cache(settings, *, steps: int = 1) -> dict:
+    """Two `sd35 generate --compile blocks` processes sharing a fresh compile cache: the second one's compile
+    seconds against the first's (goal <= 0.4x), read from their sidecars."""
+    import json as _json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="sd35-compile-cache-"))
+    env = {**os.environ, "SD35_COMPILE_CACHE": str(work / "cache"), "SD35_MODEL": settings.model,
+           "SD35_CACHE_DIR": str(settings.cache_dir), "SD35_PRECISION": settings.precision}
+    runs = []
+    for i in range(2):
+        out = work / f"out{i}"
+        r = subprocess.run([sys.executable, "-m", "sd35", "generate", "--compile", "blocks", "--steps", str(steps),
+                            "--seed", "0", "--out", str(out)], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"sd35 generate failed: {r.stderr[-1500:]}")
+        record = _json.loads(next(out.glob("*.json")).read_text())
+        runs.append(record["compile"])
+    cold, warm = runs[0]["seconds"], runs[1]["seconds"]
+    return {"model": settings.model, "cold": runs[0], "warm": runs[1], "ratio": round(warm / cold, 3),
+            "goal_ratio_max": 0.4}

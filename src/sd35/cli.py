@@ -92,6 +92,8 @@ def generate(
     t5: Optional[str] = typer.Option(None, "--t5", help="auto | bf16 | fp8-weight | off [SD35_T5]"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N [SD35_DEVICE]"),
     offload: Optional[str] = typer.Option(None, "--offload", help="none | model | sequential [SD35_OFFLOAD]"),
+    compile_mode: Optional[str] = typer.Option(None, "--compile", help="off | blocks | full | auto (off for one "
+                                               "run; blocks compiles the MMDiT blocks) [SD35_COMPILE]"),
     steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the model's, read from its "
                                         "configs)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
@@ -111,7 +113,7 @@ def generate(
 
     logs.configure(verbose)
     settings = _settings(model=model, revision=revision, precision=precision, t5=t5, device=device,
-                         offload=offload, output_dir=out_dir, breaks=breaks)
+                         offload=offload, output_dir=out_dir, breaks=breaks, compile=compile_mode)
     if not 1 <= n <= MAX_CLI_IMAGES:
         raise InputError(f"-n {n} is out of range.", f"pass -n from 1 to {MAX_CLI_IMAGES}.", param="n")
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
@@ -135,6 +137,7 @@ def generate(
         print(png, js, sep="\n")  # plain stdout: paths are for scripts
     err.print(f"load {rt.loaded.load_seconds:.1f}s · encode {t['encode']:.2f}s · denoise {t['denoise']:.2f}s · "
               f"decode {t['decode']:.2f}s · {rt.loaded.plan.transformer} on {rt.device} · "
+              f"compile {rt.compile.mode}{f' ({rt.compile.seconds:.1f}s)' if rt.compile.seconds else ''} · "
               f"seed{'s' if n > 1 else ''} {', '.join(map(str, result.seeds))}", highlight=False)
     if rt.loaded.source.notice:
         err.print(f"[yellow]note:[/] {rt.loaded.source.notice}", highlight=False)
@@ -147,6 +150,8 @@ def serve(
     port: Optional[int] = typer.Option(None, "--port", help="[SD35_PORT, default 8000]"),
     model: Optional[str] = typer.Option(None, "--model", help="[SD35_MODEL]"),
     precision: Optional[str] = typer.Option(None, "--precision", help="[SD35_PRECISION]"),
+    compile_mode: Optional[str] = typer.Option(None, "--compile", help="off | blocks | full | auto (blocks on "
+                                               "CUDA, compiled during warm-up) [SD35_COMPILE]"),
     allow_no_key: Optional[bool] = typer.Option(None, "--allow-no-key", help="allow a non-loopback bind without SD35_API_KEY"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -155,7 +160,8 @@ def serve(
     from .service.server import serve as run_server
 
     logs.configure(verbose)
-    settings = _settings(host=host, port=port, model=model, precision=precision, allow_no_key=allow_no_key)
+    settings = _settings(host=host, port=port, model=model, precision=precision, allow_no_key=allow_no_key,
+                         compile=compile_mode)
     from . import debug
 
     debug.parse(settings.breaks)
@@ -363,6 +369,59 @@ def bench_serve(
               f"burst of {b['concurrent']} against queue {b['queue_size']}: {b['status_counts']} in {b['seconds']} s, "
               f"{b['images_per_s']} images/s, served p50 {b['served_p50_s']} s p95 {b['served_p95_s']} s",
               highlight=False)
+
+
+@bench_app.command("speed")
+@handle_errors
+def bench_speed(
+    arch: str = typer.Option("large", "--arch", help="medium | large (published configs) | tiny"),
+    size: int = typer.Option(1024, "--size", help="square image side"),
+    modes: str = typer.Option("bf16,fp8-weight,fp8", "--modes", help="comma-separated precision modes"),
+    eager_only: bool = typer.Option(False, "--eager-only", help="skip the compiled runs"),
+    repeats: int = typer.Option(10, "--repeats"),
+    cache_check: bool = typer.Option(False, "--cache-check", help="also time a cold vs a warm compile cache in two "
+                                     "`sd35 generate --compile blocks` processes (the configured model)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Transformer step latency and peak GPU memory per precision mode, eager and compiled (random weights)."""
+    from . import bench, logs
+    from .models import ARCHS
+    from .settings import PRECISIONS
+
+    logs.configure(False)
+    import logging
+
+    logging.getLogger("sd35").setLevel(logging.WARNING)
+    if arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(ARCHS)}.")
+    wanted = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in wanted if m not in PRECISIONS or m == "auto"]
+    if bad or not wanted:
+        raise InputError(f"unknown mode(s) {', '.join(bad) or modes!r}.", "use --modes bf16,fp8-weight,fp8.")
+    if size % 16 or not 64 <= size <= 4096:
+        raise InputError(f"--size {size} must be a multiple of 16 from 64 to 4096.", "pass --size 1024.")
+    report = bench.speed(arch, size, modes=wanted, compiled=not eager_only, repeats=repeats)
+    if cache_check:
+        report["compile_cache"] = bench.compile_cache(_settings())
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out.print(f"{report['arch']} at {report['size']}² on {report['device_name']} ({report['device']}), "
+              f"median of {report['repeats']} steps" + (f"\n[yellow]{report['note']}[/]" if report["note"] else ""),
+              highlight=False)
+    for mode, row in report["modes"].items():
+        if "note" in row:
+            out.print(f"  {mode:11} {row['note']}", highlight=False)
+            continue
+        parts = [f"{kind} {r['step_ms_median']:.1f} ms" + (f" ({r['ratio_vs_bf16']:.2f}× bf16)" if "ratio_vs_bf16" in r
+                 else "") + (f", peak {r['peak_gpu_bytes'] / 1e9:.2f} GB" if "peak_gpu_bytes" in r else "")
+                 + (f", first call {r['first_call_s']:.1f} s" if "first_call_s" in r else "")
+                 for kind, r in row.items()]
+        out.print(f"  {mode:11} " + " · ".join(parts), highlight=False)
+    if "compile_cache" in report:
+        c = report["compile_cache"]
+        out.print(f"  compile cache: cold {c['cold']['seconds']} s, warm {c['warm']['seconds']} s → {c['ratio']}× "
+                  f"(goal ≤ {c['goal_ratio_max']})", highlight=False)
 
 
 @bench_app.command("break")

@@ -407,24 +407,39 @@ def check_fits(ctx: Context) -> Check:
     if est is None:
         return Check("fits in memory", SKIP, f"no config for {ctx.model} without downloading it")
     gb = 1e9
-    need = est["total"] + ACTIVATION_HEADROOM_BYTES
+    # Activations scale with the batch: the largest a request may ask for (SD35_MAX_IMAGES), at the model's
+    # default size; the VAE decodes one image at a time when a batch would not fit (generate.decode_mode).
+    from .models import info_for
+    from .sizing import batch_activation_bytes
+
+    batch = max(1, int(getattr(ctx.settings, "max_images", 1) or 1))
+    info = info_for(ctx.model, _model_folder(ctx))
+    tcfg = ctx.known.transformer if ctx.known else {}
+    headroom = ACTIVATION_HEADROOM_BYTES + batch_activation_bytes(tcfg, info.sampling.height, info.sampling.width,
+                                                                  batch)
+    need = est["total"] + headroom
     parts = f"transformer {fmt_bytes(est['transformer'])} + T5 {fmt_bytes(est['text_encoder_3'])} + CLIPs/VAE " \
             f"{fmt_bytes(est['text_encoder'] + est['text_encoder_2'] + est['vae'])}"
     if hw is None or not hw.is_cuda:
         return Check("fits in memory", SKIP, f"no GPU; the pipeline's weights are {fmt_bytes(est['total'])} ({parts})")
-    have = hw.total_memory_bytes
+    from .hardware import free_memory
+
+    free = free_memory(hw.device)
+    have = free if free is not None else hw.total_memory_bytes
+    what = "free now" if free is not None else "in all"
     if ctx.settings.offload != "none":
-        largest = max(v for k, v in est.items() if k != "total") + ACTIVATION_HEADROOM_BYTES
+        largest = max(v for k, v in est.items() if k != "total") + headroom
         status = OK if largest <= have else FAIL
         return Check("fits in memory", status, f"offload={ctx.settings.offload}: largest component + activations "
-                     f"≈ {largest / gb:.1f} GB of {have / gb:.1f} GB", None if status == OK else
+                     f"≈ {largest / gb:.1f} GB (batch {batch}) of {have / gb:.1f} GB {what}", None if status == OK else
                      "use SD35_PRECISION=fp8-weight and SD35_T5=fp8-weight, or a larger GPU")
     if need <= have:
-        return Check("fits in memory", OK, f"≈ {need / gb:.1f} GB needed ({parts} + activations) of "
-                     f"{have / gb:.1f} GB on {hw.name}")
-    return Check("fits in memory", FAIL, f"≈ {need / gb:.1f} GB needed ({parts} + activations), {hw.name} has "
-                 f"{have / gb:.1f} GB", "set SD35_T5=fp8-weight or off, SD35_PRECISION=fp8-weight, or "
-                 "SD35_OFFLOAD=model")
+        return Check("fits in memory", OK, f"≈ {need / gb:.1f} GB needed ({parts} + activations for a batch of "
+                     f"{batch}) of {have / gb:.1f} GB {what} on {hw.name}")
+    return Check("fits in memory", FAIL, f"≈ {need / gb:.1f} GB needed ({parts} + activations for a batch of "
+                 f"{batch}), {hw.name} has {have / gb:.1f} GB {what}",
+                 "free the GPU (`nvidia-smi` shows who holds it) or pick another with SD35_DEVICE; set "
+                 "SD35_T5=fp8-weight or off, SD35_PRECISION=fp8-weight, SD35_MAX_IMAGES lower, or SD35_OFFLOAD=model")
 
 
 # --- Hugging Face ----------------------------------------------------------------------------------------

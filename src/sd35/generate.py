@@ -103,6 +103,7 @@ class GenerationResult:
     seeds: list[int] = field(default_factory=list)  # one per image: image i alone = this request with seeds[i]
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory: dict = field(default_factory=dict)
+    decode_mode: str = "batched"  # batched | sliced | tiled (see decode_mode)
 
 
 def _sync(device: str) -> None:
@@ -123,11 +124,41 @@ def _peak_memory(device: str) -> dict:
             "bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)}
 
 
-def decode(pipe, latents) -> list:
-    """Latents → PIL images with the VAE (SD3's scaling and shift factors)."""
+# A heuristic upper bound of the VAE decoder's working memory per output pixel (bf16 activations of its
+# 128–512-channel up-blocks at full resolution plus fp32 GroupNorm temporaries). It only decides when to
+# decode one image at a time or in tiles; measured peaks belong in docs/benchmarks.md.
+VAE_DECODE_BYTES_PER_PIXEL = 4096
+
+
+def decode_mode(free_bytes: int | None, n: int, height: int, width: int) -> str:
+    """How to decode `n` images on a device with `free_bytes` free (None: host memory, not planned).
+
+    batched: all at once; sliced: one image at a time (same result, the peak of one image); tiled:
+    overlapping tiles (diffusers' VAE tiling; seams are blended) when even one image would not fit."""
+    if free_bytes is None:
+        return "batched"
+    one = height * width * VAE_DECODE_BYTES_PER_PIXEL
+    if one > free_bytes:
+        return "tiled"
+    return "sliced" if n > 1 and n * one > free_bytes else "batched"
+
+
+def decode(pipe, latents, mode: str = "batched") -> list:
+    """Latents → PIL images with the VAE (SD3's scaling and shift factors), batched, sliced or tiled."""
+    import torch
+
     vae = pipe.vae
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-    decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    if mode == "tiled":
+        vae.enable_tiling()
+    try:
+        if mode == "sliced":
+            decoded = torch.cat([vae.decode(one.to(vae.dtype), return_dict=False)[0] for one in latents.split(1)])
+        else:
+            decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    finally:
+        if mode == "tiled":
+            vae.disable_tiling()
     return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
@@ -185,13 +216,16 @@ def run(
         _sync(device)
         timings["denoise"] = time.perf_counter() - t
 
-        # 3. Decode with the VAE.
+        # 3. Decode with the VAE: one image at a time, or in tiles, when the batch would not fit.
+        from .hardware import free_memory
+
+        mode = decode_mode(free_memory(str(exec_device)), num_images, request.height, request.width)
         t = time.perf_counter()
-        images = decode(pipe, latents)
+        images = decode(pipe, latents, mode)
         _sync(device)
         timings["decode"] = time.perf_counter() - t
     pipe.maybe_free_model_hooks()
-    return GenerationResult(images, request, seeds, timings, _peak_memory(device))
+    return GenerationResult(images, request, seeds, timings, _peak_memory(device), mode)
 
 
 def sidecar(loaded: LoadedPipeline, result: GenerationResult, image_name: str, index: int = 0,
@@ -215,6 +249,7 @@ def sidecar(loaded: LoadedPipeline, result: GenerationResult, image_name: str, i
         **(extra or {}),
         "timings_s": timings,
         "peak_memory": result.peak_memory,
+        "decode_mode": result.decode_mode,
         "versions": {"sd35": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "torchao": torchao.__version__},
     }

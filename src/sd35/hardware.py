@@ -26,6 +26,7 @@ class Hardware:
     fp8_compute: bool  # FP8 matmuls on tensor cores possible
     fp8_reason: str  # why (not), for logs and sidecars
     has_float8_dtype: bool  # torch build knows float8_e4m3fn (needed for any FP8 mode)
+    device_reason: str = "requested"  # why this device (auto: the GPU with the most free memory)
 
     @property
     def is_cuda(self) -> bool:
@@ -44,13 +45,33 @@ class Hardware:
         return d
 
 
-def _resolve_device(requested: str) -> str:
+def free_memory(device: str) -> int | None:
+    """Bytes free on a CUDA device right now (all processes' use counted, as the driver sees it); None on a CPU."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
+
+
+def _most_free_gpu() -> tuple[str, str]:
+    """The visible GPU with the most free memory, and why: on a shared box another process (another user's
+    service, a notebook) may already hold cuda:0."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return "cuda:0", "auto: the only GPU"
+    free = [(free_memory(f"cuda:{i}") or 0, i) for i in range(count)]
+    best, index = max(free, key=lambda t: (t[0], -t[1]))
+    listing = ", ".join(f"cuda:{i} {f / 2**30:.1f} GiB" for f, i in free)
+    return f"cuda:{index}", f"auto: most free memory ({listing})"
+
+
+def _resolve_device(requested: str) -> tuple[str, str]:
     requested = requested.strip().lower()
     cuda_ok = torch.cuda.is_available()
     if requested == "auto":
-        return "cuda:0" if cuda_ok else "cpu"
+        return _most_free_gpu() if cuda_ok else ("cpu", "auto: torch sees no CUDA device")
     if requested == "cpu":
-        return "cpu"
+        return "cpu", "requested"
     if not cuda_ok:
         raise HardwareError(
             f"device {requested!r} was asked for, but torch sees no CUDA device "
@@ -66,13 +87,13 @@ def _resolve_device(requested: str) -> str:
             "(CUDA_VISIBLE_DEVICES renumbers them from 0).",
             f"use one of cuda:0 … cuda:{count - 1}.",
         )
-    return f"cuda:{index}"
+    return f"cuda:{index}", "requested"
 
 
 @functools.cache
 def detect(requested: str = "auto") -> Hardware:
     """Detect the device `requested` resolves to. Cached: hardware does not change within a process."""
-    device = _resolve_device(requested)
+    device, device_reason = _resolve_device(requested)
     has_f8 = hasattr(torch, "float8_e4m3fn")
     if device == "cpu":
         return Hardware(
@@ -83,6 +104,7 @@ def detect(requested: str = "auto") -> Hardware:
             fp8_compute=False,
             fp8_reason="fp8 compute: no CUDA device (FP8 tensor cores need SM >= 8.9)",
             has_float8_dtype=has_f8,
+            device_reason=device_reason,
         )
     props = torch.cuda.get_device_properties(device)
     cap = (props.major, props.minor)
@@ -99,4 +121,5 @@ def detect(requested: str = "auto") -> Hardware:
         fp8_compute=ok,
         fp8_reason=reason,
         has_float8_dtype=has_f8,
+        device_reason=device_reason,
     )

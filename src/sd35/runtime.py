@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from . import debug, models
+from . import compilation, debug, models
 from . import generate as gen
 from .load import LoadedPipeline
 from .load import load as load_pipeline
@@ -42,7 +42,8 @@ class Cancelled(Exception):
 class Runtime:
     """A loaded pipeline, the facts about its model (`info`) and the armed breakpoints."""
 
-    def __init__(self, loaded: LoadedPipeline, breaks: list[debug.Break] | None = None):
+    def __init__(self, loaded: LoadedPipeline, breaks: list[debug.Break] | None = None,
+                 compile_plan: compilation.CompilePlan | None = None):
         self.loaded = loaded
         # Defaults and limits from the loaded folder's own configs (a Turbo folder gets Turbo's steps).
         self.info: models.ModelInfo = models.describe_folder(loaded.source.path, loaded.source.requested)
@@ -53,11 +54,19 @@ class Runtime:
             self.harness = debug.arm(loaded.pipe, self.breaks)
         log.info("model family %s (%s); defaults %s", self.info.family, self.info.family_reason,
                  self.info.sampling.as_dict())
+        # torch.compile of the MMDiT (compiles at the first generation; the service's is its warm-up).
+        self.compile = compilation.apply(loaded.pipe.transformer,
+                                         compile_plan or compilation.CompilePlan("off", "not requested"))
 
     @classmethod
-    def load(cls, settings: Settings, *, breaks: list[debug.Break] | None = None) -> Runtime:
-        """Load the model `settings` describe and arm SD35_BREAK (`breaks` overrides it)."""
-        return cls(load_pipeline(settings), debug.parse(settings.breaks) if breaks is None else breaks)
+    def load(cls, settings: Settings, *, breaks: list[debug.Break] | None = None,
+             purpose: str = "generate") -> Runtime:
+        """Load the model `settings` describe, arm SD35_BREAK (`breaks` overrides it) and compile as
+        SD35_COMPILE says for `purpose` ("generate": a one-off run, "serve": many requests)."""
+        breaks = debug.parse(settings.breaks) if breaks is None else breaks
+        loaded = load_pipeline(settings)
+        plan = compilation.resolve(settings, device=loaded.device, purpose=purpose)
+        return cls(loaded, breaks, plan)
 
     # --- facts ----------------------------------------------------------------------------------------
 
@@ -71,7 +80,7 @@ class Runtime:
 
     def describe(self) -> dict:
         """What every record of an output says about the model and how it was loaded."""
-        return {**self.loaded.describe(), "model_info": self.info.as_dict()}
+        return {**self.loaded.describe(), "model_info": self.info.as_dict(), "compile": self.compile.as_dict()}
 
     # --- 1. check -------------------------------------------------------------------------------------
 
@@ -101,7 +110,8 @@ class Runtime:
             if on_step is not None:
                 on_step(i, total)
 
-        return gen.run(self.loaded, request, num_images=n, on_step=step, on_latents=on_latents)
+        with compilation.FirstCall(self.compile):
+            return gen.run(self.loaded, request, num_images=n, on_step=step, on_latents=on_latents)
 
     def warm_up(self, on_step: StepCallback | None = None) -> gen.GenerationResult:
         """One 1-step generation through the same path as a request (kernels, allocator, caches)."""
@@ -120,7 +130,8 @@ class Runtime:
 
     def save(self, result: gen.GenerationResult, out_dir: Path | str) -> list[tuple[Path, Path]]:
         """PNG + JSON sidecar per image, written atomically; returns the (png, json) pairs."""
-        return gen.save(self.loaded, result, Path(out_dir), extra={"model_info": self.info.as_dict()})
+        return gen.save(self.loaded, result, Path(out_dir),
+                        extra={"model_info": self.info.as_dict(), "compile": self.compile.as_dict()})
 
     @staticmethod
     def encode(image, fmt: str = "png", quality: int | None = None) -> bytes:

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     offload: Offload = Field(default="none", description="accelerate CPU offload for small GPUs.")
     output_dir: Path = Field(default=Path("outputs"), description="Where images and sidecars are written.")
+    compile: Literal["auto", "off", "blocks", "full"] = Field(
+        default="auto", description="torch.compile of the MMDiT: off | blocks | full | auto (blocks for serve on "
+        "CUDA, else off); always off while debugging.")
+    compile_cache: Path | None = Field(
+        default=None, description="Compiled-kernel cache shared by restarts and GPUs; default beside HF_HUB_CACHE.")
     cache_dir: Path = Field(
         default_factory=lambda: Path(_default_sd35_cache()),
         description="Where the embedded tiny model is built (not the Hugging Face cache).",

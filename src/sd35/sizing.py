@@ -20,6 +20,22 @@ from .models import CLIP_G, CLIP_L, T5_XXL, VAE  # the published component confi
 # measured peaks go in docs/benchmarks.md.
 ACTIVATION_HEADROOM_BYTES = 4 << 30
 
+# Live transformer activations per token and hidden unit of one image (CFG doubles the batch): residual
+# streams, the 4x MLP, Q/K/V and the attention output of a block in bf16, with slack. A heuristic for the
+# fits check; measured peaks go in docs/benchmarks.md (`sd35 bench speed` on a GPU).
+LIVE_TENSORS_PER_TOKEN = 20
+
+
+def batch_activation_bytes(transformer_config: dict, height: int, width: int, n: int) -> int:
+    """Estimated extra GPU bytes for `n` images beyond the first (whose room is in the headroom above)."""
+    if n <= 1:
+        return 0
+    patch = int(transformer_config.get("patch_size", 2))
+    hidden = int(transformer_config.get("num_attention_heads", 24)) * int(transformer_config.get("attention_head_dim", 64))
+    tokens = (height // (8 * patch)) * (width // (8 * patch)) + 333  # image patches + CLIP 77 + T5 256
+    per_image = tokens * hidden * 2 * LIVE_TENSORS_PER_TOKEN * 2  # bf16, CFG pair
+    return (n - 1) * per_image
+
 
 def _meta(build):
     import torch

@@ -20,6 +20,18 @@ class Metrics:
         ready = Gauge("sd35_ready", "1 once the model is loaded and warmed up", registry=self.registry)
         ready.set_function(lambda: 1.0 if worker.state == "ready" else 0.0)
 
+        def plan():  # the runtime's CompilePlan once loaded, else None
+            return getattr(getattr(worker, "runtime", None), "compile", None)
+
+        compile_seconds = Gauge("sd35_compile_seconds", "Wall time of the first compiled generation (the warm-up), "
+                                "by mode; 0 for the modes not in use", ["mode"], registry=self.registry)
+        for mode in ("off", "blocks", "full"):
+            compile_seconds.labels(mode=mode).set_function(
+                lambda mode=mode: float(plan().seconds or 0.0) if plan() is not None and plan().mode == mode else 0.0)
+        cache_hits = Gauge("sd35_compile_cache_hits", "Inductor FX-graph cache hits of this process's compilation",
+                           registry=self.registry)
+        cache_hits.set_function(lambda: float((plan().cache or {}).get("fxgraph_cache_hit", 0)) if plan() else 0.0)
+
         import torch
 
         if torch.cuda.is_available():

@@ -65,9 +65,10 @@ class Job:
 
 
 class Worker:
-    def __init__(self, settings: Settings, *, loader=Runtime.load):
+    def __init__(self, settings: Settings, *, loader=None):
         self.settings = settings
-        self.loader = loader  # settings -> Runtime (tests pass a fake)
+        # settings -> Runtime (tests pass a fake). "serve": SD35_COMPILE=auto compiles on CUDA, in the warm-up.
+        self.loader = loader or (lambda s: Runtime.load(s, purpose="serve"))
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=settings.queue_size)
         self.state = "starting"  # starting | loading | warming up | ready | failed | stopped
         self.runtime: Runtime | None = None

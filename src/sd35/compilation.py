@@ -1,0 +1,158 @@
+"""torch.compile for the MMDiT: which mode a run uses, why, and the kernel cache that outlives a process.
+
+Why: torchao's FP8 modes wrap every matmul in quantize/scale kernels. Run eagerly those are extra
+kernel launches and memory passes, so FP8 can be *slower* than bf16; compiled, inductor fuses them
+into the matmul's prologue/epilogue and FP8 pays off (diffusers + torchao publish this for Flux on an
+H100). So compilation is part of the precision story, and like precision it is resolved once, at load
+time, and recorded with its reason.
+
+Modes (`SD35_COMPILE` / `--compile`):
+- `off`: eager. Always the case while debugging (SD35_BREAK, SD35_DEBUGPY, or a debugger attached):
+  breakpoints inside compiled frames are never hit.
+- `blocks`: regional compilation — every `JointTransformerBlock` compiled on its own. SD3.5's blocks
+  share one structure, so inductor compiles one block and reuses the graph for the others (the FX graph
+  cache keys on the graph, not the module): seconds, not minutes. diffusers' `compile_repeated_blocks`
+  does this where a model declares `_repeated_blocks`; SD3Transformer2DModel does not, so we do it by hand.
+- `full`: the whole transformer as one graph (longest compile, fewest graph breaks).
+- `auto` (default): `blocks` for `sd35 serve` on a CUDA GPU (compiled once, used for every request),
+  `off` elsewhere: a one-off CLI run pays the compile for a single image, and on a CPU inductor's
+  kernels are measured in docs/benchmarks.md (`sd35 bench speed`) rather than assumed to help.
+
+New sizes: blocks are compiled with `dynamic=True`, so the image and text sequence lengths and the
+batch are symbolic — a new size or `n` reuses the compiled graph instead of recompiling (the first
+compile is slightly slower than a static one).
+
+The kernel cache: inductor's FX-graph and Triton caches go to `SD35_COMPILE_CACHE` (default: next to the
+shared Hugging Face cache, `<HF_HUB_CACHE>/../sd35-compile`), one folder per torch version, so a restart
+or the next GPU's process reuses the kernels. The cache hits and misses of this process are recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "off", "blocks", "full")
+
+
+@dataclass
+class CompilePlan:
+    mode: str  # off | blocks | full
+    reason: str
+    cache_dir: str | None = None
+    seconds: float | None = None  # wall time of the first compiled generation (compile + one run)
+    cache: dict = field(default_factory=dict)  # fxgraph cache hits/misses in this process
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def debugging_reason(settings) -> str | None:
+    """Why this process must stay eager for the debugger, or None."""
+    if settings.breaks:
+        return "SD35_BREAK is set: debugging stays eager (breakpoints in compiled frames are never hit)"
+    if settings.debugpy:
+        return "SD35_DEBUGPY is set: debugging stays eager"
+    debugpy = sys.modules.get("debugpy")
+    try:
+        if debugpy is not None and debugpy.is_client_connected():
+            return "a debugger is attached: debugging stays eager"
+    except Exception:  # noqa: BLE001
+        pass
+    if sys.gettrace() is not None and "pydevd" in sys.modules:
+        return "running under a debugger: debugging stays eager"
+    if os.environ.get("TORCHDYNAMO_DISABLE") == "1":
+        return "TORCHDYNAMO_DISABLE=1: torch.compile is disabled in this process"
+    return None
+
+
+def resolve(settings, *, device: str, purpose: str) -> CompilePlan:
+    """The compile mode for this run. `purpose` is "serve" (compiled once, many requests) or "generate"."""
+    requested = getattr(settings, "compile", "auto")
+    if requested not in MODES:
+        raise InputError(f"unknown compile mode {requested!r}.",
+                         f"use one of {', '.join(MODES)} (--compile or SD35_COMPILE).", param="compile")
+    eager = debugging_reason(settings)
+    if eager:
+        if requested not in ("auto", "off"):
+            log.warning("compile=%s ignored: %s", requested, eager)
+        return CompilePlan("off", eager)
+    cache = str(cache_dir(settings))
+    if requested != "auto":
+        return CompilePlan(requested, "requested", cache if requested != "off" else None)
+    if device.startswith("cuda") and purpose == "serve":
+        return CompilePlan("blocks", "auto: serve on CUDA compiles the MMDiT blocks once, during warm-up", cache)
+    if device.startswith("cuda"):
+        return CompilePlan("off", "auto: a one-off run would pay the compile for a single image "
+                           "(--compile blocks to compile anyway)")
+    return CompilePlan("off", "auto: CPU (compiled CPU kernels are measured by `sd35 bench speed`, not assumed)")
+
+
+def cache_dir(settings) -> Path:
+    """Where compiled kernels are kept: SD35_COMPILE_CACHE, else beside the (shared) Hugging Face cache."""
+    import torch
+
+    base = getattr(settings, "compile_cache", None) or Path(settings.hf_hub_cache).expanduser().parent / "sd35-compile"
+    return Path(base).expanduser() / f"torch-{torch.__version__.split('+')[0]}"
+
+
+def _use_cache(path: str) -> None:
+    """Point inductor (and Triton) at `path`. Must run before the first compilation of the process."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def apply(transformer, plan: CompilePlan) -> CompilePlan:
+    """Compile `transformer` in place for `plan.mode` (compilation itself happens at the first call)."""
+    if plan.mode == "off":
+        return plan
+    if plan.cache_dir:
+        _use_cache(plan.cache_dir)
+    if plan.mode == "blocks":
+        for block in transformer.transformer_blocks:
+            block.compile(dynamic=True)
+    elif plan.mode == "full":
+        transformer.compile(dynamic=True)
+    log.info("compile: %s (%s); kernel cache %s", plan.mode, plan.reason, plan.cache_dir)
+    return plan
+
+
+def cache_counters() -> dict:
+    """This process's inductor FX-graph cache hits and misses so far."""
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:  # noqa: BLE001
+        return {}
+    c = counters.get("inductor", {})
+    return {"fxgraph_cache_hit": int(c.get("fxgraph_cache_hit", 0)),
+            "fxgraph_cache_miss": int(c.get("fxgraph_cache_miss", 0))}
+
+
+class FirstCall:
+    """Times the first generation after compiling (where the compile happens) and records the cache use."""
+
+    def __init__(self, plan: CompilePlan):
+        self.plan = plan
+        self._t = None
+
+    def __enter__(self):
+        if self.plan.mode != "off" and self.plan.seconds is None:
+            self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if self._t is not None and exc_type is None:
+            self.plan.seconds = round(time.perf_counter() - self._t, 3)
+            self.plan.cache = cache_counters()
+            log.info("compiled in %.1f s (first generation; cache %s)", self.plan.seconds, self.plan.cache)
+        return False
