@@ -54,3 +54,26 @@ def test_offload_modes_generate(offload):
 def test_auto_picks_fp8_on_an_fp8_gpu():
     loaded = load(Settings(device="cuda"))
     assert loaded.plan.transformer == "fp8" and "8.9" in loaded.plan.transformer_reason
+
+
+@requires_gpu
+@pytest.mark.slow
+def test_compiled_blocks_on_cuda_match_eager_and_reuse_the_graph_for_a_new_size(tmp_path):
+    """`blocks` on CUDA: the compiled image matches eager; a second size does not add compiled graphs."""
+    from sd35.compilation import CompilePlan
+    from sd35.fidelity import psnr
+    from sd35.runtime import Runtime
+
+    eager = Runtime.load(Settings(device="cuda", precision="fp8-weight"), breaks=[])
+    req = eager.check(prompt="a cube", steps=2, seed=0)
+    ref = eager.generate(req).images[0]
+    del eager
+    rt = Runtime(load(Settings(device="cuda", precision="fp8-weight")), [],
+                 CompilePlan("blocks", "test", str(tmp_path / "cache")))
+    img = rt.generate(req).images[0]
+    assert rt.compile.seconds and psnr(ref, img) >= 35
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    rt.generate(rt.check(prompt="a cube", steps=1, seed=0, height=192, width=160))
+    assert counters["stats"]["unique_graphs"] == graphs  # dynamic sequence length: no recompilation
