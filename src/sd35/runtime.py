@@ -114,14 +114,27 @@ class Runtime:
             return gen.run(self.loaded, request, num_images=n, on_step=step, on_latents=on_latents)
 
     def warm_up(self, on_step: StepCallback | None = None) -> gen.GenerationResult:
-        """One 1-step generation through the same path as a request (kernels, allocator, caches)."""
+        """A 1-step generation through the same path as a request (kernels, allocator, caches). Compiled, a
+        second one at another size makes the compiled graphs size-generic before any request comes
+        (compilation.py: automatic dynamic shapes), and the compile time recorded covers both."""
+        import time
+
         d = self.info.sampling
-        request = gen.GenerationRequest("warm-up", steps=1, guidance=d.guidance, height=min(d.height, 512),
+        side = min(d.height, 512)
+        request = gen.GenerationRequest("warm-up", steps=1, guidance=d.guidance, height=side,
                                         width=min(d.width, 512), seed=0)
         if self.harness is not None:  # a warm-up must not stop in the debugger
             self.harness.disarm()
+        started = time.perf_counter()
         try:
-            return self.generate(request, on_step=on_step)
+            result = self.generate(request, on_step=on_step)
+            if self.compile.mode != "off":
+                other = max(gen.MIN_SIZE, side - 2 * self.info.size_multiple)
+                self.generate(gen.GenerationRequest("warm-up", steps=1, guidance=d.guidance, height=other,
+                                                    width=request.width, seed=0), on_step=on_step)
+                self.compile.seconds = round(time.perf_counter() - started, 3)
+                self.compile.cache = compilation.cache_counters()
+            return result
         finally:
             if self.harness is not None:
                 self.harness = debug.arm(self.pipe, self.breaks)
