@@ -125,7 +125,7 @@ def generate(
     debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote)
     loaded = load(settings)
     debug.validate(break_list, loaded.pipe, request.steps)
-    debug.arm(loaded.pipe, break_list)
+    debug.arm(loaded.pipe, break_list, settings.output_dir)
     with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as progress:
         task = progress.add_task("denoise", total=request.steps)
@@ -306,6 +306,52 @@ def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
         table.add_row(r["repo_id"], r["commit"][:12], ",".join(r["refs"]), str(r["files"]),
                       f"{r['size_on_disk'] / 1e9:.2f} GB")
     out.print(table if rows else f"no models in {settings.hf_hub_cache}")
+
+
+@app.command()
+@handle_errors
+def fidelity(
+    per_block: bool = typer.Option(False, "--per-block", help="each transformer block's error (the table/JSON)"),
+    as_json: bool = typer.Option(False, "--json", help='print {"blocks": [...], "image": {...}, ...} as JSON'),
+    model: Optional[str] = typer.Option(None, "--model", help="[SD35_MODEL]"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="the candidate: auto | fp8-weight | fp8 [SD35_PRECISION]"),
+    device: Optional[str] = typer.Option(None, "--device", help="[SD35_DEVICE]"),
+    prompt: str = typer.Option("a bowl of ramen, studio photo", "--prompt", "-p"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the model's)"),
+    step: Optional[int] = typer.Option(None, "--step", help="the step whose block outputs are compared (default: middle)"),
+) -> None:
+    """FP8 vs bf16 on the same prompt and seed: per-block error (relative L2, cosine) and the final image."""
+    from rich.table import Table
+
+    from . import fidelity as fid
+    from . import logs
+
+    logs.configure(False)
+    r = fid.per_block(_settings(model=model, precision=precision, device=device), prompt=prompt, seed=seed,
+                      steps=steps, step=step)
+    if as_json:
+        print(json.dumps(r if per_block else {k: v for k, v in r.items() if k != "blocks"}, indent=2))
+        return
+
+    def f(x, spec):
+        return "—" if x is None else format(x, spec)
+
+    if per_block:
+        table = Table(title=f"{r['candidate']} vs {r['reference']}, {r['model']} on {r['device']}, "
+                            f"block outputs at step {r['step']} of {r['steps']} (seed {r['seed']})")
+        for col in ("block", "image rel. err", "image cosine", "text rel. err", "text cosine"):
+            table.add_column(col, justify="right")
+        for b in r["blocks"]:
+            table.add_row(str(b["block"]), f(b["image_rel_err"], ".5f"), f(b["image_cosine"], ".6f"),
+                          f(b["text_rel_err"], ".5f"), f(b["text_cosine"], ".6f"))
+        out.print(table)
+        if r["blocks"]:
+            worst = max(r["blocks"], key=lambda b: b["image_rel_err"])
+            out.print(f"worst block: {worst['block']} (image rel. err {worst['image_rel_err']:.5f})", highlight=False)
+    i = r["image"]
+    out.print(f"final image: rel. err {i['rel_err']:.4f}, PSNR {f(i['psnr_db'], '.1f')} dB, SSIM {i['ssim']:.4f}",
+              highlight=False)
 
 
 @bench_app.command("memory")

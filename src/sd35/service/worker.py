@@ -153,7 +153,7 @@ class Worker:
 
                 breaks = debug.parse(s.breaks)
                 debug.validate(breaks, self.loaded.pipe)
-                debug.arm(self.loaded.pipe, breaks)
+                debug.arm(self.loaded.pipe, breaks, s.output_dir)
             if s.warmup:
                 self.state = "warming up"
                 notify.notify("STATUS=warming up")
