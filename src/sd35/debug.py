@@ -420,11 +420,14 @@ class Harness:
                 summary = summarize(named)
                 out = summarize({"output": output})
                 harness.hits.append(f"{label} {shown}")
+                upstream = non_finite(args) or non_finite(kwargs)
                 if not debugger_attached():
-                    log.warning("SD35_BREAK nan: first non-finite output at %s (%s), step %d: %s; inputs: %s "
+                    log.warning("SD35_BREAK nan: first non-finite output at %s (%s), step %d: %s; inputs: %s%s "
                                 "(no debugger attached, continuing)", shown, type(mod).__name__, step,
                                 "; ".join(f"{k}={v}" for k, v in out.items()),
-                                "; ".join(f"{k}={v}" for k, v in summary.items()) or "no tensor inputs")
+                                "; ".join(f"{k}={v}" for k, v in summary.items()) or "no tensor inputs",
+                                " — its inputs already hold NaN/Inf: the cause is earlier (a step before "
+                                f"{step}? watch from an earlier step)" if upstream else "")
                     return None
                 summary.update(out)
                 # Step Into re-runs the module's forward on the same inputs: watch the NaN appear.
