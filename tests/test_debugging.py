@@ -455,7 +455,11 @@ def test_nan_watch_is_silent_when_all_is_finite(bf16_tiny):
         gen.run(bf16_tiny, _request(steps=2))
     finally:
         h.disarm()
-    assert h.hits == [] and n == len(list(bf16_tiny.pipe.transformer.modules()))
+    names = h.watched_modules()
+    assert h.hits == [] and n == len(names)
+    assert {"", "transformer_blocks.0", "transformer_blocks.0.attn", "transformer_blocks.0.attn.to_q",
+            "transformer_blocks.0.norm1", "transformer_blocks.0.attn.norm_q", "pos_embed.proj"} <= set(names)
+    assert not any(n.endswith((".to_out.1", ".net.1", ".silu", ".act")) for n in names)  # dropout, activations
 
 
 def test_stop_frame_tools_dump_and_compare_with_bf16(fp8_tiny, tmp_path, monkeypatch):

@@ -415,22 +415,43 @@ def bench_break(
     runs: int = typer.Option(20, "--runs"),
     steps: int = typer.Option(4, "--steps"),
     model: Optional[str] = typer.Option(None, "--model", help="[SD35_MODEL]"),
+    nan: bool = typer.Option(False, "--nan", help="measure SD35_BREAK=nan (finiteness checks) instead"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Cost of armed SD35_BREAK hooks that do not match, per denoising step (goal <= 1 %)."""
+    """Cost of armed SD35_BREAK hooks that do not match, per denoising step (goal <= 1 %); --nan: of the NaN watch."""
     from . import bench, logs
 
     logs.configure(False)
     import logging
 
     logging.getLogger("sd35").setLevel(logging.WARNING)
-    r = bench.break_overhead(_settings(model=model), runs=runs, steps=steps)
+    r = bench.break_overhead(_settings(model=model), runs=runs, steps=steps, nan=nan)
     if as_json:
         print(json.dumps(r, indent=2))
         return
-    out.print(f"{r['model']} {r['precision']} on {r['device']}: {r['wrappers_armed']} wrappers armed, "
+    what = "modules watched for NaN/Inf" if nan else "wrappers armed"
+    goal = "" if nan else " (goal <= 1 %)"
+    out.print(f"{r['model']} {r['precision']} on {r['device']}: {r['wrappers_armed']} {what}, "
               f"step {r['step_ms_plain_median']} ms plain vs {r['step_ms_armed_median']} ms armed "
-              f"(median of {r['runs']}): overhead {r['overhead'] * 100:+.2f} % (goal <= 1 %)", highlight=False)
+              f"(median of {r['runs']}): overhead {r['overhead'] * 100:+.2f} %{goal}", highlight=False)
+
+
+@bench_app.command("summary")
+@handle_errors
+def bench_summary(
+    repeats: int = typer.Option(5, "--repeats"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Time of a debugger tensor summary for large CPU tensors (sampled over 2^20 elements; cached per stop)."""
+    from . import bench
+
+    rows = bench.summary_time(repeats)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        out.print(f"{r['tensor']}: {r['first_ms']} ms, cached {r['cached_ms']} ms (median of {repeats})\n"
+                  f"  {r['summary']}", highlight=False)
 
 
 def main() -> None:

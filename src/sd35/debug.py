@@ -9,14 +9,19 @@ next line calls the library, so one *Step Into* lands in `JointTransformerBlock.
 attention processor, `FlowMatchEulerDiscreteScheduler.step` or `AutoencoderKL.decode`.
 
 Grammar: comma-separated `TARGET[@STEP]`, TARGET one of `transformer`, `block.K`, `attn.K`,
-`scheduler`, `vae.decode`; STEP is the 0-based denoising step (default 0; ignored for vae.decode).
+`scheduler`, `vae.decode`, `nan`; STEP is the 0-based denoising step (default 0; ignored for vae.decode;
+for `nan`, the first step watched). `nan` hooks every module of the transformer with weights or a norm and
+stops after the first (innermost) one whose output holds NaN/Inf.
+
+At a stop, the frame also offers `sd35_dump()` and `compare_bf16()` (see `atstop.py`).
 
 Without a debugger attached, a match is logged (with the tensor summaries) and the run goes on: a plain
 run never hangs. Nothing is wrapped when SD35_BREAK is empty; an armed wrapper that does not match
 costs one Python call and an integer comparison (measured in docs/benchmarks.md).
 
-Also here: `tensor_summary` (used by the pydevd extension in `pydevd_plugins/extensions`, so the
-Variables pane shows shape/dtype/device/stats instead of printing tensors), and `listen` for
+Also here: `tensor_summary` and `container_summary` (used by the pydevd extension in
+`pydevd_plugins/extensions`, so the Variables pane shows shape/dtype/device/stats instead of printing
+tensors; sampled above 2^20 elements, cached per stop), and `listen` for
 `SD35_DEBUGPY=127.0.0.1:5678`.
 """
 
@@ -159,15 +164,15 @@ def _tensor_summary(t) -> str:
             x = _sample(x.detach()).float()
             where = f" · stats of {x.numel():,} sampled" if sampled else ""
             in_sample = " in sample" if sampled else ""
-            finite = torch.isfinite(x)
-            nan = int(torch.isnan(x).sum().item())
-            inf = int(torch.isinf(x).sum().item())
-            vals = x[finite] if (nan or inf) else x
+            # two host syncs in all (a CUDA tensor's statistics come back together)
+            nan, inf = (int(c) for c in torch.stack([torch.isnan(x).sum(), torch.isinf(x).sum()]).tolist())
+            vals = x[torch.isfinite(x)] if (nan or inf) else x
             if vals.numel() == 0:
                 return f"{head}{where} · nan {nan} inf {inf}{in_sample}"
             mn, mx = torch.aminmax(vals)
-            std = vals.std().item() if vals.numel() > 1 else 0.0
-            return (f"{head}{where} · min {mn.item():.4g} max {mx.item():.4g} mean {vals.mean().item():.4g} "
+            std = vals.std() if vals.numel() > 1 else torch.zeros((), device=vals.device)
+            mn, mx, mean, std = torch.stack([mn, mx, vals.mean(), std]).tolist()
+            return (f"{head}{where} · min {mn:.4g} max {mx:.4g} mean {mean:.4g} "
                     f"std {std:.4g} · nan {nan} inf {inf}{in_sample}")
     except Exception as exc:  # noqa: BLE001 - a summary must never break the debugger
         return f"{type(t).__name__} (summary failed: {exc})"
@@ -437,13 +442,28 @@ class Harness:
             return hook
 
         for qualname, module in transformer.named_modules():
-            handle = module.register_forward_hook(hook_for(qualname, module), with_kwargs=True)
-            self._undo.append(handle.remove)
+            if watched(module):
+                handle = module.register_forward_hook(hook_for(qualname, module), with_kwargs=True)
+                self._undo.append(handle.remove)
+
+    def watched_modules(self) -> list[str]:
+        return [n for n, m in self.pipe.transformer.named_modules() if watched(m)]
 
     def disarm(self) -> None:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+
+
+def watched(module) -> bool:
+    """Modules the NaN watch checks: blocks, attention, norms, linears, embedders — every module with weights
+    or a norm — not parameterless pass-throughs (Dropout, SiLU, GELU's activation, containers), which cannot
+    turn finite inputs into NaN/Inf and would only add a check per call."""
+    import torch
+
+    if isinstance(module, torch.nn.ModuleList):  # never called itself
+        return False
+    return "Norm" in type(module).__name__ or any(True for _ in module.parameters())
 
 
 def arm(pipe, breaks: list[Break], out_dir: Path | str | None = None) -> Harness | None:
