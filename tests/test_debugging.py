@@ -286,3 +286,315 @@ def test_attach_to_running_service_and_hit_a_breakpoint_during_a_request(tmp_pat
             proc.wait(timeout=60)
         except Exception:  # noqa: BLE001
             proc.kill()
+
+
+# --- issue 17: summaries of nested tensors, NaN watch, dump, bf16 comparison ----------------------------------
+
+def test_launch_json_service_skips_warmup_and_attach_targets_map_paths():
+    configs = {c["name"]: c for c in load_jsonc(ROOT / ".vscode" / "launch.json")["configurations"]}
+    assert configs["Serve: debug the service"]["env"]["SD35_WARMUP"] == "0"
+    for c in configs.values():
+        if c["request"] == "attach":
+            assert c["pathMappings"] and c["pathMappings"][0]["localRoot"] == "${workspaceFolder}", c["name"]
+    resolved = launch_config("Attach: running service", {"serverRoot": "/srv/x"})["pathMappings"][0]
+    assert resolved == {"localRoot": str(ROOT), "remoteRoot": "/srv/x"}
+
+
+def test_break_grammar_nan():
+    assert debug.parse("nan") == [debug.Break("nan", None, 0)]
+    assert [str(b) for b in debug.parse("nan@3,block.1@2")] == ["nan@3", "block.1@2"]
+    for bad in ("nan.1", "nans", "nan@x"):
+        with pytest.raises(InputError) as e:
+            debug.parse(bad)
+        assert "nan@5" in e.value.fix and "| nan;" in e.value.fix
+
+
+def test_large_tensor_summaries_are_sampled_and_cached_per_stop(monkeypatch):
+    import torch
+
+    t = torch.randn(2, 1024, 1536)  # 3.1 M elements > SAMPLE_ELEMENTS
+    debug.new_stop()
+    s = debug.tensor_summary(t)
+    assert f"stats of {debug.SAMPLE_ELEMENTS:,} sampled" in s and "in sample" in s and " std " in s
+    assert "sampled" not in debug.tensor_summary(torch.randn(64, 64))
+    nc = debug.tensor_summary(t.transpose(0, 2))  # not contiguous: a random gather, not a copy of it all
+    assert nc.startswith("Tensor[1536×1024×2]") and "sampled" in nc
+    calls = []
+    real = debug._tensor_summary
+    monkeypatch.setattr(debug, "_tensor_summary", lambda x: calls.append(1) or real(x))
+    assert debug.tensor_summary(t) == s and calls == []  # cached within the stop
+    t.mul_(2)  # changed in place: recomputed
+    assert debug.tensor_summary(t) != s and len(calls) == 1
+    debug.tensor_summary(t)
+    assert len(calls) == 1
+    debug.new_stop()  # a new stop: computed again
+    debug.tensor_summary(t)
+    assert len(calls) == 2
+
+
+def test_container_summaries_show_shapes_not_values():
+    import torch
+
+    inputs = {"hidden_states": torch.randn(2, 64, 64, dtype=torch.bfloat16), "temb": torch.randn(2, 64),
+              "joint_attention_kwargs": None, "pair": (torch.zeros(3), 1)}
+    s = debug.container_summary(inputs)
+    assert s.startswith("dict[4] {hidden_states: Tensor[2×64×64] bfloat16 cpu, temb: Tensor[2×64] float32 cpu")
+    assert "pair: (Tensor[3] float32 cpu, 1)" in s and "tensor(" not in s and len(s) < 200
+    assert debug.container_summary((torch.ones(1),)) == "tuple[1] (Tensor[1] float32 cpu)"
+    assert debug.container_summary({"a": 1, "b": [2, 3]}) is None  # no tensors: the debugger's default display
+    assert debug.container_summary([0] * 10 + [torch.ones(2)] * 30).endswith("… 24 more]")
+
+
+@pytest.fixture(scope="module")
+def bf16_tiny(tiny_cache):
+    from sd35.load import load
+    from sd35.settings import Settings
+
+    return load(Settings(device="cpu", precision="bf16", cache_dir=tiny_cache))
+
+
+@pytest.fixture(scope="module")
+def fp8_tiny(tiny_cache):
+    from sd35.load import load
+    from sd35.settings import Settings
+
+    return load(Settings(device="cpu", precision="fp8-weight", cache_dir=tiny_cache))
+
+
+def _request(steps=4):
+    from sd35 import generate as gen
+
+    return gen.GenerationRequest("a red cube", steps=steps, guidance=4.5, height=128, width=128, seed=0)
+
+
+class _Records(list):
+    def __enter__(self):
+        import logging
+
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.append(record.getMessage())
+        logging.getLogger("sd35.debug").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("sd35.debug").removeHandler(self.handler)
+
+
+@pytest.mark.parametrize("spec,plant,expected", [
+    ("nan", "weight", "nan@0 transformer_blocks.2.attn.to_q"),  # a NaN weight: to_q, not its attn or block
+    ("nan@1", "inf from step 2", "nan@2 transformer_blocks.2.attn.to_q"),  # watched from 1, appears at 2
+    ("nan@2", "weight", "nan@2 pos_embed.proj"),  # watched from 2: the latents already hold NaN
+])
+def test_nan_watch_names_the_innermost_module_and_step_without_a_debugger(bf16_tiny, spec, plant, expected):
+    import torch
+
+    from sd35 import generate as gen
+
+    pipe = bf16_tiny.pipe
+    lin = pipe.transformer.transformer_blocks[2].attn.to_q
+    saved = lin.weight.detach().clone()
+    injected = None
+    if plant == "weight":
+        with torch.no_grad():
+            lin.weight[0, 0] = float("nan")
+    else:
+        def inject(module, args, output):  # registered before the watcher's hook, so it runs first
+            if pipe.scheduler.step_index == 2:
+                output = output.clone()
+                output[0, 0, 0] = float("inf")
+                return output
+
+        injected = lin.register_forward_hook(inject)
+    h = debug.arm(pipe, debug.parse(spec))
+    try:
+        with _Records() as logged, np_quiet():
+            gen.run(bf16_tiny, _request())
+    finally:
+        h.disarm()
+        if injected:
+            injected.remove()
+        with torch.no_grad():
+            lin.weight.copy_(saved)
+    assert h.hits == [expected]  # once: the first (innermost) module, then the run goes on
+    label, name = expected.split()
+    (msg,) = [m for m in logged if "non-finite" in m]
+    assert f"at {name} (" in msg and f"step {label.split('@')[1]}:" in msg
+    if name.endswith("to_q"):
+        assert "inputs: input=Tensor[2×64×64] bfloat16 cpu" in msg and "nan 0 inf 0" in msg.split("inputs:")[1]
+        assert "already hold NaN" not in msg
+    else:
+        assert "already hold NaN/Inf" in msg
+    assert all(not m._forward_hooks for m in pipe.transformer.modules())  # disarmed: no hook left
+
+
+def np_quiet():
+    import warnings
+
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("ignore")  # the NaN image's cast to uint8
+
+    class _C:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            ctx.__exit__(*exc)
+
+    return _C()
+
+
+def test_nan_watch_is_silent_when_all_is_finite(bf16_tiny):
+    from sd35 import generate as gen
+
+    h = debug.arm(bf16_tiny.pipe, debug.parse("nan"))
+    n = sum(len(m._forward_hooks) for m in bf16_tiny.pipe.transformer.modules())
+    try:
+        gen.run(bf16_tiny, _request(steps=2))
+    finally:
+        h.disarm()
+    names = h.watched_modules()
+    assert h.hits == [] and n == len(names)
+    assert {"", "transformer_blocks.0", "transformer_blocks.0.attn", "transformer_blocks.0.attn.to_q",
+            "transformer_blocks.0.norm1", "transformer_blocks.0.attn.norm_q", "pos_embed.proj"} <= set(names)
+    assert not any(n.endswith((".to_out.1", ".net.1", ".silu", ".act")) for n in names)  # dropout, activations
+
+
+def test_stop_frame_tools_dump_and_compare_with_bf16(fp8_tiny, tmp_path, monkeypatch):
+    """The real `_stop_here` frame, with a stand-in debugger that calls the tools as the Debug Console would."""
+    import types
+
+    from safetensors.torch import load_file
+
+    from sd35 import generate as gen
+
+    seen = {}
+
+    def breakpoint():
+        frame = sys._getframe(1)
+        assert frame.f_code.co_name == "_stop_here"
+        f = frame.f_locals
+        seen["path"] = f["sd35_dump"]()
+        assert f["fp8_vs_bf16"] == {}  # lazy: nothing computed until asked
+        seen["cmp"] = f["compare_bf16"]()
+        seen["same"] = f["fp8_vs_bf16"] is seen["cmp"]
+
+    monkeypatch.setitem(sys.modules, "debugpy", types.SimpleNamespace(is_client_connected=lambda: True,
+                                                                      breakpoint=breakpoint))
+    h = debug.arm(fp8_tiny.pipe, debug.parse("block.1@2"), tmp_path / "out")
+    try:
+        gen.run(fp8_tiny, _request())
+    finally:
+        h.disarm()
+    path = Path(seen["path"])
+    assert path.parent == tmp_path / "out" / "debug" and path.name.endswith("block.1@2.safetensors")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["step"] == 2 and meta["where"] == "block.1@2" and meta["module"] == "transformer_blocks.1"
+    assert meta["tensors"]["inputs.hidden_states"] == {"shape": [2, 64, 64], "dtype": "bfloat16", "device": "cpu"}
+    tensors = load_file(path)
+    assert set(tensors) == {"inputs.hidden_states", "inputs.encoder_hidden_states", "inputs.temb"}
+    assert not list(path.parent.glob("*.tmp"))  # written atomically
+    c = seen["cmp"]
+    assert seen["same"] and c["module"] == "transformer_blocks.1" and c["fp8_linears"] > 0
+    assert "reloaded from transformer/diffusion_pytorch_model.safetensors" in c["weights"]
+    assert 0 < c["rel_err"] < 0.05 and 0.99 < c["cosine"] <= 1.0 + 1e-6, c
+    assert set(c["per_output"]) == {"output.0", "output.1"}  # the block's (text, image) streams
+    # the FP8 weights were put back
+    assert type(fp8_tiny.pipe.transformer.transformer_blocks[1].attn.to_q.weight).__name__ == "Float8Tensor"
+
+
+def test_compare_falls_back_to_dequantized_weights_and_says_so(fp8_tiny):
+    from sd35 import atstop
+
+    attn = fp8_tiny.pipe.transformer.transformer_blocks[0].attn
+    lin = attn.to_q
+    x = __import__("torch").randn(2, 8, 64, dtype=__import__("torch").bfloat16)
+    r = atstop.compare_bf16(lin, "transformer_blocks.0.attn.to_q", None, lin.forward, (x,), {})
+    assert "dequantized" in r["weights"] and r["cosine"] > 0.999
+    assert "no FP8 weights" in atstop.compare_bf16(fp8_tiny.pipe.transformer.proj_out, "proj_out", None,
+                                                   None, (), {})["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fidelity_per_block_cli(tmp_path):
+    r = run_cli("fidelity", "--per-block", "--json", "--steps", "2", "--precision", "fp8-weight")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["reference"] == "bf16" and doc["candidate"] == "fp8-weight" and doc["step"] == 1
+    assert [b["block"] for b in doc["blocks"]] == [0, 1, 2, 3]
+    assert set(doc["blocks"][0]) == {"block", "image_rel_err", "image_cosine", "text_rel_err", "text_cosine"}
+    assert all(0 < b["image_rel_err"] < 0.1 and b["image_cosine"] > 0.99 for b in doc["blocks"])
+    assert doc["blocks"][-1]["text_rel_err"] is None  # the last block emits no text stream
+    r = run_cli("fidelity", "--per-block", "--steps", "2", "--precision", "fp8-weight")
+    assert r.returncode == 0 and "image rel. err" in r.stdout and "worst block" in r.stdout
+    r = run_cli("fidelity", "--per-block", "--precision", "bf16")
+    assert r.returncode == 2 and "bf16 with itself" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- issue 17 over DAP ---------------------------------------------------------------------------------------
+
+def _evaluate(dap, frame_id, expression):
+    return dap.request("evaluate", {"expression": expression, "frameId": frame_id, "context": "repl"},
+                       timeout=120)["result"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_stop_frame_over_dap_nested_summaries_dump_and_compare(dap, tmp_path):
+    config = _generate_config("Generate: stop in MMDiT block", tmp_path)
+    config["env"]["SD35_PRECISION"] = "fp8-weight"
+    dap.start("launch", config)
+    tid, frames = dap.stopped()
+    top = frames[0]
+    assert top["name"] == "_stop_here"
+    variables = dap.locals(top["id"])
+    assert {"inputs", "args", "kwargs", "sd35_dump", "compare_bf16", "fp8_vs_bf16"} <= set(variables)
+    # the containers themselves: shapes, not ~480 characters of values
+    value = variables["inputs"]["value"]
+    assert value.startswith("dict[4] {hidden_states: Tensor[2×64×64] bfloat16 cpu") and "tensor(" not in value, value
+    assert value.endswith("joint_attention_kwargs: None}") and len(value) < 200
+    assert variables["kwargs"]["value"] == value  # diffusers passes the block's inputs as keywords
+    assert variables["args"]["value"] == "()"  # nothing to summarise: pydevd's own display
+    # expanded: each nested tensor is a one-line summary with statistics
+    children = dap.children(variables["inputs"]["variablesReference"])
+    nested = next(v for k, v in children.items() if "hidden_states" in k)["value"]
+    assert nested.startswith("Tensor[2×64×64] bfloat16 cpu · min ") and "nan 0 inf 0" in nested and len(nested) < 160
+    # the Debug Console tools
+    path = Path(_evaluate(dap, top["id"], "sd35_dump()").strip("'\""))
+    assert path.is_file() and path.with_suffix(".json").is_file() and path.parent == tmp_path / "out" / "debug"
+    assert json.loads(path.with_suffix(".json").read_text())["where"] == "block.1@2"
+    cosine = float(_evaluate(dap, top["id"], "compare_bf16()['cosine']"))
+    assert 0.99 < cosine <= 1.0 + 1e-6
+    assert "reloaded" in _evaluate(dap, top["id"], "fp8_vs_bf16['weights']")
+    dap.request("continue", {"threadId": tid})
+    dap.wait_event("terminated", timeout=180)
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_nan_break_over_dap_stops_at_the_innermost_module(dap, tmp_path):
+    config = _generate_config("Generate: stop in MMDiT block", tmp_path)
+    config.pop("module")
+    config["program"] = str(ROOT / "tests" / "plant_nan.py")  # `sd35 generate` with a NaN in one weight
+    config["args"] = [*config["args"], "--precision", "bf16"]
+    config["env"] = {**config["env"], "SD35_BREAK": "nan", "PYTHONPATH": os.pathsep.join(sys.path)}
+    dap.start("launch", config)
+    tid, frames = dap.stopped()
+    top = frames[0]
+    assert top["name"] == "_stop_here" and top["source"]["path"].endswith("sd35/debug.py")
+    variables = dap.locals(top["id"])
+    assert variables["where"]["value"].strip("'\"") == "nan@0 transformer_blocks.2.attn.to_q"
+    assert variables["name"]["value"].strip("'\"") == "transformer_blocks.2.attn.to_q"
+    out = variables["output"]["value"]
+    assert out.startswith("Tensor[2×64×64] bfloat16 cpu") and "nan 0 " not in out, out
+    summary = dap.children(variables["summary"]["variablesReference"])
+    assert any("input" in k and "nan 0 inf 0" in v["value"] for k, v in summary.items()), summary
+    # Step Into re-runs the module on the same inputs: into torch's Linear.forward
+    dap.request("stepIn", {"threadId": tid})
+    tid, frames = dap.stopped()
+    assert frames[0]["name"] == "forward" and frames[0]["source"]["path"].endswith("torch/nn/modules/linear.py")
+    dap.request("disconnect", {"terminateDebuggee": True})

@@ -226,9 +226,10 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
 
 # --- sd35 bench break -------------------------------------------------------------------------------------
 
-def break_overhead(settings, *, runs: int = 20, steps: int = 4, size: int = 128) -> dict:
+def break_overhead(settings, *, runs: int = 20, steps: int = 4, size: int = 128, nan: bool = False) -> dict:
     """Denoising time with SD35_BREAK armed on every block, attention, the transformer and the scheduler at a
-    step that never comes, vs. nothing armed — alternating runs on the same loaded pipeline."""
+    step that never comes, vs. nothing armed — alternating runs on the same loaded pipeline. With `nan`:
+    SD35_BREAK=nan instead (a finiteness check on every module's output, every step, nothing non-finite)."""
     import statistics
 
     from . import debug
@@ -240,7 +241,7 @@ def break_overhead(settings, *, runs: int = 20, steps: int = 4, size: int = 128)
     never = 10**9
     spec = ",".join([f"transformer@{never}", f"scheduler@{never}"] + [f"block.{k}@{never}" for k in range(n)]
                     + [f"attn.{k}@{never}" for k in range(n)])
-    breaks = debug.parse(spec)
+    breaks = debug.parse("nan" if nan else spec)
     req = gen.GenerationRequest("benchmark prompt", steps=steps, guidance=4.5, height=size, width=size, seed=0)
     rt.generate(req)  # warm-up
     plain, armed = [], []
@@ -251,9 +252,46 @@ def break_overhead(settings, *, runs: int = 20, steps: int = 4, size: int = 128)
         harness.disarm()
     p, a = statistics.median(plain), statistics.median(armed)
     return {"model": settings.model, "device": rt.device, "precision": rt.loaded.plan.transformer,
-            "wrappers_armed": len(breaks), "steps": steps, "size": f"{size}x{size}", "runs": runs,
+            "break": "nan" if nan else "every block/attn/transformer/scheduler at a step that never comes",
+            "wrappers_armed": sum(map(debug.watched, rt.pipe.transformer.modules())) if nan else len(breaks),
+            "steps": steps, "size": f"{size}x{size}", "runs": runs,
             "step_ms_plain_median": round(p * 1000, 3), "step_ms_armed_median": round(a * 1000, 3),
-            "overhead": round((a - p) / p, 4), "goal_overhead_max": 0.01}
+            "overhead": round((a - p) / p, 4), "goal_overhead_max": None if nan else 0.01}
+
+
+# --- sd35 bench summary -----------------------------------------------------------------------------------
+
+def summary_time(repeats: int = 5) -> list[dict]:
+    """Time of one tensor summary (what the debugger's Variables pane shows) for large CPU tensors: the first
+    call at a stop (computed) and the next one (cached), median of `repeats` stops."""
+    import statistics
+    import time
+
+    import torch
+
+    from . import debug
+
+    cases = [("2×4096×1536 float32", lambda: torch.randn(2, 4096, 1536)),
+             ("2×4096×1536 bfloat16", lambda: torch.randn(2, 4096, 1536, dtype=torch.bfloat16)),
+             ("2×4096×1536 float32, transposed (not contiguous)", lambda: torch.randn(2, 4096, 1536).transpose(0, 2)),
+             ("268,435,456 float32 (1 GiB)", lambda: torch.empty(1 << 28).normal_())]
+    rows = []
+    for name, make in cases:
+        t = make()
+        first, cached = [], []
+        for _ in range(repeats):
+            debug.new_stop()
+            t0 = time.perf_counter()
+            text = debug.tensor_summary(t)
+            first.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            debug.tensor_summary(t)
+            cached.append(time.perf_counter() - t0)
+        rows.append({"tensor": name, "elements": t.numel(), "first_ms": round(statistics.median(first) * 1000, 2),
+                     "cached_ms": round(statistics.median(cached) * 1000, 4), "summary": text})
+        del t
+    return rows
+
 
 
 # --- sd35 bench speed ---------------------------------------------------------------------------------------

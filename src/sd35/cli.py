@@ -315,6 +315,52 @@ def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
     out.print(table if rows else f"no models in {settings.hf_hub_cache}")
 
 
+@app.command()
+@handle_errors
+def fidelity(
+    per_block: bool = typer.Option(False, "--per-block", help="each transformer block's error (the table/JSON)"),
+    as_json: bool = typer.Option(False, "--json", help='print {"blocks": [...], "image": {...}, ...} as JSON'),
+    model: Optional[str] = typer.Option(None, "--model", help="[SD35_MODEL]"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="the candidate: auto | fp8-weight | fp8 [SD35_PRECISION]"),
+    device: Optional[str] = typer.Option(None, "--device", help="[SD35_DEVICE]"),
+    prompt: str = typer.Option("a bowl of ramen, studio photo", "--prompt", "-p"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the model's)"),
+    step: Optional[int] = typer.Option(None, "--step", help="the step whose block outputs are compared (default: middle)"),
+) -> None:
+    """FP8 vs bf16 on the same prompt and seed: per-block error (relative L2, cosine) and the final image."""
+    from rich.table import Table
+
+    from . import fidelity as fid
+    from . import logs
+
+    logs.configure(False)
+    r = fid.per_block(_settings(model=model, precision=precision, device=device), prompt=prompt, seed=seed,
+                      steps=steps, step=step)
+    if as_json:
+        print(json.dumps(r if per_block else {k: v for k, v in r.items() if k != "blocks"}, indent=2))
+        return
+
+    def f(x, spec):
+        return "—" if x is None else format(x, spec)
+
+    if per_block:
+        table = Table(title=f"{r['candidate']} vs {r['reference']}, {r['model']} on {r['device']}, "
+                            f"block outputs at step {r['step']} of {r['steps']} (seed {r['seed']})")
+        for col in ("block", "image rel. err", "image cosine", "text rel. err", "text cosine"):
+            table.add_column(col, justify="right")
+        for b in r["blocks"]:
+            table.add_row(str(b["block"]), f(b["image_rel_err"], ".5f"), f(b["image_cosine"], ".6f"),
+                          f(b["text_rel_err"], ".5f"), f(b["text_cosine"], ".6f"))
+        out.print(table)
+        if r["blocks"]:
+            worst = max(r["blocks"], key=lambda b: b["image_rel_err"])
+            out.print(f"worst block: {worst['block']} (image rel. err {worst['image_rel_err']:.5f})", highlight=False)
+    i = r["image"]
+    out.print(f"final image: rel. err {i['rel_err']:.4f}, PSNR {f(i['psnr_db'], '.1f')} dB, SSIM {i['ssim']:.4f}",
+              highlight=False)
+
+
 @bench_app.command("memory")
 @handle_errors
 def bench_memory(
@@ -430,22 +476,43 @@ def bench_break(
     runs: int = typer.Option(20, "--runs"),
     steps: int = typer.Option(4, "--steps"),
     model: Optional[str] = typer.Option(None, "--model", help="[SD35_MODEL]"),
+    nan: bool = typer.Option(False, "--nan", help="measure SD35_BREAK=nan (finiteness checks) instead"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Cost of armed SD35_BREAK hooks that do not match, per denoising step (goal <= 1 %)."""
+    """Cost of armed SD35_BREAK hooks that do not match, per denoising step (goal <= 1 %); --nan: of the NaN watch."""
     from . import bench, logs
 
     logs.configure(False)
     import logging
 
     logging.getLogger("sd35").setLevel(logging.WARNING)
-    r = bench.break_overhead(_settings(model=model), runs=runs, steps=steps)
+    r = bench.break_overhead(_settings(model=model), runs=runs, steps=steps, nan=nan)
     if as_json:
         print(json.dumps(r, indent=2))
         return
-    out.print(f"{r['model']} {r['precision']} on {r['device']}: {r['wrappers_armed']} wrappers armed, "
+    what = "modules watched for NaN/Inf" if nan else "wrappers armed"
+    goal = "" if nan else " (goal <= 1 %)"
+    out.print(f"{r['model']} {r['precision']} on {r['device']}: {r['wrappers_armed']} {what}, "
               f"step {r['step_ms_plain_median']} ms plain vs {r['step_ms_armed_median']} ms armed "
-              f"(median of {r['runs']}): overhead {r['overhead'] * 100:+.2f} % (goal <= 1 %)", highlight=False)
+              f"(median of {r['runs']}): overhead {r['overhead'] * 100:+.2f} %{goal}", highlight=False)
+
+
+@bench_app.command("summary")
+@handle_errors
+def bench_summary(
+    repeats: int = typer.Option(5, "--repeats"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Time of a debugger tensor summary for large CPU tensors (sampled over 2^20 elements; cached per stop)."""
+    from . import bench
+
+    rows = bench.summary_time(repeats)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        out.print(f"{r['tensor']}: {r['first_ms']} ms, cached {r['cached_ms']} ms (median of {repeats})\n"
+                  f"  {r['summary']}", highlight=False)
 
 
 def main() -> None:

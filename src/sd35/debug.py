@@ -9,14 +9,19 @@ next line calls the library, so one *Step Into* lands in `JointTransformerBlock.
 attention processor, `FlowMatchEulerDiscreteScheduler.step` or `AutoencoderKL.decode`.
 
 Grammar: comma-separated `TARGET[@STEP]`, TARGET one of `transformer`, `block.K`, `attn.K`,
-`scheduler`, `vae.decode`; STEP is the 0-based denoising step (default 0; ignored for vae.decode).
+`scheduler`, `vae.decode`, `nan`; STEP is the 0-based denoising step (default 0; ignored for vae.decode;
+for `nan`, the first step watched). `nan` hooks every module of the transformer with weights or a norm and
+stops after the first (innermost) one whose output holds NaN/Inf.
+
+At a stop, the frame also offers `sd35_dump()` and `compare_bf16()` (see `atstop.py`).
 
 Without a debugger attached, a match is logged (with the tensor summaries) and the run goes on: a plain
 run never hangs. Nothing is wrapped when SD35_BREAK is empty; an armed wrapper that does not match
 costs one Python call and an integer comparison (measured in docs/benchmarks.md).
 
-Also here: `tensor_summary` (used by the pydevd extension in `pydevd_plugins/extensions`, so the
-Variables pane shows shape/dtype/device/stats instead of printing tensors), and `listen` for
+Also here: `tensor_summary` and `container_summary` (used by the pydevd extension in
+`pydevd_plugins/extensions`, so the Variables pane shows shape/dtype/device/stats instead of printing
+tensors; sampled above 2^20 elements, cached per stop), and `listen` for
 `SD35_DEBUGPY=127.0.0.1:5678`.
 """
 
@@ -27,23 +32,26 @@ import logging
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("transformer", "block", "attn", "scheduler", "vae.decode")
-_ITEM = re.compile(r"^(transformer|scheduler|vae\.decode|block\.(\d+)|attn\.(\d+))(?:@(\d+))?$")
-STATS_MAX_ELEMENTS = 1 << 28  # above this, a summary gives shape/dtype/device only
+TARGETS = ("transformer", "block", "attn", "scheduler", "vae.decode", "nan")
+_ITEM = re.compile(r"^(transformer|scheduler|vae\.decode|nan|block\.(\d+)|attn\.(\d+))(?:@(\d+))?$")
+GRAMMAR_FIX = ("use comma-separated items such as block.12@5, attn.3@0, scheduler@5, transformer@2, vae.decode, "
+               "nan, nan@5 (TARGET: transformer | block.K | attn.K | scheduler | vae.decode | nan; STEP: 0-based "
+               "denoising step — for nan, the step from which outputs are watched).")
 
 
 # --- the grammar -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Break:
-    target: str  # transformer | block | attn | scheduler | vae.decode
+    target: str  # transformer | block | attn | scheduler | vae.decode | nan
     index: int | None  # K for block.K / attn.K
-    step: int  # 0-based denoising step
+    step: int  # 0-based denoising step (nan: the first step watched)
 
     def __str__(self) -> str:
         name = f"{self.target}.{self.index}" if self.index is not None else self.target
@@ -58,12 +66,7 @@ def parse(spec: str | None) -> list[Break]:
             continue
         m = _ITEM.match(item)
         if not m:
-            raise InputError(
-                f"SD35_BREAK item {item!r} is not TARGET[@STEP].",
-                "use comma-separated items such as block.12@5, attn.3@0, scheduler@5, transformer@2, vae.decode "
-                "(TARGET: transformer | block.K | attn.K | scheduler | vae.decode; STEP: 0-based denoising step).",
-                param="break",
-            )
+            raise InputError(f"SD35_BREAK item {item!r} is not TARGET[@STEP].", GRAMMAR_FIX, param="break")
         name, k_block, k_attn, step = m.groups()
         target = name.split(".")[0] if (k_block or k_attn) else name
         index = int(k_block or k_attn) if (k_block or k_attn) else None
@@ -86,9 +89,60 @@ def validate(breaks: list[Break], pipe, steps: int | None = None) -> None:
 
 # --- tensor summaries ----------------------------------------------------------------------------------
 
+SAMPLE_ELEMENTS = 1 << 20  # above this, statistics come from a fixed-size sample (said in the summary)
+_SUMMARIES: dict = {}  # (id, version, ptr, shape, dtype) -> (weakref to the tensor, summary): this stop's cache
+_STOPS = 0  # how many stops so far: a new stop clears the cache
+
+
+def new_stop() -> int:
+    """A new stop begins: summaries computed at the previous one are dropped (values may have changed)."""
+    global _STOPS
+    _STOPS += 1
+    _SUMMARIES.clear()
+    return _STOPS
+
+
+def _sample(x, n: int = SAMPLE_ELEMENTS):
+    """At most `n` elements of `x`, as a 1-D tensor on its device: a strided slice of a contiguous tensor (a
+    view, no copy), a seeded random gather otherwise (no copy of the whole tensor either)."""
+    import torch
+
+    total = x.numel()
+    if total <= n:
+        return x.reshape(-1)
+    if x.is_contiguous():
+        return x.view(-1)[:: -(-total // n)][:n]
+    g = torch.Generator(device=x.device).manual_seed(0)
+    flat = torch.randint(0, total, (n,), generator=g, device=x.device)
+    return x[torch.unravel_index(flat, x.shape)]
+
+
+def _key(t):
+    try:
+        return (id(t), t._version, t.data_ptr() if t.device.type != "meta" else 0, tuple(t.shape), t.dtype)
+    except Exception:  # noqa: BLE001 - tensor subclasses without storage: identity and shape only
+        return (id(t), None, None, tuple(t.shape), t.dtype)
+
+
 def tensor_summary(t) -> str:
-    """`Tensor[2, 64, 1536] bfloat16 cuda:0 · min … max … mean … std … · nan 0 inf 0`, computed on the
-    tensor's own device (only scalars come back to the host)."""
+    """`Tensor[2×64×1536] bfloat16 cuda:0 · min … max … mean … std … · nan 0 inf 0`, computed on the
+    tensor's own device (only scalars come back to the host). Over SAMPLE_ELEMENTS elements the statistics
+    are those of a fixed-size sample, and the summary says so. Computed once per stop (cached)."""
+    key = _key(t)
+    hit = _SUMMARIES.get(key)
+    if hit is not None and hit[0]() is t:
+        return hit[1]
+    s = _tensor_summary(t)
+    try:
+        import weakref
+
+        _SUMMARIES[key] = (weakref.ref(t), s)  # a weak reference: the cache never keeps a GPU tensor alive
+    except TypeError:
+        pass
+    return s
+
+
+def _tensor_summary(t) -> str:
     import torch
 
     try:
@@ -99,32 +153,87 @@ def tensor_summary(t) -> str:
             qdata = getattr(t, "qdata", None)
             if qdata is not None:
                 inner = f" [{kind}: {str(qdata.dtype).removeprefix('torch.')} data + scale {tuple(t.scale.shape)}]"
-        head = f"{kind if kind != 'Parameter' else 'Parameter'}[{shape}] {str(t.dtype).removeprefix('torch.')} {t.device}{inner}"
+        head = f"{kind}[{shape}] {str(t.dtype).removeprefix('torch.')} {t.device}{inner}"
         if t.device.type == "meta" or t.numel() == 0:
             return head
-        if t.numel() > STATS_MAX_ELEMENTS:
-            return f"{head} · stats skipped ({t.numel():,} elements)"
         with torch.no_grad():
             x = t.dequantize() if inner and hasattr(t, "dequantize") else t
             if x.is_complex() or x.dtype == torch.bool:
                 return head
-            x = x.detach().float()
-            finite = torch.isfinite(x)
-            nan = int(torch.isnan(x).sum().item())
-            inf = int(torch.isinf(x).sum().item())
-            vals = x[finite] if (nan or inf) else x
+            sampled = x.numel() > SAMPLE_ELEMENTS
+            x = _sample(x.detach()).float()
+            where = f" · stats of {x.numel():,} sampled" if sampled else ""
+            in_sample = " in sample" if sampled else ""
+            # two host syncs in all (a CUDA tensor's statistics come back together)
+            nan, inf = (int(c) for c in torch.stack([torch.isnan(x).sum(), torch.isinf(x).sum()]).tolist())
+            vals = x[torch.isfinite(x)] if (nan or inf) else x
             if vals.numel() == 0:
-                return f"{head} · nan {nan} inf {inf}"
+                return f"{head}{where} · nan {nan} inf {inf}{in_sample}"
             mn, mx = torch.aminmax(vals)
-            std = vals.std().item() if vals.numel() > 1 else 0.0
-            return (f"{head} · min {mn.item():.4g} max {mx.item():.4g} mean {vals.mean().item():.4g} "
-                    f"std {std:.4g} · nan {nan} inf {inf}")
+            std = vals.std() if vals.numel() > 1 else torch.zeros((), device=vals.device)
+            mn, mx, mean, std = torch.stack([mn, mx, vals.mean(), std]).tolist()
+            return (f"{head}{where} · min {mn:.4g} max {mx:.4g} mean {mean:.4g} "
+                    f"std {std:.4g} · nan {nan} inf {inf}{in_sample}")
     except Exception as exc:  # noqa: BLE001 - a summary must never break the debugger
         return f"{type(t).__name__} (summary failed: {exc})"
 
 
+def short(t) -> str:
+    """`Tensor[2×64×64] bfloat16 cpu`: shape, dtype and device only (no computation)."""
+    try:
+        return f"{type(t).__name__}[{'×'.join(str(s) for s in t.shape) or 'scalar'}] " \
+               f"{str(t.dtype).removeprefix('torch.')} {t.device}"
+    except Exception:  # noqa: BLE001
+        return type(t).__name__
+
+
+def holds_tensor(v, depth: int = 2, limit: int = 64) -> bool:
+    """Whether a dict/list/tuple holds a tensor among its first `limit` items, `depth` levels deep."""
+    torch = sys.modules.get("torch")
+    if torch is None or depth < 0:
+        return False
+    items = list(v.values())[:limit] if isinstance(v, dict) else list(v[:limit]) if isinstance(v, (list, tuple)) else ()
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            return True
+        if isinstance(item, (dict, list, tuple)) and holds_tensor(item, depth - 1, limit):
+            return True
+    return False
+
+
+def container_summary(v, width: int = 400) -> str | None:
+    """`{hidden_states: Tensor[2×64×64] bfloat16 cpu, temb: Tensor[2×64] bfloat16 cpu, …}` for a dict, list or
+    tuple that holds tensors (None otherwise: the debugger shows it as usual). Shapes only, no values: each
+    tensor's statistics are one click away (the tensor's own summary)."""
+    if not isinstance(v, (dict, list, tuple)) or not holds_tensor(v):
+        return None
+
+    def one(x, depth=0):
+        torch = sys.modules["torch"]
+        if isinstance(x, torch.Tensor):
+            return short(x)
+        if isinstance(x, (dict, list, tuple)) and depth < 2 and holds_tensor(x, 1):
+            return _render(x, depth + 1)
+        r = repr(x) if not isinstance(x, (dict, list, tuple)) else f"{type(x).__name__}[{len(x)}]"
+        return r if len(r) <= 40 else r[:37] + "…"
+
+    def _render(c, depth):
+        if isinstance(c, dict):
+            parts, (op, cl) = [f"{k}: {one(x, depth)}" for k, x in list(c.items())[:16]], ("{", "}")
+        else:
+            parts = [one(x, depth) for x in c[:16]]
+            op, cl = ("[", "]") if isinstance(c, list) else ("(", ")")
+        more = f", … {len(c) - 16} more" if len(c) > 16 else ""
+        return f"{op}{', '.join(parts)}{more}{cl}"
+
+    text = _render(v, 0)
+    name = type(v).__name__
+    text = f"{name}[{len(v)}] {text}" if name in ("dict", "list", "tuple") else f"{name} {text}"
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def summarize(values: dict) -> dict[str, str]:
-    """Summaries of every tensor among `values` (one level into lists and tuples)."""
+    """Summaries of every tensor among `values` (one level into lists, tuples and dicts)."""
     import torch
 
     out = {}
@@ -135,6 +244,10 @@ def summarize(values: dict) -> dict[str, str]:
             for i, item in enumerate(v):
                 if isinstance(item, torch.Tensor):
                     out[f"{name}[{i}]"] = tensor_summary(item)
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                if isinstance(item, torch.Tensor):
+                    out[f"{name}[{k!r}]"] = tensor_summary(item)
     return out
 
 
@@ -149,18 +262,65 @@ def debugger_attached() -> bool:
         return False
 
 
-def _stop_here(where: str, module, inputs: dict, summary: dict, call, args: tuple, kwargs: dict):
-    """SD35_BREAK matched. Locals: `where`, `module`, `inputs` (named), `summary` (one line per tensor).
+class _Missing:
+    def __repr__(self) -> str:
+        return "not computed yet (the module runs on the next line)"
+
+
+NOT_YET = _Missing()
+
+
+def _stop_here(where: str, module, inputs: dict, summary: dict, call, args: tuple, kwargs: dict,
+               output=NOT_YET, name: str | None = None, tools=None):
+    """SD35_BREAK matched. Locals: `where`, `name` (the module's qualified name in the transformer),
+    `module`, `inputs` (named), `summary` (one line per tensor), `output` (after the module ran: nan),
+    and three tools for the Debug Console:
+      `sd35_dump()`      writes inputs (+ output) to <out>/debug/*.safetensors + .json; returns the path
+      `compare_bf16()`   this module's output with bf16 weights vs FP8: fills and returns `fp8_vs_bf16`
+      `fp8_vs_bf16`      {} until compare_bf16() runs: rel_err, cosine, bf16_output, weights (their source)
     The debugger stops on the `return` line: Step Into (F11) enters the library's own code."""
+    sd35_dump, compare_bf16, fp8_vs_bf16 = tools.bind(where, name, module, inputs, output, call, args, kwargs) \
+        if tools is not None else (None, None, {})
     if debugger_attached():
         sys.modules["debugpy"].breakpoint()
     return call(*args, **kwargs)
 
 
 @dataclass
+class _Tools:
+    """Builds the stop frame's `sd35_dump` and `compare_bf16` (see sd35.atstop)."""
+
+    harness: "Harness"
+
+    def bind(self, where, name, module, inputs, output, call, args, kwargs):
+        from . import atstop
+
+        h = self.harness
+        known = None if output is NOT_YET else output
+        result: dict = {}
+
+        def sd35_dump() -> str:
+            path = atstop.dump(h.out_dir, where, h.step(), name, inputs, known)
+            log.info("SD35_BREAK %s: tensors written to %s (+ .json)", where, path)
+            return path
+
+        def compare_bf16() -> dict:
+            if name is None:
+                result.update({"error": f"{where} is outside the transformer: it has no FP8 weights"})
+                return result
+            folder = getattr(getattr(h.pipe.transformer, "config", None), "_name_or_path", None)
+            result.clear()
+            result.update(atstop.compare_bf16(module, name, folder, call, args, kwargs, known))
+            return result
+
+        return sd35_dump, compare_bf16, result
+
+
+@dataclass
 class Harness:
     pipe: object
     breaks: list[Break]
+    out_dir: Path = Path("outputs")
     hits: list[str] = field(default_factory=list)
     _undo: list = field(default_factory=list)
 
@@ -168,7 +328,17 @@ class Harness:
         """The denoising step in progress (the scheduler's own counter; None before its first step)."""
         return self.pipe.scheduler.step_index or 0
 
-    def _wrap(self, owner, attr: str, where, matches) -> None:
+    def _fire(self, label: str, named: dict) -> dict:
+        """A match: a new stop (fresh summary cache), recorded and, without a debugger, logged."""
+        new_stop()
+        summary = summarize(named)
+        self.hits.append(label)
+        if not debugger_attached():
+            log.info("SD35_BREAK %s matched (no debugger attached, continuing): %s", label,
+                     "; ".join(f"{k}={v}" for k, v in summary.items()) or "no tensor inputs")
+        return summary
+
+    def _wrap(self, owner, attr: str, where, matches, name: str | None = None) -> None:
         """Replace `owner.attr` (a bound method or a callable object) by a wrapper that calls
         `_stop_here` when `matches()` is true, and the original otherwise."""
         original = getattr(owner, attr)
@@ -177,18 +347,13 @@ class Harness:
             params = list(inspect.signature(original).parameters)
         except (TypeError, ValueError):
             params = []
-        harness = self
+        harness, tools = self, _Tools(self)
 
         def fire(args, kwargs):
             label = where()
             named = dict(zip(params, args))
             named.update(kwargs)
-            summary = summarize(named)
-            harness.hits.append(label)
-            if not debugger_attached():
-                log.info("SD35_BREAK %s matched (no debugger attached, continuing): %s", label,
-                         "; ".join(f"{k}={v}" for k, v in summary.items()) or "no tensor inputs")
-            return label, named, summary
+            return label, named, harness._fire(label, named)
 
         if attr == "processor":  # an attention processor object: see hooks.ProcessorProxy
             from .hooks import proxy_processor
@@ -196,7 +361,8 @@ class Harness:
             def intercept(processor, call_args, kwargs):
                 if matches():
                     label, named, summary = fire(call_args, kwargs)
-                    return _stop_here(label, call_args[0], named, summary, processor, call_args, kwargs)
+                    return _stop_here(label, call_args[0], named, summary, processor, call_args, kwargs,
+                                      name=name, tools=tools)
                 return processor(*call_args, **kwargs)
 
             self._undo.append(proxy_processor(owner, intercept))
@@ -205,7 +371,7 @@ class Harness:
         def wrapper(*args, **kwargs):
             if matches():
                 label, named, summary = fire(args, kwargs)
-                return _stop_here(label, owner, named, summary, original, args, kwargs)
+                return _stop_here(label, owner, named, summary, original, args, kwargs, name=name, tools=tools)
             return original(*args, **kwargs)
 
         setattr(owner, attr, wrapper)
@@ -221,17 +387,91 @@ class Harness:
 
         self._undo.append(undo)
 
+    def watch_nan(self, from_step: int) -> None:
+        """SD35_BREAK=nan[@STEP]: a forward hook on every module of the transformer checks that its output
+        is finite, from `from_step` on. PyTorch runs a module's forward hooks when its forward returns, so
+        inner modules report before the modules that contain them: the first non-finite output seen is the
+        innermost module where it appeared. It fires once per run (the NaN then spreads everywhere)."""
+        import torch
+
+        transformer = self.pipe.transformer
+        harness, tools, state = self, _Tools(self), {"fired": False}
+
+        def non_finite(value) -> bool:
+            if isinstance(value, torch.Tensor):
+                return value.is_floating_point() and not bool(torch.isfinite(value).all())
+            if isinstance(value, (tuple, list)):
+                return any(non_finite(v) for v in value)
+            if isinstance(value, dict):
+                return any(non_finite(v) for v in value.values())
+            return False
+
+        def hook_for(qualname: str, module):
+            try:
+                params = list(inspect.signature(module.forward).parameters)
+            except (TypeError, ValueError):
+                params = []
+
+            def hook(mod, args, kwargs, output):
+                if state["fired"] or harness.step() < from_step or not non_finite(output):
+                    return None
+                state["fired"] = True
+                step = harness.step()
+                label = f"nan@{step}"
+                shown = qualname or "transformer"
+                named = dict(zip(params, args))
+                named.update(kwargs)
+                new_stop()
+                summary = summarize(named)
+                out = summarize({"output": output})
+                harness.hits.append(f"{label} {shown}")
+                upstream = non_finite(args) or non_finite(kwargs)
+                if not debugger_attached():
+                    log.warning("SD35_BREAK nan: first non-finite output at %s (%s), step %d: %s; inputs: %s%s "
+                                "(no debugger attached, continuing)", shown, type(mod).__name__, step,
+                                "; ".join(f"{k}={v}" for k, v in out.items()),
+                                "; ".join(f"{k}={v}" for k, v in summary.items()) or "no tensor inputs",
+                                " — its inputs already hold NaN/Inf: the cause is earlier (a step before "
+                                f"{step}? watch from an earlier step)" if upstream else "")
+                    return None
+                summary.update(out)
+                # Step Into re-runs the module's forward on the same inputs: watch the NaN appear.
+                return _stop_here(f"{label} {shown}", mod, named, summary, mod.forward, args, kwargs,
+                                  output=output, name=qualname, tools=tools)
+
+            return hook
+
+        for qualname, module in transformer.named_modules():
+            if watched(module):
+                handle = module.register_forward_hook(hook_for(qualname, module), with_kwargs=True)
+                self._undo.append(handle.remove)
+
+    def watched_modules(self) -> list[str]:
+        return [n for n, m in self.pipe.transformer.named_modules() if watched(m)]
+
     def disarm(self) -> None:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
 
 
-def arm(pipe, breaks: list[Break]) -> Harness | None:
-    """Wrap exactly the modules `breaks` name. Returns None (and wraps nothing) for no breaks."""
+def watched(module) -> bool:
+    """Modules the NaN watch checks: blocks, attention, norms, linears, embedders — every module with weights
+    or a norm — not parameterless pass-throughs (Dropout, SiLU, GELU's activation, containers), which cannot
+    turn finite inputs into NaN/Inf and would only add a check per call."""
+    import torch
+
+    if isinstance(module, torch.nn.ModuleList):  # never called itself
+        return False
+    return "Norm" in type(module).__name__ or any(True for _ in module.parameters())
+
+
+def arm(pipe, breaks: list[Break], out_dir: Path | str | None = None) -> Harness | None:
+    """Wrap exactly the modules `breaks` name. Returns None (and wraps nothing) for no breaks.
+    `out_dir` is where `sd35_dump()` writes (SD35_OUTPUT_DIR; default ./outputs)."""
     if not breaks:
         return None
-    h = Harness(pipe, breaks)
+    h = Harness(pipe, breaks, Path(out_dir) if out_dir else Path("outputs"))
     by_target: dict[tuple, list[Break]] = {}
     for b in breaks:
         by_target.setdefault((b.target, b.index), []).append(b)
@@ -246,15 +486,19 @@ def arm(pipe, breaks: list[Break]) -> Harness | None:
             return name if name == "vae.decode" else f"{name}@{h.step()}"
 
         if target == "transformer":
-            h._wrap(pipe.transformer, "forward", where, at_step)
+            h._wrap(pipe.transformer, "forward", where, at_step, name="")
         elif target == "block":
-            h._wrap(pipe.transformer.transformer_blocks[index], "forward", where, at_step)
+            h._wrap(pipe.transformer.transformer_blocks[index], "forward", where, at_step,
+                    name=f"transformer_blocks.{index}")
         elif target == "attn":
-            h._wrap(pipe.transformer.transformer_blocks[index].attn, "processor", where, at_step)
+            h._wrap(pipe.transformer.transformer_blocks[index].attn, "processor", where, at_step,
+                    name=f"transformer_blocks.{index}.attn")
         elif target == "scheduler":
             h._wrap(pipe.scheduler, "step", where, at_step)
         elif target == "vae.decode":
             h._wrap(pipe.vae, "decode", where, lambda: True)
+        elif target == "nan":
+            h.watch_nan(min(steps))
     log.info("SD35_BREAK armed: %s", ", ".join(str(b) for b in breaks))
     return h
 

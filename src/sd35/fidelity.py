@@ -129,3 +129,35 @@ def compare(reference: Runtime, candidate: Runtime, request: gen.GenerationReque
                                 torch.as_tensor(_array(b), dtype=torch.float64))
     report.psnr_db, report.ssim = psnr(a, b), ssim(a, b)
     return report
+
+
+def per_block(settings, *, prompt: str, seed: int, steps: int | None = None, step: int | None = None) -> dict:
+    """`sd35 fidelity --per-block`: load the model in bf16 and in the candidate precision (settings.precision),
+    run the same request through both, and report each block's error at one step (default: the middle one).
+    Returns the JSON document: {"model", "device", "reference", "candidate", "step", "steps", "seed",
+    "blocks": [{block, image_rel_err, image_cosine, text_rel_err, text_cosine}, …], "image": {…}}."""
+    from .errors import InputError
+    from .runtime import precheck
+
+    if settings.precision == "bf16":
+        raise InputError("--precision bf16 would compare bf16 with itself.",
+                         "pass --precision fp8-weight (any device) or fp8 (SM >= 8.9), or leave it on auto.",
+                         param="precision")
+    request = precheck(settings, prompt=prompt, steps=steps, seed=str(seed))
+    step = request.steps // 2 if step is None else step
+    if not 0 <= step < request.steps:
+        raise InputError(f"--step {step}: the run has steps 0…{request.steps - 1}.",
+                         f"pick a step below {request.steps}.", param="step")
+    t5 = settings.t5 if settings.t5 != "auto" else "bf16"
+    candidate = Runtime.load(settings.model_copy(update={"t5": t5}), breaks=[])
+    if candidate.loaded.plan.transformer == "bf16":
+        raise InputError(f"precision {settings.precision} resolved to bf16 on {candidate.device}: nothing to compare.",
+                         "pass --precision fp8-weight.", param="precision")
+    reference = Runtime.load(settings.model_copy(update={"precision": "bf16", "t5": t5}), breaks=[])
+    request = candidate.check(prompt=prompt, steps=steps, seed=request.seed)
+    report = compare(reference, candidate, request, step=step)
+    return {"model": settings.model, "device": candidate.device, "reference": report.reference,
+            "candidate": report.candidate, "step": step, "steps": request.steps, "seed": request.seed,
+            "blocks": report.rows(),
+            "image": {"rel_err": report.image_rel_err, "ssim": report.ssim,
+                      "psnr_db": None if report.psnr_db == float("inf") else report.psnr_db}}  # JSON has no inf

@@ -43,15 +43,16 @@ class Runtime:
     """A loaded pipeline, the facts about its model (`info`) and the armed breakpoints."""
 
     def __init__(self, loaded: LoadedPipeline, breaks: list[debug.Break] | None = None,
-                 compile_plan: compilation.CompilePlan | None = None):
+                 compile_plan: compilation.CompilePlan | None = None, out_dir: Path | str | None = None):
         self.loaded = loaded
+        self.out_dir = out_dir  # where `sd35_dump()` at a breakpoint writes
         # Defaults and limits from the loaded folder's own configs (a Turbo folder gets Turbo's steps).
         self.info: models.ModelInfo = models.describe_folder(loaded.source.path, loaded.source.requested)
         self.breaks = list(breaks or [])
         self.harness = None
         if self.breaks:
             debug.validate(self.breaks, loaded.pipe)
-            self.harness = debug.arm(loaded.pipe, self.breaks)
+            self.harness = debug.arm(loaded.pipe, self.breaks, out_dir)
         log.info("model family %s (%s); defaults %s", self.info.family, self.info.family_reason,
                  self.info.sampling.as_dict())
         # torch.compile of the MMDiT (compiles at the first generation; the service's is its warm-up).
@@ -66,7 +67,7 @@ class Runtime:
         breaks = debug.parse(settings.breaks) if breaks is None else breaks
         loaded = load_pipeline(settings)
         plan = compilation.resolve(settings, device=loaded.device, purpose=purpose)
-        return cls(loaded, breaks, plan)
+        return cls(loaded, breaks, plan, settings.output_dir)
 
     # --- facts ----------------------------------------------------------------------------------------
 
@@ -137,7 +138,7 @@ class Runtime:
             return result
         finally:
             if self.harness is not None:
-                self.harness = debug.arm(self.pipe, self.breaks)
+                self.harness = debug.arm(self.pipe, self.breaks, self.out_dir)
 
     # --- 3. save / encode -----------------------------------------------------------------------------
 
