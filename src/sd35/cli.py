@@ -122,7 +122,8 @@ def generate(
     from . import generate as gen
     from .load import load
 
-    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote)
+    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote,
+                 allow_listen=settings.debugpy_allow_listen)
     loaded = load(settings)
     debug.validate(break_list, loaded.pipe, request.steps)
     debug.arm(loaded.pipe, break_list)
@@ -159,7 +160,8 @@ def serve(
     from . import debug
 
     debug.parse(settings.breaks)
-    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote)
+    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote,
+                 allow_listen=settings.debugpy_allow_listen)
     raise typer.Exit(run_server(settings))
 
 

@@ -75,9 +75,12 @@ class Settings(BaseSettings):
     # --- debugging (docs/debugging.md) ---
     breaks: str = Field(default="", validation_alias=AliasChoices("SD35_BREAK", "breaks"),
                         description="Stop inside diffusers at TARGET@STEP, e.g. block.12@5,scheduler@5.")
-    debugpy: str | None = Field(default=None, description="HOST:PORT for debugpy.listen before the model loads.")
+    debugpy: str | None = Field(default=None, description="[connect:|listen:]HOST:PORT: connect to VS Code's "
+                                "listening debugger before the model loads (listen: opt-in only).")
     debugpy_wait: bool = Field(default=False, description="Wait for the debugger client before loading.")
     debugpy_allow_remote: bool = Field(default=False, description="Allow debugpy on a non-loopback address.")
+    debugpy_allow_listen: bool = Field(default=False, description="Allow SD35_DEBUGPY=listen:… (a port any local "
+                                       "account can drive).")
 
     # --- the service (`sd35 serve`) ---
     host: str = Field(default="127.0.0.1", description="Address the API binds; non-loopback needs an API key.")
