@@ -168,35 +168,37 @@ def serve(
 @app.command()
 @handle_errors
 def lab(
-    port: Optional[int] = typer.Option(None, "--port", help="[SD35_LAB_PORT, default 8888]"),
+    port: Optional[int] = typer.Option(None, "--port", help="TCP port (--tcp), or the laptop port in the printed "
+                                       "ssh -L line [SD35_LAB_PORT, default 8888]"),
     root: Optional[Path] = typer.Option(None, "--root", help="folder JupyterLab opens (default: this workspace)"),
+    tcp: Optional[bool] = typer.Option(None, "--tcp", help="listen on 127.0.0.1:PORT instead of a private Unix "
+                                       "socket (any local account can reach it) [SD35_LAB_TCP]"),
 ) -> None:
-    """JupyterLab on 127.0.0.1 with a token, rooted at the workspace, kernel = this environment."""
+    """JupyterLab on a private Unix socket (0600) by default, rooted at the workspace, kernel = this environment."""
     import os
-    import secrets
 
-    from .net import port_free
+    from . import lab as lab_plan
     from .workspace import find_root
 
-    settings = _settings(lab_port=port)
+    settings = _settings(lab_port=port, lab_tcp=tcp)
     root = (root or find_root()).expanduser().resolve()
     if not root.is_dir():
         raise InputError(f"--root {root} is not a folder.", "pass the workspace's path.")
-    if not port_free(settings.lab_port):
-        raise InputError(f"port {settings.lab_port} on 127.0.0.1 is in use.", "pass --port or set SD35_LAB_PORT.")
-    token = settings.lab_token or secrets.token_urlsafe(24)
-    err.print(f"JupyterLab: http://127.0.0.1:{settings.lab_port}/lab?token={token}\n"
-              f"  root {root}; kernel {sys.executable}\n"
-              f"  from a laptop: ssh -L {settings.lab_port}:127.0.0.1:{settings.lab_port} HOST", highlight=False)
-    args = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={settings.lab_port}",
-            "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
-            "--KernelSpecManager.ensure_native_kernel=True"]
-    if os.geteuid() == 0:  # JupyterLab refuses root unless told; containers and CI often are root
-        err.print("warning: running JupyterLab as root (it still listens on 127.0.0.1 only)", highlight=False)
-        args.append("--allow-root")
+    interactive = sys.stderr.isatty()
+    plan = lab_plan.plan(settings, root, tcp=settings.lab_tcp, interactive=interactive)
+    where = f"socket {plan.socket} (mode 0600)" if plan.socket else f"http://127.0.0.1:{settings.lab_port}"
+    err.print(f"JupyterLab on {where}; root {root}; kernel {sys.executable}", highlight=False)
+    err.print(f"  from a laptop: {plan.tunnel}   (or your ~/.ssh/config alias for this host)", highlight=False)
+    if interactive:
+        err.print(f"  then open: {plan.url}", highlight=False)
+    else:  # a log, not a person: never the token itself
+        err.print(f"  then open http://127.0.0.1:{settings.lab_port}/lab?token=… with the token in {plan.token_file} "
+                  "(mode 0600)", highlight=False)
+    for note in plan.notes:
+        err.print(f"warning: {note}", highlight=False)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, args)  # JupyterLab takes over the process (signals, exit code)
+    os.execve(sys.executable, plan.args, plan.env)  # JupyterLab takes over the process (signals, exit code)
 
 
 @app.command()

@@ -331,7 +331,7 @@ def check_fits(ctx: Context) -> Check:
 
 def _token(ctx: Context) -> str | None:
     if ctx.settings and ctx.settings.hf_token:
-        return ctx.settings.hf_token
+        return ctx.settings.hf_token.get_secret_value()
     try:
         from huggingface_hub import get_token
 
