@@ -148,7 +148,8 @@ def serve(
     port: Optional[int] = typer.Option(None, "--port", help="[SD35_PORT, default 8000]"),
     model: Optional[str] = typer.Option(None, "--model", help="[SD35_MODEL]"),
     precision: Optional[str] = typer.Option(None, "--precision", help="[SD35_PRECISION]"),
-    allow_no_key: Optional[bool] = typer.Option(None, "--allow-no-key", help="allow a non-loopback bind without SD35_API_KEY"),
+    allow_no_key: Optional[bool] = typer.Option(None, "--allow-no-key", help="serve without any API key even on a "
+                                                "non-loopback bind or a host other accounts log in to [SD35_ALLOW_NO_KEY]"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the OpenAI-compatible image API (one process per GPU; the model is loaded once)."""
@@ -199,6 +200,41 @@ def lab(
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, plan.args, plan.env)  # JupyterLab takes over the process (signals, exit code)
+
+
+keys_app = typer.Typer(help="Per-user API keys for `sd35 serve` (hashed in SD35_API_KEYS_FILE).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("add")
+@handle_errors
+def keys_add(
+    name: str = typer.Argument(..., help="who the key is for (their login): it names them in the access log"),
+    file: Optional[Path] = typer.Option(None, "--file", help="[SD35_API_KEYS_FILE, default /etc/sd35/api-keys]"),
+) -> None:
+    """Create a key for NAME: append its salted hash to the keys file and print the key once."""
+    from . import apikeys
+
+    settings = _settings()
+    path = file or settings.api_keys_file or apikeys.DEFAULT_FILE
+    key = apikeys.add(Path(path), name)
+    err.print(f"added {name!r} to {path}; the key is shown once, below (the file keeps only its hash). Restart the "
+              "service to load it.", highlight=False)
+    print(key)
+
+
+@keys_app.command("list")
+@handle_errors
+def keys_list(file: Optional[Path] = typer.Option(None, "--file", help="[SD35_API_KEYS_FILE]")) -> None:
+    """The names in the keys file (never a key)."""
+    from . import apikeys
+
+    settings = _settings()
+    path = Path(file or settings.api_keys_file or apikeys.DEFAULT_FILE)
+    if not path.exists():
+        raise InputError(f"{path} does not exist.", "create it with `sd35 keys add NAME`.")
+    for entry in apikeys.read(path):
+        print(entry.name)
 
 
 @app.command()

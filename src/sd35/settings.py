@@ -87,7 +87,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     api_key: SecretStr | None = Field(default=None, description="Bearer token every endpoint but /healthz requires "
                                       "(the key named \"default\" in the access log).")
-    allow_no_key: bool = Field(default=False, description="Explicitly allow a non-loopback bind without a key.")
+    api_keys_file: Path | None = Field(default=None, description="Per-user keys (NAME:scrypt-hash lines, "
+                                       "`sd35 keys add NAME`); default /etc/sd35/api-keys when it exists.")
+    allow_no_key: bool = Field(default=False, description="Explicitly allow serving without a key on a non-loopback "
+                               "bind or a host other accounts can log in to.")
     queue_size: int = Field(default=4, ge=1, le=1024, description="Requests waiting for the GPU before 429.")
     request_timeout: float = Field(default=300.0, gt=0, description="Seconds before a request gets 504.")
     shutdown_grace: float = Field(default=60.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
@@ -135,6 +138,11 @@ class Settings(BaseSettings):
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         return value.strip() or None if isinstance(value, str) else value
+
+    @field_validator("api_keys_file", "lab_socket", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("debugpy")
     @classmethod
