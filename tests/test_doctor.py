@@ -167,3 +167,41 @@ def test_disk_against_model_size(monkeypatch, free, status):
     monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: usage(free * 2, free, free))
     c = by_name(doctor.run(ctx_for(model="large")), "disk")
     assert c.status == status and "needs ≈ 28 GB" in c.finding
+
+
+def test_listeners_flags_a_listening_debuggee_and_a_keyless_api(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from sd35 import listeners
+
+    if listeners.tcp_listeners() is None:
+        pytest.skip("no /proc/net/tcp on this system")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dbg = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        api = s.getsockname()[1]
+    debuggee = subprocess.Popen([sys.executable, "-c", f"import debugpy, time; debugpy.listen(('127.0.0.1', {dbg})); "
+                                 "print('up', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    keyless = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(api),
+                                "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "models").write_text("{}")  # GET /v1/models -> 200 without a key
+    try:
+        assert debuggee.stdout.readline().strip() == "up"
+        deadline = time.time() + 30
+        while listeners.owner("127.0.0.1", api) is None and time.time() < deadline:
+            time.sleep(0.1)
+        c = by_name(doctor.run(ctx_for(port=api)), "listeners")
+    finally:
+        debuggee.kill()
+        keyless.kill()
+        debuggee.wait()
+        keyless.wait()
+    assert c.status in ("fail", "warn")  # warn only where no other account can log in
+    assert f"127.0.0.1:{dbg}" in c.finding and "can attach and run code as you" in c.finding
+    assert f"127.0.0.1:{api}" in c.finding and "answers without a key" in c.finding
+    assert "SD35_DEBUGPY=127.0.0.1:PORT" in c.fix and "sd35 keys add" in c.fix
