@@ -305,6 +305,9 @@ def test_attach_to_running_service_and_hit_a_breakpoint_during_a_request(tmp_pat
         tid, frames = dap.stopped()
         assert frames[0]["source"]["path"] == path and frames[0]["line"] == line
         assert any(f["name"] == "_process" for f in frames)  # inside the service's GPU worker
+        # a breakpoint stops every thread, the HTTP loop too (docs/debugging.md says so): /healthz is silent
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{api}/healthz", timeout=3)
         dap.request("setBreakpoints", {"source": {"path": path}, "breakpoints": []})
         dap.request("continue", {"threadId": tid})
         t.join(timeout=120)
