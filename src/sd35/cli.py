@@ -282,7 +282,8 @@ def cache_init(
               "cache: HF_HOME (with the token) stays per user.", highlight=False)
     for line in r.env_lines:
         print(line)
-    print("umask 0002  # in each user's ~/.profile (systemd units: UMask=0002)")
+    print("umask 0002  # without default ACLs, for every session: pam_umask + UMASK 002 in /etc/login.defs "
+          "(~/.profile does not reach VS Code; docs/remote-ssh.md); systemd units: UMask=0002")
 
 
 @cache_app.command("prefetch")
