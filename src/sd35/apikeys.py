@@ -101,8 +101,9 @@ def read(path: Path) -> list[Entry]:
     return entries
 
 
-def add(path: Path, name: str) -> str:
-    """Append a new key for `name`; returns the key (shown once, never stored)."""
+def add(path: Path, name: str, group: str | None = None) -> str:
+    """Append a new key for `name`; returns the key (shown once, never stored). A new file is created
+    0640, owned by `group` when given (the service's group, so the service can read it)."""
     if not NAME.match(name) or name == "default":
         raise InputError(f"key name {name!r} is not allowed.", "use letters, digits, . _ @ - (not 'default', which "
                          "names SD35_API_KEY), e.g. the person's login.", param="name")
@@ -113,8 +114,18 @@ def add(path: Path, name: str) -> str:
                              f"remove its line to revoke it first, or pick another name.", param="name")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
+        gid = -1
+        if group:
+            import grp
+
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise InputError(f"no group {group!r} on this machine.", "pass the service's group, e.g. "
+                                 "--group sd35.", param="group") from None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         os.close(fd)
+        os.chown(path, -1, gid)
         os.chmod(path, 0o640)
     key = "sd35-" + secrets.token_urlsafe(32)
     with open(path, "a") as f:
@@ -175,7 +186,8 @@ def load(settings) -> KeyRing:
                 raise InputError(f"cannot read {path} as this account.", f"give the service's group read access: "
                                  f"chown root:GROUP {path}; chmod 0640 {path}.", param="api_keys_file") from None
             # The team's file belongs to the team's service; a developer's own `sd35 serve` uses its own key.
-            logging.getLogger(__name__).info("%s is not readable by this account: not using it", path)
+            logging.getLogger(__name__).warning("%s is not readable by this account: not using it (the team "
+                                                "service's group needs read access: chgrp sd35 %s)", path, path)
     elif settings.api_keys_file:
         raise InputError(f"SD35_API_KEYS_FILE={path} does not exist.", "create it with `sd35 keys add NAME "
                          f"--file {path}`, or unset SD35_API_KEYS_FILE.", param="api_keys_file")

@@ -211,13 +211,15 @@ app.add_typer(keys_app, name="keys")
 def keys_add(
     name: str = typer.Argument(..., help="who the key is for (their login): it names them in the access log"),
     file: Optional[Path] = typer.Option(None, "--file", help="[SD35_API_KEYS_FILE, default /etc/sd35/api-keys]"),
+    group: Optional[str] = typer.Option(None, "--group", help="group of a new keys file: the service's (sd35), "
+                                        "so it can read it"),
 ) -> None:
     """Create a key for NAME: append its salted hash to the keys file and print the key once."""
     from . import apikeys
 
     settings = _settings()
     path = file or settings.api_keys_file or apikeys.DEFAULT_FILE
-    key = apikeys.add(Path(path), name)
+    key = apikeys.add(Path(path), name, group)
     err.print(f"added {name!r} to {path}; the key is shown once, below (the file keeps only its hash). Restart the "
               "service to load it.", highlight=False)
     print(key)
