@@ -111,7 +111,7 @@ def add(path: Path, name: str, group: str | None = None) -> str:
         _check_mode(path, for_writing=True)
         if any(e.name == name for e in read(path)):
             raise InputError(f"{path} already has a key named {name!r}.",
-                             f"remove its line to revoke it first, or pick another name.", param="name")
+                             "remove its line to revoke it first, or pick another name.", param="name")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         gid = -1
