@@ -50,6 +50,19 @@ def test_keys_file_hashes_checks_and_refuses_loose_modes(tmp_path):
         apikeys.read(path)
 
 
+def test_keys_cli_prints_the_key_once_and_lists_names(tmp_path):
+    from helpers import run_cli
+
+    keys = tmp_path / "api-keys"
+    r = run_cli("keys", "add", "bob", "--file", str(keys))
+    assert r.returncode == 0 and r.stdout.strip().startswith("sd35-") and r.stdout.strip() not in keys.read_text()
+    assert "shown once" in r.stderr
+    r = run_cli("keys", "list", "--file", str(keys))
+    assert r.returncode == 0 and r.stdout.split() == ["bob"]
+    r = run_cli("keys", "add", "default", "--file", str(keys))
+    assert r.returncode == 2 and "not allowed" in r.stderr and "fix:" in r.stderr
+
+
 def test_secrets_are_masked_everywhere_settings_are_shown():
     from sd35.settings import Settings
 

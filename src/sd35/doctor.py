@@ -545,8 +545,9 @@ def check_listeners(ctx: Context) -> Check:
     lab_port = ctx.settings.lab_port if ctx.settings else 8888
     bad: list[tuple[str, str, str]] = []  # (status, finding, fix)
     checked = 0
+    procs = listeners.processes_by_inode()
     for x in listeners.ours():
-        proc = listeners.process_of(x.inode)
+        proc = procs.get(x.inode)
         pid, cmd = proc if proc else (None, "")
         who = f"{x} (pid {pid}: {cmd[:80]})" if pid else str(x)
         reach = "every account on this machine" if x.local_only else "every account and the network"

@@ -104,24 +104,22 @@ def socket_inodes_of(pid: int) -> set[int]:
     return inodes
 
 
-def process_of(inode: int, uid: int | None = None) -> tuple[int, str] | None:
-    """(pid, command line) of our process holding this socket, if we can see it."""
+def processes_by_inode(uid: int | None = None) -> dict[int, tuple[int, str]]:
+    """socket inode -> (pid, command line) for every process of ours (one pass over /proc)."""
     uid = os.getuid() if uid is None else uid
+    found: dict[int, tuple[int, str]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             if entry.stat().st_uid != uid:
                 continue
+            cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if inode in socket_inodes_of(int(entry.name)):
-            try:
-                cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                cmd = "?"
-            return int(entry.name), cmd.strip()
-    return None
+        for inode in socket_inodes_of(int(entry.name)):
+            found.setdefault(inode, (int(entry.name), cmd.strip()))
+    return found
 
 
 def login_accounts(passwd: Path = Path("/etc/passwd")) -> list[tuple[str, int]]:
