@@ -63,7 +63,7 @@ doctor: setup ## Check this machine for every onboarding pitfall (GPU, FP8, toke
 serve: setup ## Serve the OpenAI-compatible image API on 127.0.0.1:8000 (settings from .env)
 	$(BIN)/sd35 serve $(ARGS)
 
-lab: setup ## JupyterLab on 127.0.0.1:8888 with a token, rooted at the workspace
+lab: setup ## JupyterLab on a private Unix socket (prints the ssh -L line; ARGS=--tcp for 127.0.0.1:8888)
 	$(BIN)/sd35 lab $(ARGS)
 
 bench-memory: setup ## Weight bytes per precision mode for SD3.5 Medium and Large (ARCH=medium|large)

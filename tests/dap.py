@@ -174,11 +174,15 @@ class DapClient:
                                            "pathFormat": "path", "linesStartAt1": True, "columnsStartAt1": True,
                                            "supportsVariableType": True, "supportsRunInTerminalRequest": False})
 
-    def start(self, request: str, config: dict, breakpoints: dict[str, list[int]] | None = None) -> list[dict]:
+    def start(self, request: str, config: dict, breakpoints: dict[str, list[int]] | None = None,
+              after_request=None) -> list[dict]:
         """launch/attach, answer `initialized` with breakpoints + configurationDone; returns the adapter's
-        answer for each breakpoint (verified or not, with its message)."""
+        answer for each breakpoint (verified or not, with its message). `after_request` runs once the
+        launch/attach request is sent (an attach with "listen" waits for the debuggee to connect: start it there)."""
         self.initialize()
         seq = self.send(request, config)
+        if after_request is not None:
+            after_request()
         self.wait_event("initialized", timeout=120)
         answers = []
         for path, lines in (breakpoints or {}).items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -39,7 +40,9 @@ def test_launch_json_targets_and_attributes():
             assert c["env"]["TORCHDYNAMO_DISABLE"] == "1", c["name"]
         if c["request"] == "launch" and c.get("module") == "sd35":
             assert c["envFile"] == "${workspaceFolder}/.env"
-    assert configs["Attach: running service"]["connect"] == {"host": "127.0.0.1", "port": 5678}
+    # Attach targets listen (VS Code waits, the process connects out): no debuggee port for other accounts.
+    for name in ("Attach: running service", "Attach: service in container"):
+        assert configs[name]["listen"] == {"host": "127.0.0.1", "port": 5678} and "connect" not in configs[name]
     assert configs["Attach: service in container"]["pathMappings"]
     assert configs["Pytest: debug this test"]["purpose"] == ["debug-test"]
     assert "--reload" not in json.dumps(configs["Serve: debug the service"])
@@ -121,16 +124,36 @@ def test_tensor_summary_never_prints_values_and_handles_fp8():
 
 
 def test_debugpy_address_policy():
+    from sd35 import attach
+
+    assert attach.parse("127.0.0.1:5678") == ("connect", "127.0.0.1", 5678)  # plain HOST:PORT connects out
+    assert attach.parse("connect:[::1]:5679") == ("connect", "::1", 5679)
+    assert attach.parse("listen:127.0.0.1:5678") == ("listen", "127.0.0.1", 5678)
     with pytest.raises(InputError, match="non-loopback"):
         debug.listen("0.0.0.0:5678")
+    with pytest.raises(InputError, match="non-loopback"):
+        debug.listen("listen:0.0.0.0:5678", allow_listen=True)
     with pytest.raises(InputError, match="HOST:PORT"):
         debug.listen("localhost")
+    # listening only on explicit opt-in
+    with pytest.raises(InputError, match="SD35_DEBUGPY_ALLOW_LISTEN=1"):
+        debug.listen("listen:127.0.0.1:5678")
     assert debug.listen(None) is None
 
 
+def test_debugpy_connect_refuses_a_port_nobody_of_ours_listens_on():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: nobody there
+        with pytest.raises(InputError, match="no debugger is listening"):
+            debug.listen(f"127.0.0.1:{port}")
+
+
 def test_cli_refuses_remote_debugpy(tmp_path):
-    r = run_cli("generate", "--out", str(tmp_path / "o"), env={"SD35_DEBUGPY": "0.0.0.0:5678"})
-    assert r.returncode == 2 and "executes code for anyone" in r.stderr and "ssh -L 5678" in r.stderr
+    r = run_cli("generate", "--out", str(tmp_path / "o"), env={"SD35_DEBUGPY": "listen:0.0.0.0:5678"})
+    assert r.returncode == 2 and "executes code for anyone" in r.stderr and "SD35_DEBUGPY_ALLOW_REMOTE" in r.stderr
+    r = run_cli("generate", "--out", str(tmp_path / "o"), env={"SD35_DEBUGPY": "listen:127.0.0.1:5678"})
+    assert r.returncode == 2 and "SD35_DEBUGPY_ALLOW_LISTEN=1" in r.stderr and not (tmp_path / "o").exists()
 
 
 # --- over DAP ----------------------------------------------------------------------------------------------
@@ -242,11 +265,25 @@ def test_attach_to_running_service_and_hit_a_breakpoint_during_a_request(tmp_pat
     import subprocess
 
     api, dbg = _free_port(), _free_port()
-    env = {**os.environ, "SD35_DEBUGPY": f"127.0.0.1:{dbg}", "SD35_DEVICE": "cpu", "TORCHDYNAMO_DISABLE": "1"}
+    # SD35_WARMUP=0: attached from the start, the warm-up generation would stop at the breakpoint first.
+    env = {**os.environ, "SD35_DEBUGPY": f"127.0.0.1:{dbg}", "SD35_DEVICE": "cpu", "TORCHDYNAMO_DISABLE": "1",
+           "SD35_WARMUP": "0", "SD35_ALLOW_NO_KEY": "1"}
     exe = Path(sys.executable).with_name("sd35")
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(api)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    procs = []
+
+    def start_service():
+        # VS Code's adapter listens first (the attach request with "listen"); the service then connects out.
+        wait_listening(dbg)
+        procs.append(subprocess.Popen([str(exe), "serve", "--port", str(api)], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+
+    dap = DapClient(log_dir=tmp_path / "debugpy-logs")
     try:
+        config = launch_config("Attach: running service")
+        config["listen"]["port"] = dbg
+        path, line = _sd3_forward_line()
+        assert dap.start("attach", config, {path: [line]}, after_request=start_service)[0]["verified"] is True
+        proc = procs[0]
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -254,12 +291,6 @@ def test_attach_to_running_service_and_hit_a_breakpoint_during_a_request(tmp_pat
                     break
             except OSError:
                 time.sleep(0.2)
-        config = launch_config("Attach: running service")
-        config["connect"]["port"] = dbg
-        path, line = _sd3_forward_line()
-        # VS Code connects straight to the adapter that debugpy.listen started inside the service
-        dap = DapClient(connect=(config["connect"]["host"], dbg))
-        assert dap.start("attach", config, {path: [line]})[0]["verified"] is True
         result = {}
 
         def request():
@@ -274,18 +305,38 @@ def test_attach_to_running_service_and_hit_a_breakpoint_during_a_request(tmp_pat
         tid, frames = dap.stopped()
         assert frames[0]["source"]["path"] == path and frames[0]["line"] == line
         assert any(f["name"] == "_process" for f in frames)  # inside the service's GPU worker
+        # a breakpoint stops every thread, the HTTP loop too (docs/debugging.md says so): /healthz is silent
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{api}/healthz", timeout=3)
         dap.request("setBreakpoints", {"source": {"path": path}, "breakpoints": []})
         dap.request("continue", {"threadId": tid})
         t.join(timeout=120)
         assert result.get("status") == 200
-        dap.close()
+        dap.request("disconnect", {"terminateDebuggee": False})  # VS Code's "Disconnect" on an attach
+        dap.debuggee_pid = None  # so that close() does not kill it
+        time.sleep(1)
+        os.killpg(dap.proc.pid, signal.SIGKILL)  # VS Code closed: the adapter (and its listener) go away
+        dap.proc.wait(timeout=30)
+        time.sleep(1)
         assert proc.poll() is None  # detaching leaves the service running
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except Exception:  # noqa: BLE001
-            proc.kill()
+        dap.close()
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except Exception:  # noqa: BLE001
+                proc.kill()
+
+
+def wait_listening(port: int, timeout: float = 60) -> None:
+    """Until something of ours listens on 127.0.0.1:port (read from /proc/net/tcp: connecting would count)."""
+    from sd35 import listeners
+
+    deadline = time.time() + timeout
+    while listeners.owner("127.0.0.1", port) != os.getuid():
+        assert time.time() < deadline, f"nothing listens on 127.0.0.1:{port}"
+        time.sleep(0.1)
 
 
 # --- issue 17: summaries of nested tensors, NaN watch, dump, bf16 comparison ----------------------------------

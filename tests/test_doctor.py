@@ -274,3 +274,41 @@ def test_arch_rules_and_driver_parsing():
     assert driver_cuda_from_header(header) == (13, 0) and driver_cuda_from_header("garbage") is None
     assert driver_cuda_from_version("575.57.08") == (12, 0) and driver_cuda_from_version("580.65.06") == (13, 0)
     assert driver_cuda_from_version("") is None and wheel_tag("12.6.3") == "cu126" and wheel_tag("13.0") == "cu130"
+
+
+def test_listeners_flags_a_listening_debuggee_and_a_keyless_api(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from sd35 import listeners
+
+    if listeners.tcp_listeners() is None:
+        pytest.skip("no /proc/net/tcp on this system")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dbg = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        api = s.getsockname()[1]
+    debuggee = subprocess.Popen([sys.executable, "-c", f"import debugpy, time; debugpy.listen(('127.0.0.1', {dbg})); "
+                                 "print('up', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    keyless = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(api),
+                                "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "models").write_text("{}")  # GET /v1/models -> 200 without a key
+    try:
+        assert debuggee.stdout.readline().strip() == "up"
+        deadline = time.time() + 30
+        while listeners.owner("127.0.0.1", api) is None and time.time() < deadline:
+            time.sleep(0.1)
+        c = by_name(doctor.run(ctx_for(port=api)), "listeners")
+    finally:
+        debuggee.kill()
+        keyless.kill()
+        debuggee.wait()
+        keyless.wait()
+    assert c.status in ("fail", "warn")  # warn only where no other account can log in
+    assert f"127.0.0.1:{dbg}" in c.finding and "can attach and run code as you" in c.finding
+    assert f"127.0.0.1:{api}" in c.finding and "answers without a key" in c.finding
+    assert "SD35_DEBUGPY=127.0.0.1:PORT" in c.fix and "sd35 keys add" in c.fix

@@ -1,5 +1,5 @@
 """The notebooks run top to bottom on the tiny model (nbclient, the project's own kernel), are committed
-without outputs, and JupyterLab serves them on loopback with a token."""
+without outputs, and JupyterLab serves them on a private Unix socket (TCP loopback only when asked)."""
 
 from __future__ import annotations
 
@@ -74,15 +74,116 @@ def _status(url: str) -> int:
         return e.code
 
 
+class UnixHTTPConnection(__import__("http.client").client.HTTPConnection):
+    """http.client over a Unix socket (what `ssh -L 8888:/path/lab.sock` forwards to)."""
+
+    def __init__(self, path: str):
+        super().__init__("localhost", timeout=5)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(self.path)
+
+
+def unix_get(sock: Path | str, url: str) -> tuple[int, bytes]:
+    conn = UnixHTTPConnection(str(sock))
+    try:
+        conn.request("GET", url)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def cmdlines() -> list[str]:
+    """Every process's command line, as any account reads them (`ps`)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                out.append((p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+    return out
+
+
+def lab_env(tmp_path: Path, token: str | None = "test-token-123") -> dict:
+    rt = tmp_path / "xdg-runtime"
+    rt.mkdir(mode=0o700, exist_ok=True)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(rt), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"), "JUPYTER_DATA_DIR": str(tmp_path / "data")}
+    env.pop("SD35_LAB_SOCKET", None)
+    if token:
+        env["SD35_LAB_TOKEN"] = token
+    return env
+
+
+def wait_lab_socket(sock: Path, token: str, proc, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if unix_get(sock, f"/api/status?token={token}")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"JupyterLab did not answer on {sock}")
+
+
+def stop(proc) -> str:
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out or ""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_lab_listens_on_a_private_socket_and_keeps_the_token_off_argv_and_logs(tmp_path):
+    exe = Path(sys.executable).with_name("sd35")
+    env = lab_env(tmp_path, token=None)  # a random token: only the 0600 token file has it
+    proc = subprocess.Popen([str(exe), "lab"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    sock = Path(env["XDG_RUNTIME_DIR"]) / "sd35-lab.sock"
+    token_file = sock.with_name("sd35-lab.token")
+    try:
+        deadline = time.time() + 60
+        while not token_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        token = token_file.read_text().strip()
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        wait_lab_socket(sock, token, proc)
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        assert unix_get(sock, "/api/status")[0] == 403
+        assert unix_get(sock, "/api/status?token=wrong")[0] == 403
+        status, body = unix_get(sock, f"/api/contents/notebooks?token={token}")  # rooted at the workspace
+        assert status == 200 and {c["name"] for c in json.loads(body)["content"]} >= {p.name for p in NOTEBOOKS}
+        assert not any(token in c for c in cmdlines())  # not in anyone's `ps`
+        # no TCP listener of JupyterLab's
+        from sd35 import listeners
+
+        mine = {x.inode for x in listeners.ours()}
+        assert not (mine & listeners.socket_inodes_of(proc.pid))
+    finally:
+        out = stop(proc)
+    assert f"ssh -N -L 8888:{sock} " in out  # the tunnel line for the laptop
+    assert token not in out  # stderr is not a terminal here (a journal): the log names the file instead
+    assert str(token_file) in out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_lab_serves_on_loopback_with_a_token(tmp_path):
+def test_lab_tcp_only_when_asked(tmp_path):
     port = _free_port()
     exe = Path(sys.executable).with_name("sd35")
-    env = {**os.environ, "SD35_LAB_TOKEN": "test-token-123", "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"), "JUPYTER_DATA_DIR": str(tmp_path / "data")}
-    proc = subprocess.Popen([str(exe), "lab", "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([str(exe), "lab", "--tcp", "--port", str(port)], cwd=ROOT, env=lab_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
@@ -94,21 +195,14 @@ def test_lab_serves_on_loopback_with_a_token(tmp_path):
                 time.sleep(0.5)
         assert _status(f"{base}/api/status?token=test-token-123") == 200
         assert _status(f"{base}/api/status") == 403
-        assert _status(f"{base}/api/status?token=wrong") == 403
-        # rooted at the workspace: the notebooks are listed
-        with urllib.request.urlopen(f"{base}/api/contents/notebooks?token=test-token-123", timeout=5) as r:
-            listing = json.loads(r.read())
-        assert {c["name"] for c in listing["content"]} >= {p.name for p in NOTEBOOKS}
+        assert not any("test-token-123" in c for c in cmdlines())
         # and only on loopback
         ss = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
         if ss.returncode == 0 and ss.stdout.strip():
             assert all(re.search(r"(127\.0\.0\.1|\[::1\]):", line) for line in ss.stdout.strip().splitlines()), ss.stdout
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        out = stop(proc)
+    assert "every account on this machine can reach the port" in out
 
 
 def test_lab_unit_template(tmp_path):
@@ -116,6 +210,10 @@ def test_lab_unit_template(tmp_path):
 
     text = (ROOT / "systemd" / "jupyterlab@.service").read_text()
     assert "User=%i" in text and "sd35 lab" in text
+    settings = [ln for ln in text.split("[Service]")[1].splitlines() if not ln.startswith("#")]
+    assert not any("%h" in ln for ln in settings)  # %h is the manager's home (/root), not %i's
+    assert "ReadWritePaths=/home/%i" in text and "HF_TOKEN" in text.split("UnsetEnvironment=")[1].splitlines()[0]
+    assert "SD35_LAB_SOCKET=/run/sd35-lab-%i/" in text and "RuntimeDirectoryMode=0700" in text
     assert "IPAddressDeny=any" in text and "IPAddressAllow=localhost" in text  # loopback only, enforced
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze not installed (.ci/run installs it)")

@@ -280,7 +280,7 @@ def test_refuses_busy_port():
         s.bind(("127.0.0.1", 0))
         s.listen()
         r = subprocess.run(sd35_cmd() + ["serve", "--port", str(s.getsockname()[1])], capture_output=True, text=True,
-                           timeout=60)
+                           timeout=60, env={**os.environ, "SD35_ALLOW_NO_KEY": "1"})
     assert r.returncode == 2 and "cannot listen" in r.stderr and "--port" in r.stderr
 
 
@@ -304,7 +304,7 @@ def test_sigterm_drains_in_flight_request_and_notifies_systemd(tmp_path, tiny_ca
     collector.start()
     port = free_port()
     env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000", "SD35_SHUTDOWN_GRACE": "60",
-           "SD35_CACHE_DIR": str(tiny_cache), "SD35_DEVICE": "cpu"}
+           "SD35_CACHE_DIR": str(tiny_cache), "SD35_DEVICE": "cpu", "SD35_ALLOW_NO_KEY": "1"}
     proc = subprocess.Popen(sd35_cmd() + ["serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

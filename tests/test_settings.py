@@ -23,12 +23,12 @@ def test_defaults(monkeypatch):
 def test_precedence_flag_over_env_over_dotenv_over_default(tmp_path, monkeypatch):
     Path(".env").write_text("SD35_PRECISION=bf16\nSD35_T5=off\nSD35_STEPS_TYPO=1\nHF_TOKEN=from-dotenv\n")
     s = load_settings()
-    assert s.precision == "bf16" and s.t5 == "off" and s.hf_token == "from-dotenv"  # .env over default
+    assert s.precision == "bf16" and s.t5 == "off" and s.hf_token.get_secret_value() == "from-dotenv"  # .env over default
 
     monkeypatch.setenv("SD35_PRECISION", "fp8-weight")
     monkeypatch.setenv("HF_TOKEN", "from-env")
     s = load_settings()
-    assert s.precision == "fp8-weight" and s.hf_token == "from-env"  # environment over .env
+    assert s.precision == "fp8-weight" and s.hf_token.get_secret_value() == "from-env"  # environment over .env
     assert s.t5 == "off"  # untouched keys still come from .env
 
     s = load_settings(precision="bf16", t5=None)

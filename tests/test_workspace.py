@@ -192,7 +192,7 @@ def test_devcontainer_properties():
     assert any("${localEnv:SD35_HF_CACHE:/srv/cache/huggingface}" in m and "target=/cache/huggingface" in m
                for m in dc["mounts"])
     assert dc["remoteUser"] == "sd35" and dc["updateRemoteUserUID"] is True
-    assert set(dc["forwardPorts"]) == {8000, 8888, 5678}
+    assert set(dc["forwardPorts"]) == {8000, 8888}  # no debugpy port: it connects out
     assert all(dc["portsAttributes"][str(p)]["label"] for p in dc["forwardPorts"])
     exts = dc["customizations"]["vscode"]["extensions"]
     assert {"ms-python.python", "ms-python.debugpy", "ms-toolsai.jupyter"} <= set(exts)

@@ -145,7 +145,13 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
     env = {**os.environ, "SD35_MODEL": settings.model, "SD35_PRECISION": settings.precision, "SD35_T5": settings.t5,
            "SD35_DEVICE": settings.device, "SD35_CACHE_DIR": str(settings.cache_dir),
            "SD35_QUEUE_SIZE": str(queue_size), "SD35_HOST": "127.0.0.1", "SD35_PORT": str(port)}
-    env.pop("SD35_API_KEY", None)
+    # A one-off key: the service refuses to run keyless where other accounts can log in (and auth is part of
+    # the overhead being measured).
+    import secrets as _secrets
+
+    key = _secrets.token_urlsafe(24)
+    env["SD35_API_KEY"] = key
+    auth = {"Authorization": f"Bearer {key}"}
     proc = subprocess.Popen([sys.executable, "-m", "sd35", "serve"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -155,7 +161,7 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
         body = _json.dumps({"prompt": prompt, "size": f"{size}x{size}", "steps": steps, "seed": seed,
                             "guidance_scale": 4.5}).encode()
         r = urllib.request.Request(url + "/v1/images/generations", data=body,
-                                   headers={"Content-Type": "application/json"})
+                                   headers={"Content-Type": "application/json", **auth})
         t = time.perf_counter()
         try:
             with urllib.request.urlopen(r, timeout=600) as resp:
@@ -172,7 +178,7 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
             if proc.poll() is not None:
                 raise RuntimeError(f"sd35 serve exited: {proc.stderr.read()[-2000:]}")
             try:
-                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                with urllib.request.urlopen(urllib.request.Request(url + "/readyz", headers=auth), timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:

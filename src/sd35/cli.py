@@ -121,7 +121,8 @@ def generate(
     # Bad input is refused before the model loads (and nothing is written).
     break_list = debug.parse(settings.breaks)
     draft = precheck(settings, **fields)
-    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote)
+    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote,
+                 allow_listen=settings.debugpy_allow_listen)
     rt = Runtime.load(settings, breaks=break_list)
     request = rt.check(**{**fields, "seed": draft.seed})
 
@@ -152,7 +153,8 @@ def serve(
     precision: Optional[str] = typer.Option(None, "--precision", help="[SD35_PRECISION]"),
     compile_mode: Optional[str] = typer.Option(None, "--compile", help="off | blocks | full | auto (blocks on "
                                                "CUDA, compiled during warm-up) [SD35_COMPILE]"),
-    allow_no_key: Optional[bool] = typer.Option(None, "--allow-no-key", help="allow a non-loopback bind without SD35_API_KEY"),
+    allow_no_key: Optional[bool] = typer.Option(None, "--allow-no-key", help="serve without any API key even on a "
+                                                "non-loopback bind or a host other accounts log in to [SD35_ALLOW_NO_KEY]"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the OpenAI-compatible image API (one process per GPU; the model is loaded once)."""
@@ -165,42 +167,82 @@ def serve(
     from . import debug
 
     debug.parse(settings.breaks)
-    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote)
+    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote,
+                 allow_listen=settings.debugpy_allow_listen)
     raise typer.Exit(run_server(settings))
 
 
 @app.command()
 @handle_errors
 def lab(
-    port: Optional[int] = typer.Option(None, "--port", help="[SD35_LAB_PORT, default 8888]"),
+    port: Optional[int] = typer.Option(None, "--port", help="TCP port (--tcp), or the laptop port in the printed "
+                                       "ssh -L line [SD35_LAB_PORT, default 8888]"),
     root: Optional[Path] = typer.Option(None, "--root", help="folder JupyterLab opens (default: this workspace)"),
+    tcp: Optional[bool] = typer.Option(None, "--tcp", help="listen on 127.0.0.1:PORT instead of a private Unix "
+                                       "socket (any local account can reach it) [SD35_LAB_TCP]"),
 ) -> None:
-    """JupyterLab on 127.0.0.1 with a token, rooted at the workspace, kernel = this environment."""
+    """JupyterLab on a private Unix socket (0600) by default, rooted at the workspace, kernel = this environment."""
     import os
-    import secrets
 
-    from .net import port_free
+    from . import lab as lab_plan
     from .workspace import find_root
 
-    settings = _settings(lab_port=port)
+    settings = _settings(lab_port=port, lab_tcp=tcp)
     root = (root or find_root()).expanduser().resolve()
     if not root.is_dir():
         raise InputError(f"--root {root} is not a folder.", "pass the workspace's path.")
-    if not port_free(settings.lab_port):
-        raise InputError(f"port {settings.lab_port} on 127.0.0.1 is in use.", "pass --port or set SD35_LAB_PORT.")
-    token = settings.lab_token or secrets.token_urlsafe(24)
-    err.print(f"JupyterLab: http://127.0.0.1:{settings.lab_port}/lab?token={token}\n"
-              f"  root {root}; kernel {sys.executable}\n"
-              f"  from a laptop: ssh -L {settings.lab_port}:127.0.0.1:{settings.lab_port} HOST", highlight=False)
-    args = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={settings.lab_port}",
-            "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
-            "--KernelSpecManager.ensure_native_kernel=True"]
-    if os.geteuid() == 0:  # JupyterLab refuses root unless told; containers and CI often are root
-        err.print("warning: running JupyterLab as root (it still listens on 127.0.0.1 only)", highlight=False)
-        args.append("--allow-root")
+    interactive = sys.stderr.isatty()
+    plan = lab_plan.plan(settings, root, tcp=settings.lab_tcp, interactive=interactive)
+    where = f"socket {plan.socket} (mode 0600)" if plan.socket else f"http://127.0.0.1:{settings.lab_port}"
+    err.print(f"JupyterLab on {where}; root {root}; kernel {sys.executable}", highlight=False)
+    err.print(f"  from a laptop: {plan.tunnel}   (or your ~/.ssh/config alias for this host)", highlight=False)
+    if interactive:
+        err.print(f"  then open: {plan.url}", highlight=False)
+    else:  # a log, not a person: never the token itself
+        err.print(f"  then open http://127.0.0.1:{settings.lab_port}/lab?token=… with the token in {plan.token_file} "
+                  "(mode 0600)", highlight=False)
+    for note in plan.notes:
+        err.print(f"warning: {note}", highlight=False)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, args)  # JupyterLab takes over the process (signals, exit code)
+    os.execve(sys.executable, plan.args, plan.env)  # JupyterLab takes over the process (signals, exit code)
+
+
+keys_app = typer.Typer(help="Per-user API keys for `sd35 serve` (hashed in SD35_API_KEYS_FILE).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("add")
+@handle_errors
+def keys_add(
+    name: str = typer.Argument(..., help="who the key is for (their login): it names them in the access log"),
+    file: Optional[Path] = typer.Option(None, "--file", help="[SD35_API_KEYS_FILE, default /etc/sd35/api-keys]"),
+    group: Optional[str] = typer.Option(None, "--group", help="group of a new keys file: the service's (sd35), "
+                                        "so it can read it"),
+) -> None:
+    """Create a key for NAME: append its salted hash to the keys file and print the key once."""
+    from . import apikeys
+
+    settings = _settings()
+    path = file or settings.api_keys_file or apikeys.DEFAULT_FILE
+    key = apikeys.add(Path(path), name, group)
+    err.print(f"added {name!r} to {path}; the key is shown once, below (the file keeps only its hash). Restart the "
+              "service to load it.", highlight=False)
+    print(key)
+
+
+@keys_app.command("list")
+@handle_errors
+def keys_list(file: Optional[Path] = typer.Option(None, "--file", help="[SD35_API_KEYS_FILE]")) -> None:
+    """The names in the keys file (never a key)."""
+    from . import apikeys
+
+    settings = _settings()
+    path = Path(file or settings.api_keys_file or apikeys.DEFAULT_FILE)
+    if not path.exists():
+        raise InputError(f"{path} does not exist.", "create it with `sd35 keys add NAME`.")
+    for entry in apikeys.read(path):
+        print(entry.name)
 
 
 @app.command()
@@ -248,7 +290,8 @@ def cache_init(
               "cache: HF_HOME (with the token) stays per user.", highlight=False)
     for line in r.env_lines:
         print(line)
-    print("umask 0002  # in each user's ~/.profile (systemd units: UMask=0002)")
+    print("umask 0002  # without default ACLs, for every session: pam_umask + UMASK 002 in /etc/login.defs "
+          "(~/.profile does not reach VS Code; docs/remote-ssh.md); systemd units: UMask=0002")
 
 
 @cache_app.command("prefetch")

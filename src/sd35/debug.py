@@ -503,33 +503,12 @@ def arm(pipe, breaks: list[Break], out_dir: Path | str | None = None) -> Harness
     return h
 
 
-# --- debugpy.listen for SD35_DEBUGPY ---------------------------------------------------------------------
+# --- SD35_DEBUGPY: attach VS Code to a running process (sd35/attach.py) -------------------------------------
 
-def listen(address: str | None, *, wait: bool = False, allow_remote: bool = False) -> tuple[str, int] | None:
-    """`debugpy.listen` on SD35_DEBUGPY=HOST:PORT before the model loads (attach with VS Code)."""
-    if not address:
-        return None
-    host, _, port = address.strip().rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit():
-        raise InputError(f"SD35_DEBUGPY={address!r} is not HOST:PORT.", "use e.g. SD35_DEBUGPY=127.0.0.1:5678.",
-                         param="debugpy")
-    from .net import is_loopback
+def listen(address: str | None, *, wait: bool = False, allow_remote: bool = False,
+           allow_listen: bool = False) -> tuple[str, int] | None:
+    """SD35_DEBUGPY before the model loads: connect out to VS Code's listening debugger (the default), or
+    listen on explicit opt-in. The policy is in `sd35.attach`."""
+    from .attach import start
 
-    if not is_loopback(host):
-        if not allow_remote:
-            raise InputError(
-                f"SD35_DEBUGPY={address}: debugpy would listen on a non-loopback address, and that port executes "
-                "code for anyone who reaches it.",
-                "listen on 127.0.0.1 and tunnel: `ssh -L 5678:127.0.0.1:5678 HOST`; in a container whose port is "
-                "published on the host's loopback only, set SD35_DEBUGPY_ALLOW_REMOTE=1.", param="debugpy")
-        log.warning("debugpy listens on %s:%s: anyone who can reach it can run code as this user", host, port)
-    try:
-        import debugpy
-    except ImportError:
-        raise InputError("SD35_DEBUGPY is set but debugpy is not installed.", "run `make setup`.") from None
-    endpoint = debugpy.listen((host, int(port)))
-    log.info("debugpy listening on %s:%s%s", endpoint[0], endpoint[1], "; waiting for a client" if wait else "")
-    if wait:
-        debugpy.wait_for_client()
-    return endpoint
+    return start(address, wait=wait, allow_remote=allow_remote, allow_listen=allow_listen)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import ModelError
 from .models import MODELS, expand_alias, lookup
-from .settings import Settings
+from .settings import Settings, secret
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def download(repo_id: str, settings: Settings, *, with_t5: bool = True, progress
 
     cache = Path(settings.hf_hub_cache).expanduser()
     patterns = allow_patterns(with_t5)
-    kw = dict(cache_dir=cache, token=settings.hf_token, endpoint=settings.hf_endpoint)
+    kw = dict(cache_dir=cache, token=secret(settings.hf_token), endpoint=settings.hf_endpoint)
     offline = settings.hf_hub_offline or huggingface_hub.constants.HF_HUB_OFFLINE
     try:
         if offline:
@@ -330,7 +330,7 @@ def download(repo_id: str, settings: Settings, *, with_t5: bool = True, progress
             )
         else:
             # 1. Which commit, and may we read it? (401/403/gated surface here, before any download.)
-            api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token)
+            api = HfApi(endpoint=settings.hf_endpoint, token=secret(settings.hf_token))
             info = api.model_info(repo_id, revision=settings.revision)
             commit = info.sha
             # 2. Is there room for what is not cached yet?

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Precision = Literal["auto", "bf16", "fp8-weight", "fp8"]
@@ -80,15 +80,22 @@ class Settings(BaseSettings):
     # --- debugging (docs/debugging.md) ---
     breaks: str = Field(default="", validation_alias=AliasChoices("SD35_BREAK", "breaks"),
                         description="Stop inside diffusers at TARGET@STEP, e.g. block.12@5,scheduler@5.")
-    debugpy: str | None = Field(default=None, description="HOST:PORT for debugpy.listen before the model loads.")
+    debugpy: str | None = Field(default=None, description="[connect:|listen:]HOST:PORT: connect to VS Code's "
+                                "listening debugger before the model loads (listen: opt-in only).")
     debugpy_wait: bool = Field(default=False, description="Wait for the debugger client before loading.")
     debugpy_allow_remote: bool = Field(default=False, description="Allow debugpy on a non-loopback address.")
+    debugpy_allow_listen: bool = Field(default=False, description="Allow SD35_DEBUGPY=listen:… (a port any local "
+                                       "account can drive).")
 
     # --- the service (`sd35 serve`) ---
     host: str = Field(default="127.0.0.1", description="Address the API binds; non-loopback needs an API key.")
     port: int = Field(default=8000, ge=1, le=65535)
-    api_key: str | None = Field(default=None, description="Bearer token every endpoint but /healthz requires.")
-    allow_no_key: bool = Field(default=False, description="Explicitly allow a non-loopback bind without a key.")
+    api_key: SecretStr | None = Field(default=None, description="Bearer token every endpoint but /healthz requires "
+                                      "(the key named \"default\" in the access log).")
+    api_keys_file: Path | None = Field(default=None, description="Per-user keys (NAME:scrypt-hash lines, "
+                                       "`sd35 keys add NAME`); default /etc/sd35/api-keys when it exists.")
+    allow_no_key: bool = Field(default=False, description="Explicitly allow serving without a key on a non-loopback "
+                               "bind or a host other accounts can log in to.")
     queue_size: int = Field(default=4, ge=1, le=1024, description="Requests waiting for the GPU before 429.")
     request_timeout: float = Field(default=300.0, gt=0, description="Seconds before a request gets 504.")
     shutdown_grace: float = Field(default=60.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
@@ -101,14 +108,18 @@ class Settings(BaseSettings):
                                 "take before systemd is no longer asked to wait.")
 
     # --- JupyterLab (`sd35 lab`, `make lab`) ---
-    lab_port: int = Field(default=8888, ge=1, le=65535, description="JupyterLab's port on 127.0.0.1.")
-    lab_token: str | None = Field(default=None, description="JupyterLab's token; a random one is printed if unset.")
+    lab_port: int = Field(default=8888, ge=1, le=65535, description="JupyterLab's TCP port (SD35_LAB_TCP=1), "
+                          "else the laptop port in the printed ssh -L line.")
+    lab_token: SecretStr | None = Field(default=None, description="JupyterLab's token; random if unset.")
+    lab_tcp: bool = Field(default=False, description="Listen on 127.0.0.1:SD35_LAB_PORT instead of a Unix socket.")
+    lab_socket: Path | None = Field(default=None, description="JupyterLab's Unix socket (default: "
+                                    "$XDG_RUNTIME_DIR/sd35-lab.sock, else /tmp/sd35-UID/sd35-lab.sock).")
 
     hf_hub_cache: Path = Field(
         default_factory=lambda: Path(_default_hub_cache()),
         validation_alias=AliasChoices("HF_HUB_CACHE", "hf_hub_cache"),
     )
-    hf_token: str | None = Field(default=None, validation_alias=AliasChoices("HF_TOKEN", "hf_token"))
+    hf_token: SecretStr | None = Field(default=None, validation_alias=AliasChoices("HF_TOKEN", "hf_token"))
     hf_hub_offline: bool = Field(
         default=False, validation_alias=AliasChoices("HF_HUB_OFFLINE", "hf_hub_offline")
     )
@@ -124,12 +135,21 @@ class Settings(BaseSettings):
             return v
         raise ValueError(f"unknown device {value!r}: use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
 
-    @field_validator("hf_token")
+    @field_validator("hf_token", "api_key", "lab_token", mode="before")
     @classmethod
-    def _empty_token_is_none(cls, value: str | None) -> str | None:
-        return value.strip() or None if value is not None else None
+    def _empty_secret_is_none(cls, value):
+        # Secrets are SecretStr: repr, logs, model_dump and the debugger's Variables pane show '**********';
+        # readers that really need the value call .get_secret_value().
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        return value.strip() or None if isinstance(value, str) else value
 
-    @field_validator("api_key", "debugpy", "lab_token")
+    @field_validator("api_keys_file", "lab_socket", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("debugpy")
     @classmethod
     def _empty_key_is_none(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
@@ -138,6 +158,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
+
+
+def secret(value: SecretStr | None) -> str | None:
+    """The plain value of a secret setting, for the one call that needs it (a header, a Hub request)."""
+    return value.get_secret_value() if value is not None else None
 
 
 def find_env_file() -> str:

@@ -8,7 +8,6 @@ Validation problems become 400 naming the field; anything unexpected becomes a 5
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -27,6 +26,7 @@ from .routes import error, router
 from .worker import Worker
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("sd35.access")  # one line per request: who, what, how long
 OPEN_PATHS = {"/healthz"}  # everything else needs the API key when one is set
 JSON_BODY_PATHS = {"/v1/images/generations"}
 KNOWN_PATHS = {"/v1/images/generations", "/v1/models", "/healthz", "/readyz", "/metrics"}
@@ -46,14 +46,19 @@ def _watchdog(worker: Worker, stop: threading.Event) -> None:
 
 
 class GuardMiddleware:
-    """Request ids, API-key auth, the JSON content-type check, 500s with an id, and request metrics.
+    """Request ids, API-key auth, the JSON content-type check, 500s with an id, request metrics and the
+    access log (`sd35.access`: key name, status, size × n × steps, queue wait, duration — the generation
+    route leaves its part in `request.state.access`).
 
     A plain ASGI middleware (not `@app.middleware("http")`, whose task-group plumbing costs about a
     millisecond per request): it answers refused requests itself and passes the rest through untouched.
     """
 
-    def __init__(self, app, settings: Settings, metrics: Metrics):
+    def __init__(self, app, settings: Settings, metrics: Metrics, keys=None):
+        from ..apikeys import KeyRing
+
         self.app, self.settings, self.metrics = app, settings, metrics
+        self.keys = keys if keys is not None else KeyRing([], None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -70,13 +75,22 @@ class GuardMiddleware:
                                                   (b"x-request-id", request_id.encode("latin-1"))]}
             await send(message)
 
-        refused = None
-        key = self.settings.api_key
-        if key and path not in OPEN_PATHS:
+        started = time.monotonic()
+        refused, who = None, "-"
+        if self.keys and path not in OPEN_PATHS:
             scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-                refused = error(401, "missing or wrong API key: send `Authorization: Bearer <SD35_API_KEY>`",
-                                "invalid_request_error", None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            token = token.strip() if scheme.lower() == "bearer" else ""
+            known, name = self.keys.cached(token) if token else (True, None)
+            if not known:  # first sight of this token: scrypt per key entry, off the event loop
+                import anyio
+
+                name = await anyio.to_thread.run_sync(self.keys.identify, token)
+            if name is None:
+                refused = error(401, "missing or wrong API key: send `Authorization: Bearer <your key>` (ask the "
+                                "admin for one: `sd35 keys add NAME`)", "invalid_request_error", None,
+                                "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            else:
+                who = name
         if refused is None and method == "POST" and path in JSON_BODY_PATHS:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
@@ -96,6 +110,11 @@ class GuardMiddleware:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or (path if path in KNOWN_PATHS else "unmatched")
             self.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
+            job = (scope.get("state") or {}).get("access") or {}
+            what = (f" size={job['size']} n={job['n']} steps={job['steps']}" if "size" in job else "") + (
+                f" queue_wait={job['queue_wait']:.3f}s" if "queue_wait" in job else "")
+            access_log.info("key=%s status=%s %s %s%s duration=%.3fs id=%s", who, status["code"], method, path,
+                            what, time.monotonic() - started, request_id)
 
 
 def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
@@ -120,7 +139,10 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
     app.state.started = int(time.time())
     app.include_router(router)
 
-    app.add_middleware(GuardMiddleware, settings=settings, metrics=app.state.metrics)
+    from ..apikeys import load as load_keys
+
+    app.state.keys = load_keys(settings)
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=app.state.metrics, keys=app.state.keys)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

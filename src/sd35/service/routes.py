@@ -90,6 +90,7 @@ async def create_image(body: ImageGenerationRequest, request: Request):
     if isinstance(checked, JSONResponse):
         return checked
     req, size = checked
+    request.state.access = access = {"size": size, "n": body.n, "steps": req.steps}  # for the access log
     started = time.monotonic()
     try:
         job = worker.submit(req, body.n, settings.request_timeout)
@@ -109,6 +110,7 @@ async def create_image(body: ImageGenerationRequest, request: Request):
     except OutOfMemory:
         return error(503, "the GPU ran out of memory for this request; memory was released — retry, or ask for "
                      "fewer pixels or a smaller n", "server_error", None, "out_of_memory", headers={"Retry-After": "1"})
+    access["queue_wait"] = max(0.0, time.monotonic() - started - sum(result.timings.values()))
     images = await run_in_threadpool(lambda: [base64.b64encode(Runtime.encode(im)).decode() for im in result.images])
     state.metrics.images.inc(len(images))
     state.metrics.latency.observe(time.monotonic() - started)

@@ -25,14 +25,34 @@ log = logging.getLogger(__name__)
 
 def preflight(settings: Settings) -> None:
     """Everything that can be refused before binding a port or loading a model."""
-    if not is_loopback(settings.host) and not settings.api_key and not settings.allow_no_key:
-        raise InputError(
-            f"refusing to serve on {settings.host}:{settings.port} without an API key: anyone who can reach that "
-            "address could use the GPU.",
-            "set SD35_API_KEY (clients send `Authorization: Bearer <key>`), bind 127.0.0.1 and use an SSH tunnel, "
-            "or pass --allow-no-key (SD35_ALLOW_NO_KEY=1) if a proxy in front does authentication.",
-            param="host",
-        )
+    from .. import apikeys
+    from ..listeners import other_login_accounts
+
+    keys = apikeys.load(settings)  # a broken keys file fails here, before anything binds
+    if not keys and not settings.allow_no_key:
+        if not is_loopback(settings.host):
+            raise InputError(
+                f"refusing to serve on {settings.host}:{settings.port} without an API key: anyone who can reach that "
+                "address could use the GPU.",
+                "create per-user keys (`sd35 keys add NAME`, SD35_API_KEYS_FILE) or set SD35_API_KEY (clients send "
+                "`Authorization: Bearer <key>`), bind 127.0.0.1 and use an SSH tunnel, or pass --allow-no-key "
+                "(SD35_ALLOW_NO_KEY=1) if a proxy in front does authentication.",
+                param="host",
+            )
+        others = other_login_accounts()
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise InputError(
+                f"refusing to serve without an API key: other accounts can log in to this machine ({shown}), and "
+                f"127.0.0.1:{settings.port} is open to each of them — they could use the GPU and the access log "
+                "could not say who.",
+                "create per-user keys: `sudo /opt/sd35-workspace/.venv/bin/sd35 keys add NAME` (appends to "
+                "/etc/sd35/api-keys, SD35_API_KEYS_FILE) — or for yourself alone, SD35_API_KEY=<a long random "
+                "string> in .env; or accept it with --allow-no-key (SD35_ALLOW_NO_KEY=1).",
+                param="api_key",
+            )
+    if keys:
+        log.info("API keys: %s", ", ".join(keys.names()))
     hw = hardware.detect(settings.device)
     precision.resolve(settings.precision, settings.t5, hw)
     if not hw.is_cuda and settings.model != "tiny":
@@ -68,8 +88,9 @@ def serve(settings: Settings) -> int:
         server.should_exit = True
 
     app.state.worker.on_failed = on_failed
-    if not is_loopback(settings.host) and not settings.api_key:
-        log.warning("serving on %s without an API key (--allow-no-key)", settings.host)
+    if settings.allow_no_key and not app.state.keys:
+        log.warning("serving on %s:%s without an API key (--allow-no-key): every account that reaches it can use "
+                    "the GPU", settings.host, settings.port)
     # uvicorn drains on SIGTERM/SIGINT and then re-raises the signal to the handler it found installed;
     # ours makes that a clean exit 0 (systemd counts a signal death as a failure for Restart=on-failure).
     import signal

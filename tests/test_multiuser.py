@@ -1,0 +1,388 @@
+"""A shared GPU box is a multi-user machine: acting as a second local account (created here with
+`useradd`; CI runs as root), nothing of ours lets it in — no DAP session into a process started with the
+documented attach setting, no JupyterLab and no token in any command line, no keyless generation — and its
+keyed requests appear in the access log under its name. Plus the API keys file on its own (no root needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sd35 import apikeys, listeners
+from sd35.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+OTHER = "sd35-other"
+PROBE_PYTHON = "/usr/bin/python3"  # the other account cannot enter root's pyenv/venv; the probes need stdlib only
+
+
+# --- the keys file (any account) --------------------------------------------------------------------------
+
+def test_keys_file_hashes_checks_and_refuses_loose_modes(tmp_path):
+    path = tmp_path / "api-keys"
+    key = apikeys.add(path, "alice")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    line = path.read_text().strip()
+    assert line.startswith("alice:scrypt$") and key not in line  # only the salted hash is stored
+    ring = apikeys.KeyRing(apikeys.read(path), default_key="old-single-key")
+    assert ring.identify(key) == "alice" and ring.cached(key) == (True, "alice")  # fast path after the first
+    assert ring.identify("old-single-key") == "default" and ring.identify("nope") is None
+    assert apikeys.hash_key(key) != apikeys.hash_key(key)  # salted
+    with pytest.raises(InputError, match="already has a key"):
+        apikeys.add(path, "alice")
+    path.chmod(0o644)
+    with pytest.raises(InputError, match="world-readable"):
+        apikeys.add(path, "bob")
+    path.chmod(0o662)
+    with pytest.raises(InputError, match="written by other accounts"):
+        apikeys.read(path)
+
+
+def test_keys_cli_prints_the_key_once_and_lists_names(tmp_path):
+    from helpers import run_cli
+
+    keys = tmp_path / "api-keys"
+    r = run_cli("keys", "add", "bob", "--file", str(keys))
+    assert r.returncode == 0 and r.stdout.strip().startswith("sd35-") and r.stdout.strip() not in keys.read_text()
+    assert "shown once" in r.stderr
+    r = run_cli("keys", "list", "--file", str(keys))
+    assert r.returncode == 0 and r.stdout.split() == ["bob"]
+    r = run_cli("keys", "add", "default", "--file", str(keys))
+    assert r.returncode == 2 and "not allowed" in r.stderr and "fix:" in r.stderr
+
+
+def test_secrets_are_masked_everywhere_settings_are_shown():
+    from sd35.settings import Settings
+
+    s = Settings(_env_file=None, hf_token="hf_secret123", api_key="key-secret456", lab_token="lab-secret789")
+    for shown in (repr(s), str(s), json.dumps(s.model_dump(mode="json")), str(vars(s))):
+        assert "secret123" not in shown and "secret456" not in shown and "secret789" not in shown
+    assert s.hf_token.get_secret_value() == "hf_secret123"
+
+
+# --- a second account --------------------------------------------------------------------------------------
+
+def _runs_as_other() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create a second Unix account (CI runs as root)"
+    if not shutil.which("useradd") or not shutil.which("userdel"):
+        return "useradd/userdel not installed"
+    if not os.access(PROBE_PYTHON, os.X_OK):
+        return f"{PROBE_PYTHON} (a Python the second account can run) is missing"
+    return None
+
+
+needs_other = pytest.mark.skipif(_runs_as_other() is not None, reason=_runs_as_other() or "")
+
+
+@pytest.fixture(scope="module")
+def other():
+    try:
+        pwd.getpwnam(OTHER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", OTHER], check=True)
+    pw = pwd.getpwnam(OTHER)
+    yield pw
+    subprocess.run(["userdel", "--remove", OTHER], capture_output=True)
+
+
+def as_other(pw, code: str, env: dict | None = None, timeout: float = 60) -> dict:
+    """Run a stdlib-only Python snippet as the second account; it prints one JSON object."""
+    r = subprocess.run([PROBE_PYTHON, "-c", code], user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], cwd="/",
+                       env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir, **(env or {})}, capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def base_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SD35_", "HF_"))}
+    return {**env, "SD35_CACHE_DIR": os.environ["SD35_CACHE_DIR"], "SD35_DEVICE": "cpu", "SD35_WARMUP": "0",
+            "HF_HUB_OFFLINE": "1", **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sd35(*args) -> list[str]:
+    return [str(Path(sys.executable).with_name("sd35")), *args]
+
+
+OWNER_KEY = "owner-" + os.urandom(8).hex()
+
+
+def ready(port: int) -> bool:
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/readyz", headers={"Authorization": f"Bearer {OWNER_KEY}"})
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+PROBE_CMDLINES = r"""
+import json, os
+hits = []
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        try:
+            if os.environ["SECRET"].encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                hits.append(pid)
+        except OSError:
+            pass
+print(json.dumps({"hits": hits}))
+"""
+
+PROBE_DAP = r"""
+import json, os, socket, time
+
+def session(port):
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=3)
+    except OSError:
+        return "refused"
+    buf, seq = b"", 0
+
+    def send(cmd, args):
+        nonlocal seq
+        seq += 1
+        body = json.dumps({"seq": seq, "type": "request", "command": cmd, "arguments": args}).encode()
+        s.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    def frames(deadline):
+        nonlocal buf
+        s.settimeout(0.5)
+        while time.time() < deadline:
+            while b"\r\n\r\n" in buf:
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                if not head.startswith(b"Content-Length:"):
+                    return  # not DAP (the API answers HTTP)
+                n = int(head.split(b":")[1])
+                if len(rest) < n:
+                    break
+                buf = rest[n:]
+                yield json.loads(rest[:n])
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+
+    # what VS Code sends to take over a debuggee: initialize, attach, (initialized) configurationDone
+    send("initialize", {"adapterID": "debugpy", "clientID": "vscode"})
+    send("attach", {"justMyCode": False})
+    deadline = time.time() + 15
+    for f in frames(deadline):
+        if f.get("type") == "event" and f.get("event") == "initialized":
+            send("configurationDone", {})
+        if f.get("type") == "response" and f.get("command") == "attach":
+            s.close()
+            return "dap-session" if f.get("success") else "no-dap"
+        if f.get("type") == "response" and not f.get("success"):
+            break
+    s.close()
+    return "no-dap"
+
+print(json.dumps({port: session(int(port)) for port in os.environ["PORTS"].split(",")}))
+"""
+
+
+@needs_other
+@pytest.mark.timeout(120)
+def test_debugger_refuses_a_port_the_other_account_holds(other, tmp_path):
+    """The reverse direction's trap: the other account listens first on the port our debuggee connects to."""
+    port = free_port()
+    trap = subprocess.Popen([PROBE_PYTHON, "-c", (
+        "import socket, json, sys\n"
+        f"s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', {port}))\n"
+        "s.listen(); print('ready', flush=True); s.settimeout(8); n = 0\n"
+        "try:\n    s.accept(); n = 1\nexcept OSError:\n    pass\n"
+        "print(json.dumps({'connections': n}))\n")], user=other.pw_uid, group=other.pw_gid, extra_groups=[],
+        cwd="/", stdout=subprocess.PIPE, text=True)
+    try:
+        assert trap.stdout.readline().strip() == "ready"
+        r = subprocess.run(sd35("generate", "--out", str(tmp_path / "o"), "--steps", "1"), capture_output=True,
+                           text=True, env=base_env(SD35_DEBUGPY=f"127.0.0.1:{port}"), timeout=90)
+        assert r.returncode == 2 and f"held by another account (uid {other.pw_uid})" in r.stderr, r.stderr
+        assert not (tmp_path / "o").exists()
+        assert json.loads(trap.communicate(timeout=30)[0].strip().splitlines()[-1]) == {"connections": 0}
+    finally:
+        if trap.poll() is None:
+            trap.kill()
+
+
+@needs_other
+@pytest.mark.timeout(60)
+def test_keyless_service_is_refused_on_a_multi_user_host(other):
+    r = subprocess.run(sd35("serve", "--port", str(free_port())), capture_output=True, text=True,
+                       env=base_env(SD35_API_KEYS_FILE=""), timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "other accounts can log in" in r.stderr and OTHER in r.stderr and "sd35 keys add" in r.stderr
+    assert "SD35_ALLOW_NO_KEY=1" in r.stderr and "Traceback" not in r.stderr
+
+
+@needs_other
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_other_account_against_a_keyed_service_under_the_debugger(other, tmp_path):
+    """`sd35 serve` with per-user keys, attached to "VS Code" the documented way (SD35_DEBUGPY=127.0.0.1:P,
+    the adapter listening): the other account gets no DAP session, 401 without a key, 200 with its own,
+    and the access log names it."""
+    from dap import DapClient, launch_config
+
+    keys = tmp_path / "api-keys"
+    added = subprocess.run(sd35("keys", "add", OTHER, "--file", str(keys)), capture_output=True, text=True,
+                           env=base_env())
+    assert added.returncode == 0, added.stderr
+    other_key = added.stdout.strip()
+    assert other_key.startswith("sd35-") and other_key not in keys.read_text()
+    api, dbg = free_port(), free_port()
+    log = tmp_path / "service.log"
+    procs = []
+
+    def start_service():
+        deadline = time.time() + 60
+        while listeners.owner("127.0.0.1", dbg) != os.getuid():
+            assert time.time() < deadline
+            time.sleep(0.1)
+        procs.append(subprocess.Popen(sd35("serve", "--port", str(api)), stdout=subprocess.DEVNULL,
+                                      stderr=log.open("w"), env=base_env(SD35_API_KEYS_FILE=str(keys),
+                                                                        SD35_API_KEY=OWNER_KEY,
+                                                                        SD35_DEBUGPY=f"127.0.0.1:{dbg}")))
+
+    dap = DapClient(log_dir=tmp_path / "debugpy-logs")
+    try:
+        config = launch_config("Attach: running service")
+        config["listen"]["port"] = dbg
+        dap.start("attach", config, after_request=start_service)
+        proc = procs[0]
+        deadline = time.time() + 180
+        while not ready(api):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.3)
+        # the service holds one TCP listener: the API. Nothing accepts a debugger.
+        ports = {x.port for x in listeners.ours() if x.inode in listeners.socket_inodes_of(proc.pid)}
+        assert ports == {api}, ports
+        # as the other account: DAP initialize + attach on every port the service and "VS Code's" adapter
+        # listen on (the API, the adapter's debuggee port, its own client port) -> no session
+        held = listeners.socket_inodes_of(proc.pid) | listeners.socket_inodes_of(dap.proc.pid)
+        ours = sorted({x.port for x in listeners.ours() if x.inode in held})
+        assert {api, dbg} <= set(ours), (ours, api, dbg)
+        probe = as_other(other, PROBE_DAP, {"PORTS": ",".join(map(str, ours))})
+        assert set(probe.values()) <= {"no-dap", "refused"}, probe
+        # ...HTTP: no key, a wrong key -> 401; its own key -> a generation
+        http = as_other(other, r"""
+import json, os, urllib.request, urllib.error
+def call(path, key=None, body=None):
+    h = {"Content-Type": "application/json"}
+    if key: h["Authorization"] = "Bearer " + key
+    req = urllib.request.Request("http://127.0.0.1:" + os.environ["API"] + path, headers=h,
+                                 data=json.dumps(body).encode() if body else None)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r: return r.status
+    except urllib.error.HTTPError as e: return e.code
+gen = {"prompt": "from the other account", "size": "128x128", "n": 1, "steps": 2}
+print(json.dumps({"nokey": call("/v1/images/generations", None, gen), "wrong": call("/v1/models", "sd35-wrong"),
+                  "mine": call("/v1/images/generations", os.environ["KEY"], gen)}))
+""", {"API": str(api), "KEY": other_key}, timeout=200)
+        assert http == {"nokey": 401, "wrong": 401, "mine": 200}, http
+        time.sleep(0.5)
+        text = log.read_text()
+        assert re.search(rf"key={OTHER} status=200 POST /v1/images/generations size=128x128 n=1 steps=2 "
+                         r"queue_wait=\d+\.\d+s duration=\d+\.\d+s", text), text
+        assert re.search(r"key=- status=401 POST /v1/images/generations", text), text
+        assert re.search(r"key=default status=200 GET /readyz", text), text
+        assert other_key not in text and OWNER_KEY not in text
+    finally:
+        dap.close()
+        for p in procs:
+            p.terminate()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@needs_other
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_other_account_cannot_reach_jupyterlab_or_see_its_token(other, tmp_path):
+    rt = tmp_path / "xdg"
+    rt.mkdir(mode=0o700)
+    token = "lab-token-" + os.urandom(8).hex()
+    env = base_env(XDG_RUNTIME_DIR=str(rt), SD35_LAB_TOKEN=token, JUPYTER_RUNTIME_DIR=str(tmp_path / "jrt"),
+                   JUPYTER_CONFIG_DIR=str(tmp_path / "jcfg"), JUPYTER_DATA_DIR=str(tmp_path / "jdata"))
+    proc = subprocess.Popen(sd35("lab"), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sock = rt / "sd35-lab.sock"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "JupyterLab did not start"
+            if sock.exists():
+                with socket.socket(socket.AF_UNIX) as s:
+                    try:
+                        s.connect(str(sock))
+                        break
+                    except OSError:
+                        pass
+            time.sleep(0.5)
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        # the second account: the token in nobody's command line; the socket out of reach; no TCP port of ours
+        assert as_other(other, PROBE_CMDLINES, {"SECRET": token}) == {"hits": []}
+        reach = as_other(other, r"""
+import json, os, socket
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(os.environ["SOCK"]); r = "connected"
+except OSError as e:
+    r = type(e).__name__
+print(json.dumps({"socket": r}))
+""", {"SOCK": str(sock)})
+        assert reach == {"socket": "PermissionError"}, reach
+        lab_tcp = {x.port for x in listeners.ours() if x.inode in listeners.socket_inodes_of(proc.pid)}
+        assert lab_tcp == set(), lab_tcp
+    finally:
+        proc.terminate()
+        try:
+            out = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0]
+    assert token not in out  # not a terminal: never printed to a log
+
+
+@needs_other
+@pytest.mark.timeout(120)
+def test_the_probe_does_get_into_a_listening_debuggee(other):
+    """The control for the DAP probe above, and why SD35_DEBUGPY=listen:… is opt-in only: a debuggee that
+    listens on 127.0.0.1 (the old default) gives the other account a session."""
+    port = free_port()
+    victim = subprocess.Popen([sys.executable, "-c", f"import debugpy, time; debugpy.listen(('127.0.0.1', {port})); "
+                               "print('up', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout.readline().strip() == "up"
+        assert as_other(other, PROBE_DAP, {"PORTS": str(port)}) == {str(port): "dap-session"}
+    finally:
+        victim.kill()
+        victim.wait()
