@@ -184,6 +184,11 @@ def _error_dict(exc: BaseException, settings) -> dict:
         return error_body("internal error; the server log has the details", "server_error", None, "internal_error")
 
 
+def _retrieve(future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class ClientGone(Exception):
     """The client closed the connection while its job waited or ran."""
 
@@ -191,6 +196,7 @@ class ClientGone(Exception):
 async def _wait(job, request: Request):
     """Await the job; stop it at its next step if the client disconnects or the deadline passes."""
     done = asyncio.wrap_future(job.future)
+    done.add_done_callback(_retrieve)  # a job stopped for a client that left: nobody reads its exception
     while True:
         left = job.deadline - time.monotonic()
         if left <= 0 and not done.done():

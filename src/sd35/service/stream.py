@@ -50,6 +50,7 @@ async def events(job, previews: asyncio.Queue, plan, finish, fail):
     fields = {"background": "opaque", "output_format": plan.output_format, "quality": plan.quality,
               "size": plan.size}
     done = asyncio.wrap_future(job.future)
+    done.add_done_callback(lambda f: f.cancelled() or f.exception())  # read even when the client left
     try:
         while True:
             getter = asyncio.ensure_future(previews.get())
