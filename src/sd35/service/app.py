@@ -21,7 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..settings import Settings
-from . import notify
+from . import notify, openapi
+from .images import ImageStore
+from .limits import BodyLimitMiddleware
 from .metrics import Metrics
 from .routes import error, router
 from .worker import Worker
@@ -29,7 +31,8 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 OPEN_PATHS = {"/healthz"}  # everything else needs the API key when one is set
 JSON_BODY_PATHS = {"/v1/images/generations"}
-KNOWN_PATHS = {"/v1/images/generations", "/v1/models", "/healthz", "/readyz", "/metrics"}
+KNOWN_PATHS = {"/v1/images/generations", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json",
+               "/docs"}
 
 
 def _watchdog(worker: Worker, stop: threading.Event) -> None:
@@ -107,7 +110,8 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
         worker.start()
         threading.Thread(target=_watchdog, args=(worker, stop_watchdog), name="sd35-watchdog", daemon=True).start()
         yield
-        # uvicorn has stopped accepting and drained in-flight requests (up to its graceful timeout).
+        # uvicorn has stopped accepting and waited for in-flight requests; the worker's one grace began at
+        # SIGTERM (server.py), so this only stops it at a step boundary and joins it.
         notify.notify("STOPPING=1", "STATUS=stopping")
         stop_watchdog.set()
         worker.stop(timeout=settings.shutdown_grace)
@@ -118,8 +122,13 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
     app.state.worker = worker
     app.state.metrics = Metrics(worker)
     app.state.started = int(time.time())
+    app.state.images = ImageStore(settings.image_url_ttl, settings.image_store_bytes)
     app.include_router(router)
+    app.openapi = lambda: app.openapi_schema or setattr(app, "openapi_schema", openapi.build(app)) \
+        or app.openapi_schema
 
+    # The last added runs first: the guard (auth, content type, ids, metrics), then the body limits.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(GuardMiddleware, settings=settings, metrics=app.state.metrics)
 
     @app.exception_handler(RequestValidationError)
