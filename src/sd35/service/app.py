@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..settings import Settings
-from . import notify, openapi
+from . import notify, openapi, page
 from .images import ImageStore
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics
@@ -75,7 +75,7 @@ class GuardMiddleware:
 
         refused = None
         key = self.settings.api_key
-        if key and path not in OPEN_PATHS:
+        if key and path not in OPEN_PATHS and not (method in ("GET", "HEAD") and path in page.PAGE_PATHS):
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
                 refused = error(401, "missing or wrong API key: send `Authorization: Bearer <SD35_API_KEY>`",
@@ -124,6 +124,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
     app.state.started = int(time.time())
     app.state.images = ImageStore(settings.image_url_ttl, settings.image_store_bytes)
     app.include_router(router)
+    app.include_router(page.router)  # GET /: the team's web page (its paths are open: page.PAGE_PATHS)
     app.openapi = lambda: app.openapi_schema or setattr(app, "openapi_schema", openapi.build(app)) \
         or app.openapi_schema
 

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import generate as gen
 from ..errors import InputError, Sd35Error
 from ..models import expand_alias
-from . import images, stream
+from . import images, page, stream
 from .schemas import (ErrorBody, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject, error_body,
                       has_lone_surrogate)
 from .worker import Busy, Cancelled, NotReady, OutOfMemory, ShuttingDown
@@ -348,7 +348,8 @@ async def get_model(model_id: str, request: Request):
     if model_id not in served_model_ids(settings):
         return error(404, f"model {model_id!r} is not served here; GET /v1/models lists the served model",
                      "invalid_request_error", "model", "model_not_found")
-    return {"id": model_id, "object": "model", "created": request.app.state.started, "owned_by": "sd35"}
+    return {"id": model_id, "object": "model", "created": request.app.state.started, "owned_by": "sd35",
+            "sd35": page.model_card(settings, request.app.state.worker)}
 
 
 @router.get("/healthz")

@@ -107,11 +107,29 @@ class ImagesResponse(BaseModel):
     sd35: GenerationInfo
 
 
+class ModelCard(BaseModel):
+    """sd35's extension of a model object: what a client may ask of the loaded model (GET /v1/models/{id})."""
+
+    ready: bool
+    state: str = Field(description="starting | loading | warming up | ready | failed | stopped")
+    max_pixels: int = Field(description="SD35_MAX_PIXELS: the largest width x height accepted")
+    max_steps: int = Field(description="SD35_MAX_STEPS")
+    max_n: int
+    max_partial_images: int
+    family: str | None = Field(default=None, description="The model family its configs show (once ready).")
+    size_multiple: int | None = Field(default=None, description="width and height are multiples of this")
+    min_side: int | None = None
+    max_side: int | None = Field(default=None, description="The largest side its position embedding covers")
+    sizes: list[str] | None = Field(default=None, description="Size presets within these limits, default first")
+    defaults: dict | None = Field(default=None, description="size, steps and guidance_scale when not sent")
+
+
 class ModelObject(BaseModel):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    sd35: ModelCard | None = Field(default=None, description="GET /v1/models/{id} only: the model's limits")
 
 
 class ModelList(BaseModel):
