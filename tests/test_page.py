@@ -253,3 +253,27 @@ def test_busy_shows_the_queue_and_retry_after(page):
     assert "queue:" in p.locator("#queue").inner_text()
     assert p.get_by_role("button", name="Generate").is_enabled()
     assert page.js_errors() == []
+
+
+def test_without_a_key_the_page_does_not_ask_for_one(tiny_cache):
+    from fastapi.testclient import TestClient
+
+    from sd35.service.app import create_app
+    from sd35.settings import Settings
+
+    app = create_app(Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu", api_key=None))
+    client = TestClient(app)  # no lifespan: the page needs no model
+    assert client.get("/page/config.json").json() == {"auth_required": False}
+    assert client.get("/").status_code == 200 and client.get("/page/nothing.js").status_code == 404
+
+
+def test_the_page_ships_in_the_wheel():
+    """pyproject's package data carries every asset the page serves (an installed service has its page)."""
+    import tomllib
+
+    from sd35.service import page
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sd35.service"]
+    for name in page.ASSETS:
+        assert (ROOT / "src/sd35/service/static" / name).is_file()
+        assert any(Path("static", name).match(g) for g in globs), name
