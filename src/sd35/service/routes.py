@@ -32,6 +32,7 @@ from .worker import Busy, Cancelled, NotReady, OutOfMemory, ShuttingDown
 log = logging.getLogger(__name__)
 router = APIRouter()
 _SIZE = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
+STEP_WINDOW = 1.0  # seconds past the shutdown grace a running job gets to reach its next step
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 415, 429, 500, 503, 504)}
 
 
@@ -193,8 +194,17 @@ class ClientGone(Exception):
     """The client closed the connection while its job waited or ran."""
 
 
+def cut_off(worker) -> bool:
+    """SIGTERM's grace is over (plus a moment for the running job to reach its step boundary): answer
+    now, whatever the GPU is doing, so every client gets its 503 before uvicorn gives up on it."""
+    end = worker.shutdown_deadline
+    return end is not None and time.monotonic() > end + STEP_WINDOW
+
+
 async def _wait(job, request: Request):
-    """Await the job; stop it at its next step if the client disconnects or the deadline passes."""
+    """Await the job; stop it at its next step if the client disconnects, the deadline passes or the
+    shutdown grace ends."""
+    worker = request.app.state.worker
     done = asyncio.wrap_future(job.future)
     done.add_done_callback(_retrieve)  # a job stopped for a client that left: nobody reads its exception
     while True:
@@ -202,6 +212,9 @@ async def _wait(job, request: Request):
         if left <= 0 and not done.done():
             job.cancelled.set()
             raise asyncio.TimeoutError
+        if cut_off(worker) and not done.done():
+            job.cancelled.set()
+            raise ShuttingDown("the shutdown grace ended")
         try:
             return await asyncio.wait_for(asyncio.shield(done), timeout=max(0.01, min(0.5, left)))
         except asyncio.TimeoutError:
@@ -290,7 +303,8 @@ async def create_image(body: ImageGenerationRequest, request: Request):
             return [{"b64_json": it.get("b64_json") or images.b64(state.images.get(it["url"].rsplit("/", 1)[1]).data),
                      "usage": one} for it in items]
 
-        return StreamingResponse(stream.events(job, previews, plan, finish, lambda exc: _error_dict(exc, settings)),
+        return StreamingResponse(stream.events(job, previews, plan, finish, lambda exc: _error_dict(exc, settings),
+                                               lambda: cut_off(worker)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         result = await _wait(job, request)
