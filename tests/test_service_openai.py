@@ -479,3 +479,37 @@ def test_sigterm_past_the_grace_answers_503_and_exits_0(tmp_path, tiny_cache):
     assert len(results) == 2
     for code, headers, payload in results:
         assert code == 503 and payload["error"]["code"] == "shutting_down", payload
+
+
+# --- sd35.preview ----------------------------------------------------------------------------------------
+
+def test_preview_steps_are_evenly_spaced_before_the_last():
+    from sd35.preview import preview_steps
+
+    assert preview_steps(28, 3) == [7, 14, 21]
+    assert preview_steps(8, 1) == [4]
+    assert preview_steps(2, 3) == [1]  # fewer steps than previews: the final image comes sooner
+    assert preview_steps(1, 3) == [] and preview_steps(40, 0) == []
+
+
+def test_latents_to_rgb_is_the_published_linear_map():
+    import torch
+
+    from sd35.preview import SD3_LATENT_RGB_BIAS, SD3_LATENT_RGB_FACTORS, latents_to_rgb, to_pil
+
+    zeros = latents_to_rgb(torch.zeros(1, 16, 4, 6))
+    assert zeros.shape == (1, 4, 6, 3) and zeros.dtype == torch.uint8
+    assert zeros[0, 0, 0].tolist() == [round((b + 1) * 127.5) for b in SD3_LATENT_RGB_BIAS]
+    one = torch.zeros(1, 16, 1, 1)
+    one[0, 2] = 1.0  # channel 2 alone: its row of factors plus the bias
+    expected = [round((min(1, f + b) + 1) * 127.5) for f, b in zip(SD3_LATENT_RGB_FACTORS[2], SD3_LATENT_RGB_BIAS)]
+    assert latents_to_rgb(one)[0, 0, 0].tolist() == expected
+    assert to_pil(zeros[0], (48, 32)).size == (48, 32)
+    with pytest.raises(ValueError):
+        latents_to_rgb(torch.zeros(1, 4, 8, 8))
+
+
+def test_a_32000_character_word_is_capped_before_the_tokenizers(client):
+    r = client.images.generate(prompt="x" * 32000, size="64x64", extra_body={"steps": 1})
+    notes = r.model_extra["sd35"]["notes"]
+    assert any("32000 characters" in n for n in notes) and len(r.data[0].revised_prompt) <= 3000

@@ -128,17 +128,19 @@ def _check(body: ImageGenerationRequest, settings, loaded, reader: images.Prompt
     if width * height > settings.max_pixels:
         return _bad(f"size {width}x{height} is {width * height} pixels; the limit is {settings.max_pixels} "
                     "(SD35_MAX_PIXELS)", "size")
+    prompt, notes = images.cap_text(body.prompt)
+    negative, negative_notes = images.cap_text(body.negative_prompt or "")
+    notes += [f"negative_{note}" for note in negative_notes]
     quality = images.resolve_quality(body.quality)
     steps = body.steps if body.steps is not None else min(settings.max_steps,
                                                           images.quality_steps(quality, defaults["steps"]))
     try:
-        req = gen.check_request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=steps,
+        req = gen.check_request(prompt=prompt, negative_prompt=negative, steps=steps,
                                 guidance=body.guidance_scale, height=height, width=width, seed=body.seed,
                                 defaults=defaults)
     except InputError as exc:
         param = {"height": "size", "width": "size", "guidance": "guidance_scale"}.get(exc.param, exc.param)
         return _bad(exc.cause, param)
-    notes: list[str] = []
     try:
         tokens, revised, prompt_notes = reader.read(req.prompt)
         notes += prompt_notes
