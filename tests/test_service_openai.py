@@ -169,14 +169,15 @@ def test_stream_error_after_start_raises_in_the_client(client, api, monkeypatch)
 
 # --- Node SDK ---------------------------------------------------------------------------------------------
 
-NODE_DIR = ROOT / ".cache" / "node-openai"
+NODE_DIR = ROOT / ".cache" / "node-openai"  # gitignored; npm fills it on first use
+NODE_OPENAI = "openai@6.49.0"  # the Node SDK version this test was written against
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("node") or not shutil.which("npm"), reason="node/npm not installed")
 def test_node_sdk_generate_stream_and_errors(api):
     if not (NODE_DIR / "node_modules" / "openai").exists():
-        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(NODE_DIR), "openai@6"],
+        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(NODE_DIR), NODE_OPENAI],
                            capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             pytest.skip(f"npm could not install the openai SDK (offline?): {r.stderr[-300:]}")

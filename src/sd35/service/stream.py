@@ -40,7 +40,10 @@ def preview_callback(loop: asyncio.AbstractEventLoop, out: asyncio.Queue, steps:
         if batch != 0 or index is None:
             return
         rgb = preview.latents_to_rgb(latents[:1])[0]
-        loop.call_soon_threadsafe(out.put_nowait, (index, rgb))
+        try:
+            loop.call_soon_threadsafe(out.put_nowait, (index, rgb))
+        except RuntimeError:  # the event loop is closed (shutdown): a preview nobody can receive
+            pass
 
     return on_latents
 

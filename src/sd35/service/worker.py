@@ -67,13 +67,12 @@ class Job:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     on_latents: object = None  # callable(batch, step, latents) for streamed previews
+    batches: int = 1  # n runs in batches of SD35_MAX_IMAGES
     done_steps: int = 0  # denoising steps finished (over all batches)
 
     @property
     def total_steps(self) -> int:
         return self.request.steps * self.batches
-
-    batches: int = 1
 
     @property
     def work(self) -> float:
