@@ -93,6 +93,7 @@ class Worker:
         self.heartbeat = time.monotonic()
         self.busy = False
         self.rate: float | None = None  # pixel-steps per second, measured from finished jobs (and warm-up)
+        self._rate_jobs = 0  # finished jobs in self.rate
         self.current: Job | None = None
         self.shutdown_deadline: float | None = None  # time.monotonic() when SIGTERM's grace ends
         self.on_failed = None  # callable(exc), set by the server to stop itself
@@ -269,7 +270,10 @@ class Worker:
             seconds = time.perf_counter() - started
             r = job.request
             measured = r.width * r.height * r.steps * job.n / max(seconds, 1e-6)
-            self.rate = measured if self.rate is None else 0.7 * self.rate + 0.3 * measured
+            # The warm-up's figure (one step carrying a whole encode + decode) only stands in until the
+            # first real job; then a moving average of real jobs.
+            self.rate = measured if self._rate_jobs == 0 else 0.7 * self.rate + 0.3 * measured
+            self._rate_jobs += 1
             job.future.set_result(result)
         finally:
             self.busy = False
