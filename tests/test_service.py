@@ -334,16 +334,16 @@ def test_sigterm_drains_in_flight_request_and_notifies_systemd(tmp_path, tiny_ca
 
         def long_request():
             result["r"] = call(url + "/v1/images/generations", "POST",
-                               {"prompt": "drain me", "size": "256x256", "steps": 100}, key=None, timeout=120)
+                               {"prompt": "drain me", "size": "128x128", "steps": 40}, key=None, timeout=120)
 
+        time.sleep(2.5)  # long enough for a few watchdog pings (WatchdogSec=2 s: one a second)
         t = threading.Thread(target=long_request)
         t.start()
         deadline = time.time() + 30
-        while time.time() < deadline:  # wait until the worker is really running it
-            if "sd35_worker_busy 1.0" in call(url + "/metrics", key=None)[2]:
-                break
+        while time.time() < deadline:  # wait until the worker is really running it, then stop at once:
+            if "sd35_worker_busy 1.0" in call(url + "/metrics", key=None)[2]:  # it is in flight however
+                break  # fast or loaded the machine is
             time.sleep(0.05)
-        time.sleep(2.5)  # ...and long enough for a few watchdog pings
         proc.send_signal(signal.SIGTERM)
         t.join(timeout=120)
         assert proc.wait(timeout=90) == 0

@@ -8,6 +8,7 @@ Validation problems become 400 naming the field; anything unexpected becomes a 5
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import threading
@@ -23,7 +24,7 @@ from .. import __version__
 from ..settings import Settings
 from . import notify, openapi, page
 from .images import ImageStore
-from .limits import BodyLimitMiddleware
+from .limits import BodyLimitMiddleware, CutOffMiddleware
 from .metrics import Metrics
 from .routes import error, router
 from .worker import Worker
@@ -114,7 +115,8 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
         # SIGTERM (server.py), so this only stops it at a step boundary and joins it.
         notify.notify("STOPPING=1", "STATUS=stopping")
         stop_watchdog.set()
-        worker.stop(timeout=settings.shutdown_grace)
+        # In a thread: the event loop must stay free to write the 503s of requests cut off by the grace.
+        await asyncio.to_thread(worker.stop, timeout=settings.shutdown_grace)
 
     app = FastAPI(title="sd35 image API", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible image generation with Stable Diffusion 3.5 (bf16 / FP8).")
@@ -128,7 +130,9 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
     app.openapi = lambda: app.openapi_schema or setattr(app, "openapi_schema", openapi.build(app)) \
         or app.openapi_schema
 
-    # The last added runs first: the guard (auth, content type, ids, metrics), then the body limits.
+    # The last added runs first: the guard (auth, content type, ids, metrics), the body limits, then the
+    # shutdown's last-resort 503.
+    app.add_middleware(CutOffMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(GuardMiddleware, settings=settings, metrics=app.state.metrics)
 

@@ -25,6 +25,10 @@ from .. import generate as gen
 QUALITY_FRACTION = {"low": 0.5, "medium": 0.75, "high": 1.0}
 QUALITY_ALIAS = {"auto": "high", "hd": "high", "standard": "medium", None: "high"}
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# Text beyond this many characters never reaches a tokenizer: 256 T5 tokens of any real prompt span far
+# less, and the slow BPE of CLIP is quadratic in the length of a word (a 32000-letter "word" would hold
+# the GPU worker for minutes).
+ENCODER_TEXT_CHARS = 3000
 CLIP_TOKENS = 77  # CLIP-L and CLIP-G read 77 tokens (with begin/end)
 T5_TOKENS = 256  # diffusers' SD3 max_sequence_length, which generate.run uses
 
@@ -48,8 +52,8 @@ class PromptReader:
 
     def __init__(self, pipe):
         self._lock = threading.Lock()
-        self.clip = copy.deepcopy(getattr(pipe, "tokenizer", None))
-        self.t5 = copy.deepcopy(getattr(pipe, "tokenizer_3", None))
+        self.clip = _private(getattr(pipe, "tokenizer", None))
+        self.t5 = _private(getattr(pipe, "tokenizer_3", None))
 
     def read(self, prompt: str) -> tuple[int, str, list[str]]:
         """(tokens the encoders read, the text T5 reads (CLIP's when T5 is off), notes on truncation).
@@ -73,6 +77,21 @@ class PromptReader:
                 used = self.t5.decode(t5_ids[:T5_TOKENS - 1], skip_special_tokens=True)
         tokens = min(len(clip_ids), CLIP_TOKENS) + min(len(t5_ids), T5_TOKENS)
         return tokens, used, notes
+
+
+def _private(tokenizer):
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot be copied is used as is (under our lock)
+        return tokenizer
+
+
+def cap_text(text: str) -> tuple[str, list[str]]:
+    """The part of a prompt the encoders can possibly read, with a note when the rest is dropped."""
+    if len(text) <= ENCODER_TEXT_CHARS:
+        return text, []
+    return text[:ENCODER_TEXT_CHARS], [f"prompt is {len(text)} characters; only the first {ENCODER_TEXT_CHARS} "
+                                       "go to the text encoders (which read at most 77 CLIP / 256 T5 tokens)"]
 
 
 def image_tokens(width: int, height: int) -> int:

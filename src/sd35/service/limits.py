@@ -104,3 +104,39 @@ def header_timeout_protocol(seconds: float):
             self._header_timer = self.loop.call_later(seconds, expire)
 
     return HeaderTimeoutH11Protocol
+
+
+class CutOffMiddleware:
+    """The last resort at shutdown: a request uvicorn cancels (its graceful timeout passed) still gets
+    OpenAI's JSON error with 503 instead of a plain-text 500, when nothing was sent yet."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if not started:
+                import json
+
+                payload = json.dumps(error_body("the service is restarting and could not finish this request; "
+                                                "retry in a moment", "server_error", None, "shutting_down")).encode()
+                try:
+                    await send({"type": "http.response.start", "status": 503,
+                                "headers": [(b"content-type", b"application/json"), (b"retry-after", b"10"),
+                                            (b"content-length", str(len(payload)).encode())]})
+                    await send({"type": "http.response.body", "body": payload})
+                except Exception:  # noqa: BLE001 - the connection may be gone already
+                    pass
+            raise

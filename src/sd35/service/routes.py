@@ -32,6 +32,7 @@ from .worker import Busy, Cancelled, NotReady, OutOfMemory, ShuttingDown
 log = logging.getLogger(__name__)
 router = APIRouter()
 _SIZE = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
+STEP_WINDOW = 1.0  # seconds past the shutdown grace a running job gets to reach its next step
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 415, 429, 500, 503, 504)}
 
 
@@ -123,16 +124,18 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
     if width * height > settings.max_pixels:
         return _bad(f"size {width}x{height} is {width * height} pixels; the limit is {settings.max_pixels} "
                     "(SD35_MAX_PIXELS)", "size")
+    prompt, notes = images.cap_text(body.prompt)
+    negative, negative_notes = images.cap_text(body.negative_prompt or "")
+    notes += [f"negative_{note}" for note in negative_notes]
     quality = images.resolve_quality(body.quality)
     steps = body.steps if body.steps is not None else min(settings.max_steps,
                                                           images.quality_steps(quality, defaults.steps))
     try:
-        req = runtime.check(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=steps,
+        req = runtime.check(prompt=prompt, negative_prompt=negative, steps=steps,
                             guidance=body.guidance_scale, height=height, width=width, seed=body.seed)
     except InputError as exc:
         param = {"height": "size", "width": "size", "guidance": "guidance_scale"}.get(exc.param, exc.param)
         return _bad(exc.cause, param)
-    notes: list[str] = []
     try:
         tokens, revised, prompt_notes = reader.read(req.prompt)
         notes += prompt_notes
@@ -188,8 +191,17 @@ class ClientGone(Exception):
     """The client closed the connection while its job waited or ran."""
 
 
+def cut_off(worker) -> bool:
+    """SIGTERM's grace is over (plus a moment for the running job to reach its step boundary): answer
+    now, whatever the GPU is doing, so every client gets its 503 before uvicorn gives up on it."""
+    end = worker.shutdown_deadline
+    return end is not None and time.monotonic() > end + STEP_WINDOW
+
+
 async def _wait(job, request: Request):
-    """Await the job; stop it at its next step if the client disconnects or the deadline passes."""
+    """Await the job; stop it at its next step if the client disconnects, the deadline passes or the
+    shutdown grace ends."""
+    worker = request.app.state.worker
     done = asyncio.wrap_future(job.future)
     done.add_done_callback(_retrieve)  # a job stopped for a client that left: nobody reads its exception
     while True:
@@ -197,6 +209,9 @@ async def _wait(job, request: Request):
         if left <= 0 and not done.done():
             job.cancelled.set()
             raise asyncio.TimeoutError
+        if cut_off(worker) and not done.done():
+            job.cancelled.set()
+            raise ShuttingDown("the shutdown grace ended")
         try:
             return await asyncio.wait_for(asyncio.shield(done), timeout=max(0.01, min(0.5, left)))
         except asyncio.TimeoutError:
@@ -285,7 +300,8 @@ async def create_image(body: ImageGenerationRequest, request: Request):
             return [{"b64_json": it.get("b64_json") or images.b64(state.images.get(it["url"].rsplit("/", 1)[1]).data),
                      "usage": one} for it in items]
 
-        return StreamingResponse(stream.events(job, previews, plan, finish, lambda exc: _error_dict(exc, settings)),
+        return StreamingResponse(stream.events(job, previews, plan, finish, lambda exc: _error_dict(exc, settings),
+                                               lambda: cut_off(worker)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         result = await _wait(job, request)

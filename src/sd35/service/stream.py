@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import preview
 from . import images
+from .worker import ShuttingDown
 
 
 def event(name: str, data: dict) -> bytes:
@@ -39,14 +40,18 @@ def preview_callback(loop: asyncio.AbstractEventLoop, out: asyncio.Queue, steps:
         if batch != 0 or index is None:
             return
         rgb = preview.latents_to_rgb(latents[:1])[0]
-        loop.call_soon_threadsafe(out.put_nowait, (index, rgb))
+        try:
+            loop.call_soon_threadsafe(out.put_nowait, (index, rgb))
+        except RuntimeError:  # the event loop is closed (shutdown): a preview nobody can receive
+            pass
 
     return on_latents
 
 
-async def events(job, previews: asyncio.Queue, plan, finish, fail):
+async def events(job, previews: asyncio.Queue, plan, finish, fail, cut_off):
     """The SSE body: partial images as they come, then `finish(result)` → completed events, or
-    `fail(exc)` → an error event. Cancels the job when the client goes away."""
+    `fail(exc)` → an error event (also when the deadline passes or `cut_off()` says the shutdown grace
+    is over). Cancels the job when the client goes away."""
     fields = {"background": "opaque", "output_format": plan.output_format, "quality": plan.quality,
               "size": plan.size}
     done = asyncio.wrap_future(job.future)
@@ -54,8 +59,7 @@ async def events(job, previews: asyncio.Queue, plan, finish, fail):
     try:
         while True:
             getter = asyncio.ensure_future(previews.get())
-            finished, _ = await asyncio.wait({getter, done}, timeout=max(0.0, job.deadline - time.monotonic()),
-                                             return_when=asyncio.FIRST_COMPLETED)
+            finished, _ = await asyncio.wait({getter, done}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
             if getter in finished:
                 index, rgb = getter.result()
                 width, height = map(int, plan.size.split("x"))
@@ -67,10 +71,16 @@ async def events(job, previews: asyncio.Queue, plan, finish, fail):
                     "partial_image_index": index, "created_at": int(time.time()), **fields})
                 continue
             getter.cancel()
-            if not finished:  # the deadline passed
-                job.cancelled.set()
-                yield event("error", fail(asyncio.TimeoutError()))
-                return
+            if not finished:
+                if time.monotonic() > job.deadline:
+                    job.cancelled.set()
+                    yield event("error", fail(asyncio.TimeoutError()))
+                    return
+                if cut_off():
+                    job.cancelled.set()
+                    yield event("error", fail(ShuttingDown("the shutdown grace ended")))
+                    return
+                continue
             try:
                 result = done.result()
             except Exception as exc:  # noqa: BLE001 - every job failure becomes an error event

@@ -67,13 +67,12 @@ class Job:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     on_latents: object = None  # callable(batch, step, latents) for streamed previews
+    batches: int = 1  # n runs in batches of SD35_MAX_IMAGES
     done_steps: int = 0  # denoising steps finished (over all batches)
 
     @property
     def total_steps(self) -> int:
         return self.request.steps * self.batches
-
-    batches: int = 1
 
     @property
     def work(self) -> float:
@@ -95,6 +94,7 @@ class Worker:
         self.heartbeat = time.monotonic()
         self.busy = False
         self.rate: float | None = None  # pixel-steps per second, measured from finished jobs (and warm-up)
+        self._rate_jobs = 0  # finished jobs in self.rate
         self.current: Job | None = None
         self.shutdown_deadline: float | None = None  # time.monotonic() when SIGTERM's grace ends
         self.on_failed = None  # callable(exc), set by the server to stop itself
@@ -264,7 +264,10 @@ class Worker:
             seconds = time.perf_counter() - started
             r = job.request
             measured = r.width * r.height * r.steps * job.n / max(seconds, 1e-6)
-            self.rate = measured if self.rate is None else 0.7 * self.rate + 0.3 * measured
+            # The warm-up's figure (one step carrying a whole encode + decode) only stands in until the
+            # first real job; then a moving average of real jobs.
+            self.rate = measured if self._rate_jobs == 0 else 0.7 * self.rate + 0.3 * measured
+            self._rate_jobs += 1
             job.future.set_result(result)
         finally:
             self.busy = False
