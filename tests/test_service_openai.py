@@ -156,12 +156,10 @@ def test_stream_error_after_start_raises_in_the_client(client, api, monkeypatch)
     import openai
     import torch
 
-    from sd35.service import worker as worker_mod
-
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    w.runtime = types.SimpleNamespace(pipe=types.SimpleNamespace(maybe_free_model_hooks=lambda: None), generate=oom)
+    monkeypatch.setattr(api.app.state.worker.runtime, "generate", oom)
     with pytest.raises(openai.APIError) as e:
         list(client.images.generate(prompt="x", stream=True, size="64x64"))
     assert "out of memory" in str(e.value)
@@ -358,8 +356,6 @@ def test_retry_after_is_the_work_ahead_at_the_measured_rate(tiny_cache):
 def test_oom_frees_the_failed_steps_memory_before_empty_cache(api, monkeypatch):
     import torch
 
-    from sd35.service import worker as worker_mod
-
     held: dict = {}
 
     def oom(*a, **k):
@@ -375,7 +371,7 @@ def test_oom_frees_the_failed_steps_memory_before_empty_cache(api, monkeypatch):
         seen["alive_at_release"] = held["ref"]() is not None
         real_release()
 
-    w.runtime = types.SimpleNamespace(pipe=types.SimpleNamespace(maybe_free_model_hooks=lambda: None), generate=oom)
+    monkeypatch.setattr(worker.runtime, "generate", oom)
     monkeypatch.setattr(worker, "_release_memory", release)
     code, headers, payload = call(api.url + "/v1/images/generations", "POST", {"prompt": "x", "size": "64x64"})
     assert code == 503 and payload["error"]["code"] == "out_of_memory" and headers["Retry-After"]
