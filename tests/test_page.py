@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -235,21 +234,25 @@ def test_bad_input_shows_the_api_message(page):
     assert page.js_errors() == []
 
 
-def test_busy_shows_the_queue_and_retry_after(page):
-    """A full queue (429) as the API sends it: its message, Retry-After counting down, the queue state."""
+def test_busy_shows_the_queue_and_retry_after(page, api, monkeypatch):
+    """A full GPU queue: the service's own 429 (its message, Retry-After) counting down, and the queue state."""
+    from sd35.service.worker import Busy
+
     p = page.page
     page.use_key(KEY)
     p.wait_for_function("document.querySelectorAll('#size option').length > 1")
-    body = {"error": {"message": "the GPU queue is full (4 waiting); retry after 7 s", "type": "rate_limit_error",
-                      "param": None, "code": "queue_full"}}
-    p.route("**/v1/images/generations", lambda route: route.fulfill(
-        status=429, headers={"Retry-After": "7", "Content-Type": "application/json"}, body=json.dumps(body)))
+
+    def full(*args, **kwargs):
+        raise Busy(7)  # what submit raises when SD35_QUEUE_SIZE jobs already wait
+
+    monkeypatch.setattr(api.app.state.worker, "submit", full)
     p.get_by_label("Prompt", exact=True).fill("a red cube")
     p.get_by_role("button", name="Generate").click()
     error = p.locator("#error")
     error.wait_for(state="visible")
     text = error.inner_text()
     assert "429: the GPU queue is full (4 waiting); retry after 7 s" in text and "Retry-After: 7 s" in text
+    assert "try again in" in text
     assert "queue:" in p.locator("#queue").inner_text()
     assert p.get_by_role("button", name="Generate").is_enabled()
     assert page.js_errors() == []
