@@ -141,7 +141,7 @@ def test_generation_streams_previews_then_the_final_image_and_the_snippets_repro
     p = page.page
     page.use_key(KEY)
     size = p.get_by_label("Size")
-    p.wait_for_function("document.querySelectorAll('#size option').length > 1")
+    p.locator("#size option").nth(1).wait_for(state="attached")  # the presets arrived
     assert size.locator("option").first.get_attribute("value") == "128x128"
     assert "queue:" in p.locator("#queue").inner_text()
     p.get_by_label("Prompt", exact=True).fill("a lighthouse on a cliff, 'oil' painting")
@@ -220,7 +220,7 @@ def test_generation_streams_previews_then_the_final_image_and_the_snippets_repro
 def test_bad_input_shows_the_api_message(page):
     p = page.page
     page.use_key(KEY)
-    p.wait_for_function("document.querySelectorAll('#size option').length > 1")
+    p.locator("#size option").nth(1).wait_for(state="attached")  # the presets arrived
     p.get_by_label("Prompt", exact=True).fill("a red cube")
     p.get_by_label("Steps").fill("60")  # the service allows 50 (SD35_MAX_STEPS)
     p.get_by_role("button", name="Generate").click()
@@ -240,7 +240,7 @@ def test_busy_shows_the_queue_and_retry_after(page, api, monkeypatch):
 
     p = page.page
     page.use_key(KEY)
-    p.wait_for_function("document.querySelectorAll('#size option').length > 1")
+    p.locator("#size option").nth(1).wait_for(state="attached")  # the presets arrived
 
     def full(*args, **kwargs):
         raise Busy(7)  # what submit raises when SD35_QUEUE_SIZE jobs already wait
@@ -255,6 +255,31 @@ def test_busy_shows_the_queue_and_retry_after(page, api, monkeypatch):
     assert "try again in" in text
     assert "queue:" in p.locator("#queue").inner_text()
     assert p.get_by_role("button", name="Generate").is_enabled()
+    assert page.js_errors() == []
+
+
+def test_stop_cancels_the_job_on_the_gpu(page, api):
+    """Stop aborts the fetch; the service sees the client go and stops the job at its next step."""
+    import time
+
+    from playwright.sync_api import expect
+
+    p = page.page
+    page.use_key(KEY)
+    p.locator("#size option").nth(1).wait_for(state="attached")
+    p.get_by_label("Prompt", exact=True).fill("a long one")
+    p.get_by_label("Steps").fill("50")
+    p.get_by_label("Images (n)").fill("10")  # 3 batches of 50 steps: long enough to stop it midway
+    p.get_by_label("Size").select_option("160x112")
+    p.get_by_role("button", name="Generate").click()
+    p.locator("#partials figure").first.wait_for()  # it is denoising
+    p.get_by_role("button", name="Stop").click()
+    expect(p.locator("#live-status")).to_contain_text("stopped")
+    assert p.locator("#error").is_hidden() and p.locator("#gallery .entry").count() == 0
+    deadline = time.monotonic() + 30
+    while "sd35_worker_busy 1.0" in call(api.url + "/metrics")[2] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "sd35_worker_busy 0.0" in call(api.url + "/metrics")[2]
     assert page.js_errors() == []
 
 
