@@ -346,9 +346,11 @@ def test_sigterm_drains_in_flight_request_and_notifies_systemd(tmp_path, tiny_ca
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         t.join(timeout=120)
-        assert proc.wait(timeout=90) == 0
+        rc = proc.wait(timeout=90)
+        out = proc.stdout.read()
+        assert rc == 0, out[-3000:]
         code, _, payload = result["r"]
-        assert code == 200 and len(payload["data"]) == 1  # the in-flight request finished
+        assert code == 200 and len(payload["data"]) == 1, (payload, out[-3000:])  # the in-flight request finished
         with pytest.raises(OSError):  # and nothing listens any more
             call(url + "/healthz", key=None, timeout=2)
     finally:
@@ -359,7 +361,7 @@ def test_sigterm_drains_in_flight_request_and_notifies_systemd(tmp_path, tiny_ca
         ns.close()
     assert any(m.startswith("STATUS=loading") for m in messages)
     assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages)
-    assert messages.index("READY=1") > 0 and "WATCHDOG=1" in messages
+    assert messages.index("READY=1") > 0 and "WATCHDOG=1" in messages, messages
     assert "STOPPING=1" in messages and messages.index("STOPPING=1") > messages.index("READY=1")
 
 
