@@ -31,12 +31,19 @@ STAMP := $(VENV)/.sd35-setup$(if $(TORCH_CUDA_TAG),-$(TORCH_CUDA_TAG))
 PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt $(if $(wildcard $(WHEELHOUSE)),--find-links $(WHEELHOUSE))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast test-gpu doctor serve lab bench-memory clean
+.PHONY: help setup browser run test test-fast test-gpu doctor serve lab bench-memory clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: $(STAMP) ## Create .venv and install the pinned packages (idempotent; run/test call it)
+setup: $(STAMP) browser ## Create .venv and install the pinned packages (idempotent; run/test call it)
+
+# The web page's tests (tests/test_page.py) drive Debian's chromium through Playwright; never
+# `playwright install` (it downloads a browser). Installed as root when missing; without it they skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium); } || \
+	  echo "note: no chromium (apt-get install chromium as root): tests/test_page.py will be skipped"
 
 $(STAMP): constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -8,6 +8,7 @@ Validation problems become 400 naming the field; anything unexpected becomes a 5
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -20,7 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..settings import Settings
-from . import notify
+from . import notify, openapi, page
+from .images import ImageStore
+from .limits import BodyLimitMiddleware, CutOffMiddleware
 from .metrics import Metrics
 from .routes import error, router
 from .worker import Worker
@@ -29,7 +32,8 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("sd35.access")  # one line per request: who, what, how long
 OPEN_PATHS = {"/healthz"}  # everything else needs the API key when one is set
 JSON_BODY_PATHS = {"/v1/images/generations"}
-KNOWN_PATHS = {"/v1/images/generations", "/v1/models", "/healthz", "/readyz", "/metrics"}
+KNOWN_PATHS = {"/v1/images/generations", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json",
+               "/docs"}
 
 
 def _watchdog(worker: Worker, stop: threading.Event) -> None:
@@ -77,7 +81,7 @@ class GuardMiddleware:
 
         started = time.monotonic()
         refused, who = None, "-"
-        if self.keys and path not in OPEN_PATHS:
+        if self.keys and path not in OPEN_PATHS and not (method in ("GET", "HEAD") and path in page.PAGE_PATHS):
             scheme, _, token = headers.get("authorization", "").partition(" ")
             token = token.strip() if scheme.lower() == "bearer" else ""
             known, name = self.keys.cached(token) if token else (True, None)
@@ -126,10 +130,12 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
         worker.start()
         threading.Thread(target=_watchdog, args=(worker, stop_watchdog), name="sd35-watchdog", daemon=True).start()
         yield
-        # uvicorn has stopped accepting and drained in-flight requests (up to its graceful timeout).
+        # uvicorn has stopped accepting and waited for in-flight requests; the worker's one grace began at
+        # SIGTERM (server.py), so this only stops it at a step boundary and joins it.
         notify.notify("STOPPING=1", "STATUS=stopping")
         stop_watchdog.set()
-        worker.stop(timeout=settings.shutdown_grace)
+        # In a thread: the event loop must stay free to write the 503s of requests cut off by the grace.
+        await asyncio.to_thread(worker.stop, timeout=settings.shutdown_grace)
 
     app = FastAPI(title="sd35 image API", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible image generation with Stable Diffusion 3.5 (bf16 / FP8).")
@@ -137,11 +143,19 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
     app.state.worker = worker
     app.state.metrics = Metrics(worker)
     app.state.started = int(time.time())
+    app.state.images = ImageStore(settings.image_url_ttl, settings.image_store_bytes)
     app.include_router(router)
+    app.include_router(page.router)  # GET /: the team's web page (its paths are open: page.PAGE_PATHS)
+    app.openapi = lambda: app.openapi_schema or setattr(app, "openapi_schema", openapi.build(app)) \
+        or app.openapi_schema
 
     from ..apikeys import load as load_keys
 
     app.state.keys = load_keys(settings)
+    # The last added runs first: the guard (auth, content type, ids, metrics, access log), the body limits,
+    # then the shutdown's last-resort 503.
+    app.add_middleware(CutOffMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(GuardMiddleware, settings=settings, metrics=app.state.metrics, keys=app.state.keys)
 
     @app.exception_handler(RequestValidationError)

@@ -1,31 +1,39 @@
-"""The endpoints: OpenAI's /v1/images/generations and /v1/models, plus /healthz, /readyz, /metrics.
+"""The endpoints: OpenAI's /v1/images/generations, /v1/models[/{id}], the short-lived image links
+(/v1/images/{id}), plus /healthz, /readyz, /metrics.
 
-Every request is checked up front (size, n, steps, guidance, prompt length, model) and refused with a
-4xx naming the field before it can reach the GPU queue.
+Every request is checked up front (text, size against the loaded model, n, steps, guidance, enums) and
+refused with a 4xx naming the field and the allowed values before it can reach the GPU queue. Jobs that
+fail map to 503 (out of memory, shutting down) or 504 (deadline); a client that disconnects cancels its
+job at the next denoising step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import json
+import logging
 import math
 import re
 import time
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import generate as gen
-from ..errors import InputError
+from ..errors import InputError, Sd35Error
 from ..models import expand_alias
-from ..runtime import Runtime
-from .schemas import ErrorBody, ImageGenerationRequest, ImagesResponse, error_body
-from .worker import Busy, Cancelled, NotReady, OutOfMemory
+from . import images, page, stream
+from .schemas import (ErrorBody, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject, error_body,
+                      has_lone_surrogate)
+from .worker import Busy, Cancelled, NotReady, OutOfMemory, ShuttingDown
 
+log = logging.getLogger(__name__)
 router = APIRouter()
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 415, 429, 500, 503, 504)}
+_SIZE = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
+STEP_WINDOW = 1.0  # seconds past the shutdown grace a running job gets to reach its next step
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 415, 429, 500, 503, 504)}
 
 
 def error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
@@ -45,93 +53,321 @@ def served_model_ids(settings) -> list[str]:
     return ids
 
 
-def _check(body: ImageGenerationRequest, settings, runtime) -> tuple[gen.GenerationRequest, str] | JSONResponse:
-    """Validate a generation request against the service's limits; a JSONResponse means refused."""
+@dataclass
+class Plan:
+    """A checked request: what the worker runs and what the response reports."""
+
+    request: gen.GenerationRequest
+    n: int
+    size: str
+    quality: str
+    output_format: str
+    output_compression: int | None
+    response_format: str
+    text_tokens: int
+    revised_prompt: str
+    notes: list[str] = field(default_factory=list)
+
+
+def max_side(runtime) -> int:
+    """The largest width/height the loaded MMDiT's position embedding covers (and generate allows):
+    pos_embed_max_size patches x patch_size x the VAE's down-sampling (runtime.info, from its configs)."""
+    return runtime.info.max_side
+
+
+def _text(value: str | None, name: str) -> JSONResponse | None:
+    if value is None:
+        return None
+    if has_lone_surrogate(value):
+        return _bad(f"{name} contains an unpaired UTF-16 surrogate (e.g. \\ud800 without its partner); send valid "
+                    "Unicode text", name)
+    if "\x00" in value:
+        return _bad(f"{name} must not contain NUL (\\u0000) characters", name)
+    return None
+
+
+def _check(body: ImageGenerationRequest, settings, runtime, reader: images.PromptReader) -> Plan | JSONResponse:
+    """Validate a generation request against the model and the service's limits; a JSONResponse means
+    refused (4xx naming the field and the allowed values)."""
+    defaults = runtime.info.sampling
+    for name in ("prompt", "negative_prompt", "model", "user", "safety_identifier"):
+        if (refused := _text(getattr(body, name), name)) is not None:
+            return refused
     if body.model is not None and expand_alias(body.model) not in {expand_alias(m) for m in served_model_ids(settings)}:
-        return error(404, f"model {body.model!r} is not served here; GET /v1/models lists the served model",
+        return error(404, f"model {body.model!r} is not served here; this service serves "
+                     f"{' = '.join(served_model_ids(settings))} (GET /v1/models)",
                      "invalid_request_error", "model", "model_not_found")
     if not body.prompt.strip():
         return _bad("prompt must not be empty", "prompt")
-    if len(body.prompt) > settings.max_prompt_chars:
-        return _bad(f"prompt is {len(body.prompt)} characters; the limit is {settings.max_prompt_chars}", "prompt",
-                    "prompt_too_long")
-    if not 1 <= body.n <= settings.max_images:
-        return _bad(f"n must be from 1 to {settings.max_images} (got {body.n})", "n")
+    for name in ("prompt", "negative_prompt"):
+        value = getattr(body, name)
+        if value is not None and len(value) > settings.max_prompt_chars:
+            return _bad(f"{name} is {len(value)} characters; the limit is {settings.max_prompt_chars} "
+                        "(the encoders read at most 256 tokens anyway)", name, "prompt_too_long")
+    if body.background == "transparent":
+        return _bad("background 'transparent' is not supported: Stable Diffusion 3.5 makes RGB images without an "
+                    "alpha channel; use 'opaque' or 'auto'", "background")
     if body.steps is not None and not 1 <= body.steps <= settings.max_steps:
         return _bad(f"steps must be from 1 to {settings.max_steps} (got {body.steps})", "steps")
     if body.guidance_scale is not None and not math.isfinite(body.guidance_scale):
         return _bad("guidance_scale must be a finite number", "guidance_scale")
-    width, height = runtime.info.sampling.width, runtime.info.sampling.height
-    if body.size is not None:
+    width, height = defaults.width, defaults.height
+    if body.size not in (None, "auto"):
         m = _SIZE.match(body.size)
         if not m:
-            return _bad(f'size must be "WIDTHxHEIGHT", e.g. "{width}x{height}" (got {body.size!r})', "size")
+            return _bad(f'size must be "auto" or "WIDTHxHEIGHT", e.g. "{width}x{height}" (got {body.size!r})', "size")
         width, height = int(m.group(1)), int(m.group(2))
+    side = max_side(runtime)
+    if max(width, height) > side:
+        return _bad(f"size {width}x{height}: this model supports at most {side} px per side "
+                    f"(its position embedding), e.g. \"{min(side, width)}x{min(side, height)}\"", "size")
     if width * height > settings.max_pixels:
-        return _bad(f"size {width}x{height} is {width * height} pixels; the limit is {settings.max_pixels}", "size")
+        return _bad(f"size {width}x{height} is {width * height} pixels; the limit is {settings.max_pixels} "
+                    "(SD35_MAX_PIXELS)", "size")
+    prompt, notes = images.cap_text(body.prompt)
+    negative, negative_notes = images.cap_text(body.negative_prompt or "")
+    notes += [f"negative_{note}" for note in negative_notes]
+    quality = images.resolve_quality(body.quality)
+    steps = body.steps if body.steps is not None else min(settings.max_steps,
+                                                          images.quality_steps(quality, defaults.steps))
     try:
-        req = runtime.check(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
+        req = runtime.check(prompt=prompt, negative_prompt=negative, steps=steps,
                             guidance=body.guidance_scale, height=height, width=width, seed=body.seed)
     except InputError as exc:
         param = {"height": "size", "width": "size", "guidance": "guidance_scale"}.get(exc.param, exc.param)
         return _bad(exc.cause, param)
-    return req, f"{width}x{height}"
+    try:
+        tokens, revised, prompt_notes = reader.read(req.prompt)
+        notes += prompt_notes
+    except ValueError as exc:
+        return _bad(f"prompt: {exc}", "prompt")
+    if req.negative_prompt:
+        try:
+            neg_tokens, _, neg_notes = reader.read(req.negative_prompt)
+        except ValueError as exc:
+            return _bad(f"negative_prompt: {exc}", "negative_prompt")
+        tokens += neg_tokens
+        notes += [f"negative_{note}" for note in neg_notes]
+    fmt = body.output_format or "png"
+    if body.output_compression is not None and fmt == "png":
+        notes.append("output_compression applies to jpeg and webp; png is lossless")
+    if body.style is not None:
+        notes.append("style has no effect on Stable Diffusion 3.5; describe the style in the prompt")
+    return Plan(req, body.n, f"{width}x{height}", quality, fmt, body.output_compression,
+                body.response_format or "b64_json", tokens, revised, notes)
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
+def _job_error(exc: BaseException, settings) -> JSONResponse:
+    """A failed job → the response its client gets (OpenAI's error shape); anything unexpected re-raised
+    (the middleware turns it into a 500 with a request id)."""
+    if isinstance(exc, (asyncio.TimeoutError, Cancelled)):
+        return error(504, f"generation did not finish within {settings.request_timeout:g} s (SD35_REQUEST_TIMEOUT)",
+                     "server_error", None, "timeout")
+    if isinstance(exc, OutOfMemory):
+        return error(503, "the GPU ran out of memory for this request; memory was released — retry, or ask for "
+                     "fewer pixels or a smaller n", "server_error", None, "out_of_memory", headers={"Retry-After": "1"})
+    if isinstance(exc, ShuttingDown):
+        return error(503, "the service is restarting and could not finish this request; retry in a moment",
+                     "server_error", None, "shutting_down", headers={"Retry-After": "10"})
+    if isinstance(exc, Sd35Error):
+        return _bad(f"{exc.cause} {exc.fix}".strip(), getattr(exc, "param", None))
+    raise exc
+
+
+def _error_dict(exc: BaseException, settings) -> dict:
+    try:
+        return json.loads(_job_error(exc, settings).body)
+    except Exception:  # noqa: BLE001 - mid-stream there is no status code left to send: an error event
+        log.exception("streamed job failed")
+        return error_body("internal error; the server log has the details", "server_error", None, "internal_error")
+
+
+def _retrieve(future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its job waited or ran."""
+
+
+def cut_off(worker) -> bool:
+    """SIGTERM's grace is over (plus a moment for the running job to reach its step boundary): answer
+    now, whatever the GPU is doing, so every client gets its 503 before uvicorn gives up on it."""
+    end = worker.shutdown_deadline
+    return end is not None and time.monotonic() > end + STEP_WINDOW
+
+
+async def _wait(job, request: Request):
+    """Await the job; stop it at its next step if the client disconnects, the deadline passes or the
+    shutdown grace ends."""
+    worker = request.app.state.worker
+    done = asyncio.wrap_future(job.future)
+    done.add_done_callback(_retrieve)  # a job stopped for a client that left: nobody reads its exception
+    while True:
+        left = job.deadline - time.monotonic()
+        if left <= 0 and not done.done():
+            job.cancelled.set()
+            raise asyncio.TimeoutError
+        if cut_off(worker) and not done.done():
+            job.cancelled.set()
+            raise ShuttingDown("the shutdown grace ended")
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), timeout=max(0.01, min(0.5, left)))
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled.set()
+                raise ClientGone from None
+
+
+async def _finish(result, plan: Plan, request: Request) -> tuple[list[dict], dict, dict]:
+    """Encode the images. Returns the `data` items, the usage of one image and of all of them."""
+    state = request.app.state
+    fmt, compression = plan.output_format, plan.output_compression
+    encoded = await run_in_threadpool(lambda: [images.encode(im, fmt, compression) for im in result.images])
+    width, height = map(int, plan.size.split("x"))
+    out_tokens = images.image_tokens(width, height)
+
+    def usage(count: int) -> dict:
+        return {"input_tokens": plan.text_tokens,
+                "input_tokens_details": {"text_tokens": plan.text_tokens, "image_tokens": 0},
+                "output_tokens": out_tokens * count, "total_tokens": plan.text_tokens + out_tokens * count}
+
+    items = []
+    for data in encoded:
+        item = {"revised_prompt": plan.revised_prompt, "b64_json": images.b64(data)}
+        if plan.response_format == "url":
+            item = {"revised_prompt": plan.revised_prompt,
+                    "url": _url_for(request, state.images.put(data, images.MEDIA_TYPES[fmt]))}
+        items.append(item)
+    state.metrics.images.inc(len(encoded))
+    return items, usage(1), usage(len(encoded))
+
+
+def _url_for(request: Request, image_id: str) -> str:
+    path = f"/v1/images/{image_id}"
+    try:
+        return str(request.base_url).rstrip("/") + path
+    except Exception:  # noqa: BLE001 - a Host header that makes no URL: a relative link still works
+        return path
+
+
+_GENERATE_RESPONSES = {**_ERRORS, 200: {"description": "The images (JSON), or with `stream: true` Server-Sent "
+                                                       "Events: image_generation.partial_image, then "
+                                                       "image_generation.completed",
+                                        "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse, responses=_GENERATE_RESPONSES)
 async def create_image(body: ImageGenerationRequest, request: Request):
-    """Generate images (OpenAI Images API). Extensions: negative_prompt, seed, steps, guidance_scale."""
+    """OpenAI's image generation. `stream: true` answers with Server-Sent Events (partial images, then
+    the final ones); otherwise JSON. Extensions: seed, steps, guidance_scale, negative_prompt."""
     state = request.app.state
     settings, worker = state.settings, state.worker
+    if worker.shutdown_deadline is not None:
+        return _job_error(ShuttingDown(), settings)
     if worker.state != "ready":
         return error(503, f"the model is not ready ({worker.state})", "server_error", None, "model_not_ready",
                      headers={"Retry-After": "10"})
-    checked = _check(body, settings, worker.runtime)
-    if isinstance(checked, JSONResponse):
-        return checked
-    req, size = checked
-    request.state.access = access = {"size": size, "n": body.n, "steps": req.steps}  # for the access log
+    if getattr(state, "prompt_reader", None) is None:
+        state.prompt_reader = images.PromptReader(worker.runtime.pipe)
+    plan = await run_in_threadpool(_check, body, settings, worker.runtime, state.prompt_reader)
+    if isinstance(plan, JSONResponse):
+        return plan
+    request.state.access = access = {"size": plan.size, "n": plan.n, "steps": plan.request.steps}  # access log
     started = time.monotonic()
+    previews: asyncio.Queue = asyncio.Queue()
+    on_latents = None
+    if body.stream and body.partial_images:
+        on_latents = stream.preview_callback(asyncio.get_running_loop(), previews, plan.request.steps,
+                                             body.partial_images)
     try:
-        job = worker.submit(req, body.n, settings.request_timeout)
+        job = worker.submit(plan.request, plan.n, settings.request_timeout, on_latents=on_latents)
     except Busy as exc:
         return error(429, f"the GPU queue is full ({settings.queue_size} waiting); retry after {exc.retry_after} s",
                      "rate_limit_error", None, "queue_full", headers={"Retry-After": str(exc.retry_after)})
+    except ShuttingDown as exc:
+        return _job_error(exc, settings)
     except NotReady:
         return error(503, "the model is not ready", "server_error", None, "model_not_ready",
                      headers={"Retry-After": "10"})
+    log.info("job %s: n=%d size=%s steps=%d user=%r", job.id, plan.n, plan.size, plan.request.steps,
+             body.safety_identifier or body.user)
+
+    if body.stream:
+        async def finish(result) -> list[dict]:
+            items, one, _ = await _finish(result, plan, request)
+            state.metrics.latency.observe(time.monotonic() - started)
+            return [{"b64_json": it.get("b64_json") or images.b64(state.images.get(it["url"].rsplit("/", 1)[1]).data),
+                     "usage": one} for it in items]
+
+        return StreamingResponse(stream.events(job, previews, plan, finish, lambda exc: _error_dict(exc, settings),
+                                               lambda: cut_off(worker)),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        result = await asyncio.wait_for(asyncio.wrap_future(job.future),
-                                        timeout=max(0.0, job.deadline - time.monotonic()))
-    except (asyncio.TimeoutError, Cancelled):
-        job.cancelled.set()
-        return error(504, f"generation did not finish within {settings.request_timeout:g} s", "server_error", None,
-                     "timeout")
-    except OutOfMemory:
-        return error(503, "the GPU ran out of memory for this request; memory was released — retry, or ask for "
-                     "fewer pixels or a smaller n", "server_error", None, "out_of_memory", headers={"Retry-After": "1"})
+        result = await _wait(job, request)
+    except ClientGone:  # nobody reads this answer; the job was stopped at its next step
+        return error(499, "client closed the request", "invalid_request_error", None, "client_closed")
+    except Exception as exc:  # noqa: BLE001 - mapped to 503/504/400, anything else re-raised (500)
+        return _job_error(exc, settings)
     access["queue_wait"] = max(0.0, time.monotonic() - started - sum(result.timings.values()))
-    images = await run_in_threadpool(lambda: [base64.b64encode(Runtime.encode(im)).decode() for im in result.images])
-    state.metrics.images.inc(len(images))
+    items, _, usage = await _finish(result, plan, request)
     state.metrics.latency.observe(time.monotonic() - started)
     loaded = worker.runtime.loaded
+    r = plan.request
     # A JSONResponse is returned as is (the schema above documents it; re-validating 4 MB of base64 would
     # cost more than it checks).
     return JSONResponse({
         "created": int(time.time()),
-        "data": [{"b64_json": b, "revised_prompt": None} for b in images],
-        "sd35": {"seed": req.seed, "seeds": result.seeds, "steps": req.steps, "guidance_scale": req.guidance, "size": size,
-                 "precision": loaded.plan.transformer, "device": loaded.device,
-                 "timings_s": {k: round(v, 4) for k, v in result.timings.items()}, "notice": loaded.source.notice},
+        "data": items,
+        "background": "opaque",
+        "output_format": plan.output_format,
+        "quality": plan.quality,
+        "size": plan.size,
+        "usage": usage,
+        "sd35": {"seed": r.seed, "seeds": result.seeds, "steps": r.steps, "guidance_scale": r.guidance,
+                 "size": plan.size, "quality": plan.quality, "precision": loaded.plan.transformer,
+                 "device": loaded.device, "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+                 "notes": plan.notes, "notice": loaded.source.notice},
     })
 
 
-@router.get("/v1/models")
+@router.get("/v1/images/{image_id}", responses={
+    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                      "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                      "image/webp": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "The image bytes"},
+    401: _ERRORS[401], 404: _ERRORS[404], 405: {"model": ErrorBody}})
+async def get_image(image_id: str, request: Request):
+    """An image made with `response_format: url`, for SD35_IMAGE_URL_TTL seconds after it was made."""
+    if image_id == "generations":  # GET on the POST endpoint
+        return error(405, "use POST for /v1/images/generations", "invalid_request_error", None,
+                     "method_not_allowed", headers={"Allow": "POST"})
+    item = request.app.state.images.get(image_id)
+    if item is None:
+        return error(404, f"image {image_id!r} does not exist or has expired (links last "
+                     f"{request.app.state.settings.image_url_ttl:g} s)", "invalid_request_error", "image_id",
+                     "not_found")
+    return Response(item.data, media_type=item.media_type, headers={"Cache-Control": "private, max-age=60"})
+
+
+@router.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]})
 async def list_models(request: Request):
     settings = request.app.state.settings
     created = request.app.state.started
     return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "sd35"}
                                        for m in served_model_ids(settings)]}
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelObject,
+            responses={401: _ERRORS[401], 404: _ERRORS[404]})
+async def get_model(model_id: str, request: Request):
+    settings = request.app.state.settings
+    if model_id not in served_model_ids(settings):
+        return error(404, f"model {model_id!r} is not served here; GET /v1/models lists the served model",
+                     "invalid_request_error", "model", "model_not_found")
+    return {"id": model_id, "object": "model", "created": request.app.state.started, "owned_by": "sd35",
+            "sd35": page.model_card(settings, request.app.state.worker)}
 
 
 @router.get("/healthz")

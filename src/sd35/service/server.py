@@ -5,8 +5,12 @@ Order of events:
      impossible precision for this GPU, a busy port — each as a one-paragraph error, exit code 2.
   2. uvicorn starts: /healthz answers at once, /readyz says "loading" while the worker loads the model
      (STATUS= lines and EXTEND_TIMEOUT_USEC to systemd), warms up, then READY=1.
-  3. SIGTERM/SIGINT: uvicorn stops accepting, in-flight requests finish within SD35_SHUTDOWN_GRACE
-     seconds, the worker stops, STOPPING=1, exit 0. If the model fails to load, exit 2 with its error.
+  3. SIGTERM/SIGINT: uvicorn stops accepting; running and queued jobs get SD35_SHUTDOWN_GRACE seconds
+     *in total* (the worker's deadline starts at the signal); what is still running then stops at its
+     next denoising step and its client gets a JSON 503. uvicorn waits for those answers (the grace +
+     ANSWER_MARGIN), the worker thread is joined (never left inside torch: that aborts the process
+     with exit 134), STOPPING=1, exit 0 — well inside the unit's TimeoutStopSec (90 s for a 60 s grace).
+     If the model fails to load, exit 2 with its error.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from ..net import is_loopback
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
-
+ANSWER_MARGIN = 5.0  # seconds after the grace for the 503s of stopped jobs to be written
+KEEP_ALIVE = 5  # seconds an idle keep-alive connection is kept
 
 
 def preflight(settings: Settings) -> None:
@@ -77,10 +82,21 @@ def serve(settings: Settings) -> int:
     from .app import create_app
 
     preflight(settings)
+    from .limits import header_timeout_protocol
+
     app = create_app(settings)
+    worker = app.state.worker
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=settings.shutdown_grace, lifespan="on", workers=1)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=settings.shutdown_grace + ANSWER_MARGIN,
+                            timeout_keep_alive=KEEP_ALIVE, http=header_timeout_protocol(settings.header_timeout),
+                            lifespan="on", workers=1)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            worker.drain(settings.shutdown_grace)  # the one grace starts now, for the queue and the GPU
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     failure: list[BaseException] = []
 
     def on_failed(exc: BaseException) -> None:
@@ -98,6 +114,15 @@ def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: log.info("stopped by %s", signal.Signals(signum).name))
     server.run()
+    if worker._thread.is_alive():
+        # The worker could not be stopped at a step boundary (a GPU kernel that never returns, or a load
+        # that is still running): leaving the interpreter normally would run C++ destructors under a
+        # live torch thread and abort. _exit skips them; the journal has the reason.
+        log.error("the GPU worker did not stop within the shutdown grace; exiting without waiting for it")
+        logging.shutdown()
+        import os
+
+        os._exit(2 if failure else 0)
     if failure:
         exc = failure[0]
         if isinstance(exc, Sd35Error):

@@ -29,7 +29,7 @@ from .. import generate as gen
 from ..errors import Sd35Error
 from ..runtime import Runtime
 from ..settings import Settings
-from . import notify
+from . import images, notify
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ class OutOfMemory(Exception):
     """CUDA ran out of memory for this job; the cache was released and the worker goes on."""
 
 
+class ShuttingDown(Exception):
+    """The service is stopping: the job was not started, or was stopped at a step, within the grace."""
+
+
 @dataclass
 class Job:
     request: gen.GenerationRequest
@@ -62,6 +66,20 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    on_latents: object = None  # callable(batch, step, latents) for streamed previews
+    batches: int = 1  # n runs in batches of SD35_MAX_IMAGES
+    done_steps: int = 0  # denoising steps finished (over all batches)
+
+    @property
+    def total_steps(self) -> int:
+        return self.request.steps * self.batches
+
+    @property
+    def work(self) -> float:
+        """Pixel-steps still to do: what Retry-After is computed from."""
+        r = self.request
+        left = max(0, self.total_steps - self.done_steps) / max(1, self.total_steps)
+        return r.width * r.height * r.steps * self.n * left
 
 
 class Worker:
@@ -75,7 +93,10 @@ class Worker:
         self.error: Exception | None = None
         self.heartbeat = time.monotonic()
         self.busy = False
-        self.avg_job_seconds = 5.0  # refined by an exponential moving average of real jobs
+        self.rate: float | None = None  # pixel-steps per second, measured from finished jobs (and warm-up)
+        self._rate_jobs = 0  # finished jobs in self.rate
+        self.current: Job | None = None
+        self.shutdown_deadline: float | None = None  # time.monotonic() when SIGTERM's grace ends
         self.on_failed = None  # callable(exc), set by the server to stop itself
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sd35-gpu-worker", daemon=True)
@@ -85,28 +106,60 @@ class Worker:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: gen.GenerationRequest, n: int, timeout: float) -> Job:
+    def submit(self, request: gen.GenerationRequest, n: int, timeout: float, on_latents=None) -> Job:
+        if self.shutdown_deadline is not None:
+            raise ShuttingDown("the service is shutting down")
         if self.state != "ready":
             raise NotReady(self.state)
-        job = Job(request, n, time.monotonic() + timeout)
+        job = Job(request, n, time.monotonic() + timeout, on_latents=on_latents,
+                  batches=math.ceil(n / self.settings.max_images))
         try:
             self.queue.put_nowait(job)
         except queue.Full:
             raise Busy(self.retry_after()) from None
         return job
 
+    def work_ahead(self) -> float:
+        """Pixel-steps of the running job's remaining steps and of every queued job."""
+        with self.queue.mutex:
+            queued = list(self.queue.queue)
+        current = self.current
+        return sum(j.work for j in queued) + (current.work if current is not None else 0.0)
+
     def retry_after(self) -> int:
-        waiting = self.queue.qsize() + (1 if self.busy else 0)
-        return max(1, math.ceil(self.avg_job_seconds * max(1, waiting)))
+        """Seconds until the work ahead is done at the measured rate (10 s per job before any measure)."""
+        if not self.rate:
+            return max(1, 10 * (self.queue.qsize() + (1 if self.busy else 0)))
+        return max(1, math.ceil(self.work_ahead() / self.rate))
+
+    def drain(self, grace: float) -> None:
+        """SIGTERM: refuse new jobs; what runs and waits may finish until now + `grace`, no later (the
+        running job is then stopped at its next step, the queued ones refused with 503)."""
+        if self.shutdown_deadline is None:
+            self.shutdown_deadline = time.monotonic() + grace
 
     def stop(self, timeout: float) -> None:
-        """Let the queued jobs finish (up to `timeout` seconds), then stop the thread."""
-        deadline = time.monotonic() + timeout
-        while (self.busy or not self.queue.empty()) and time.monotonic() < deadline and self._thread.is_alive():
+        """Drain (if SIGTERM did not start it) and stop the thread at a step boundary, joined: a thread
+        left inside torch while the interpreter exits aborts the process (exit 134)."""
+        self.drain(timeout)
+        while (self.busy or not self.queue.empty()) and self._thread.is_alive() \
+                and time.monotonic() < self.shutdown_deadline:
             time.sleep(0.05)
         self._stop.set()
-        self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        if self.current is not None:
+            self.current.cancelled.set()
+        self._thread.join(timeout=max(5.0, self.shutdown_deadline - time.monotonic()))
+        self._fail_queued(ShuttingDown("the service stopped before this job could start"))
         self.state = "stopped"
+
+    def _fail_queued(self, exc: Exception) -> None:
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(exc)
 
     # --- the worker thread ----------------------------------------------------------------------------
 
@@ -126,7 +179,11 @@ class Worker:
                 job = self.queue.get(timeout=0.5)
             except queue.Empty:
                 continue
-            self._process(job)
+            self.current = job
+            try:
+                self._process(job)
+            finally:
+                self.current = None
 
     def _load(self) -> None:
         s = self.settings
@@ -154,8 +211,11 @@ class Worker:
                 self.state = "warming up"
                 notify.notify("STATUS=warming up")
                 t = time.perf_counter()
-                self.runtime.warm_up(on_step=self._beat)
-                log.info("warm-up took %.2f s", time.perf_counter() - t)
+                warm = self.runtime.warm_up(on_step=self._beat)
+                seconds = time.perf_counter() - t
+                h, w = warm.images[0].height, warm.images[0].width
+                self.rate = h * w / seconds  # a first (pessimistic: encode + decode included) measure
+                log.info("warm-up took %.2f s", seconds)
         finally:
             stop_extending.set()
         self.state = "ready"
@@ -169,38 +229,58 @@ class Worker:
     def _process(self, job: Job) -> None:
         if not job.future.set_running_or_notify_cancel():
             return  # its client already gave up
+        if self._past_shutdown():
+            job.future.set_exception(ShuttingDown("the shutdown grace ended before this job could start"))
+            return
         if job.cancelled.is_set() or time.monotonic() > job.deadline:
             job.future.set_exception(Cancelled("deadline passed while queued"))
             return
 
         def on_step(step: int, total: int) -> None:
             self.heartbeat = time.monotonic()
+            job.done_steps += 1
+            if self._past_shutdown():
+                raise ShuttingDown(f"stopped at step {step}/{total}: the shutdown grace ended")
             if job.cancelled.is_set() or time.monotonic() > job.deadline:
                 raise Cancelled(f"stopped at step {step}/{total}")
 
         self.busy = True
         started = time.perf_counter()
+        oom = None
         try:
-            result = self.runtime.generate(job.request, n=job.n, on_step=on_step)
-        except Cancelled as exc:
-            job.future.set_exception(exc)
+            result = images.run_batched(self.runtime, job.request, job.n, self.settings.max_images,
+                                        on_step=on_step, on_latents=job.on_latents)
+        except (Cancelled, ShuttingDown) as exc:
+            job.future.set_exception(exc.with_traceback(None))
         except Exception as exc:  # noqa: BLE001 - every failure goes to its own request
             if _is_oom(exc):
-                self._release_memory()
-                log.warning("job %s: CUDA out of memory; memory released", job.id)
-                job.future.set_exception(OutOfMemory(str(exc).splitlines()[0] if str(exc) else "out of memory"))
+                oom = str(exc).splitlines()[0] if str(exc) else "out of memory"
             elif isinstance(exc, Sd35Error):
-                job.future.set_exception(exc)
+                job.future.set_exception(exc.with_traceback(None))
             else:
                 log.exception("job %s failed", job.id)
-                job.future.set_exception(exc)
+                job.future.set_exception(exc.with_traceback(None))  # its frames hold the activations
         else:
             seconds = time.perf_counter() - started
-            self.avg_job_seconds = 0.8 * self.avg_job_seconds + 0.2 * seconds
+            r = job.request
+            measured = r.width * r.height * r.steps * job.n / max(seconds, 1e-6)
+            # The warm-up's figure (one step carrying a whole encode + decode) only stands in until the
+            # first real job; then a moving average of real jobs.
+            self.rate = measured if self._rate_jobs == 0 else 0.7 * self.rate + 0.3 * measured
+            self._rate_jobs += 1
             job.future.set_result(result)
         finally:
             self.busy = False
             self.heartbeat = time.monotonic()
+        if oom is not None:
+            # Outside the except block: the exception, its traceback and their frames (which hold the
+            # step's activations) are gone, so gc + empty_cache can really give the memory back.
+            self._release_memory()
+            log.warning("job %s: CUDA out of memory; memory released", job.id)
+            job.future.set_exception(OutOfMemory(oom))
+
+    def _past_shutdown(self) -> bool:
+        return self.shutdown_deadline is not None and time.monotonic() > self.shutdown_deadline
 
     def _release_memory(self) -> None:
         import torch
