@@ -434,7 +434,7 @@ def test_openapi_tells_the_truth(api):
 def test_sigterm_past_the_grace_answers_503_and_exits_0(tmp_path, tiny_cache):
     port = free_port()
     env = {**os.environ, "SD35_SHUTDOWN_GRACE": "3", "SD35_CACHE_DIR": str(tiny_cache), "SD35_DEVICE": "cpu",
-           "SD35_MAX_STEPS": "500", "SD35_MAX_PIXELS": str(512 * 512), "SD35_QUEUE_SIZE": "4"}
+           "SD35_ALLOW_NO_KEY": "1", "SD35_MAX_STEPS": "500", "SD35_MAX_PIXELS": str(512 * 512), "SD35_QUEUE_SIZE": "4"}
     proc = subprocess.Popen(sd35_cmd() + ["serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
