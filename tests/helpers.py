@@ -60,3 +60,26 @@ def load_jsonc(path: Path) -> object:
             out.append(c)
             i += 1
     return json.loads(re.sub(r",(\s*[}\]])", r"\1", "".join(out)))
+
+
+def read_in_background(proc):
+    """Drain a child's stdout on a thread, so a full pipe never blocks it (a service writes an access-log line
+    per request: a test polling /metrics fills a 64 KB pipe within a minute and the server's event loop then
+    blocks in the write). Returns a function giving the text read so far."""
+    import threading
+
+    chunks: list[str] = []
+
+    def pump():
+        for line in proc.stdout:
+            chunks.append(line)
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+
+    def text(wait: float = 5.0) -> str:
+        if proc.poll() is not None:
+            t.join(timeout=wait)
+        return "".join(chunks)
+
+    return text

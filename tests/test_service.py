@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from helpers import read_in_background
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
@@ -323,6 +324,7 @@ def test_sigterm_drains_in_flight_request_and_notifies_systemd(tmp_path, tiny_ca
            "SD35_CACHE_DIR": str(tiny_cache), "SD35_DEVICE": "cpu", "SD35_ALLOW_NO_KEY": "1"}
     proc = subprocess.Popen(sd35_cmd() + ["serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    output = read_in_background(proc)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -347,7 +349,7 @@ def test_sigterm_drains_in_flight_request_and_notifies_systemd(tmp_path, tiny_ca
         proc.send_signal(signal.SIGTERM)
         t.join(timeout=120)
         rc = proc.wait(timeout=90)
-        out = proc.stdout.read()
+        out = output()
         assert rc == 0, out[-3000:]
         code, _, payload = result["r"]
         assert code == 200 and len(payload["data"]) == 1, (payload, out[-3000:])  # the in-flight request finished

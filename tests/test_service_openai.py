@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import requires_gpu
+from helpers import read_in_background, requires_gpu
 from test_service import KEY, InProcessServer, call, free_port, sd35_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -437,6 +437,7 @@ def test_sigterm_past_the_grace_answers_503_and_exits_0(tmp_path, tiny_cache):
            "SD35_ALLOW_NO_KEY": "1", "SD35_MAX_STEPS": "500", "SD35_MAX_PIXELS": str(512 * 512), "SD35_QUEUE_SIZE": "4"}
     proc = subprocess.Popen(sd35_cmd() + ["serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    output = read_in_background(proc)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -468,7 +469,7 @@ def test_sigterm_past_the_grace_answers_503_and_exits_0(tmp_path, tiny_cache):
     finally:
         if proc.poll() is None:
             proc.kill()
-    out = proc.stdout.read()
+    out = output()
     assert rc == 0, out[-3000:]
     assert "terminate called" not in out and "Traceback" not in out, out[-3000:]
     assert took < 3 + 5 + 10, took  # one grace, the answer margin, and the join — not two graces

@@ -152,8 +152,12 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
     key = _secrets.token_urlsafe(24)
     env["SD35_API_KEY"] = key
     auth = {"Authorization": f"Bearer {key}"}
+    import tempfile
+
+    # Its log goes to a file: an unread pipe fills with access-log lines and would stall the server.
+    log_file = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "sd35", "serve"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=log_file, text=True)
     url = f"http://127.0.0.1:{port}"
     prompt = "benchmark prompt"
 
@@ -176,7 +180,8 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
         deadline = time.time() + 600
         while time.time() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"sd35 serve exited: {proc.stderr.read()[-2000:]}")
+                log_file.seek(0)
+                raise RuntimeError(f"sd35 serve exited: {log_file.read()[-2000:]}")
             try:
                 with urllib.request.urlopen(urllib.request.Request(url + "/readyz", headers=auth), timeout=2) as r:
                     if r.status == 200:
