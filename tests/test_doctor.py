@@ -138,6 +138,15 @@ def test_busy_port():
     assert by_name(results, "debugpy").status == "warn"
 
 
+def test_api_port_check_uses_the_configured_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        c = by_name(doctor.run(ctx_for(port=port)), "api port")  # SD35_PORT, not 8000
+    assert c.status == "warn" and f"port {port}" in c.finding
+
+
 def test_unknown_env_key_suggests_the_known_one(tmp_path):
     env = tmp_path / ".env"
     env.write_text("SD35_MODEL=tiny\nSD35_PRECISON=bf16\nHF_TOKEN=x\n")
