@@ -26,7 +26,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks (results belong in docs/benchmarks.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-cache_app = typer.Typer(help="The (shared) Hugging Face cache: init, prefetch, verify, ls.", no_args_is_help=True)
+cache_app = typer.Typer(help="The (shared) Hugging Face cache: init, prefetch, quantize, verify, ls.",
+                        no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 MAX_CLI_IMAGES = 16
@@ -268,6 +269,33 @@ def cache_prefetch(
     print(folder)
 
 
+@cache_app.command("quantize")
+@handle_errors
+def cache_quantize(
+    model: Optional[str] = typer.Option(None, "--model", help="the bf16 source: tiny, medium, large, large-turbo, a "
+                                        "repo id or a folder [SD35_MODEL]"),
+    precision: str = typer.Option("fp8-weight", "--precision", help="fp8-weight | fp8 (same bytes on disk; the "
+                                  "mode a load uses is still chosen at load time)"),
+    t5: str = typer.Option("auto", "--t5", help="auto (FP8) | fp8-weight | bf16 (stored as in the source)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: SD35_QUANTIZED_DIR/<name>-"
+                                       "<precision>, beside HF_HUB_CACHE)"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit [SD35_REVISION]"),
+) -> None:
+    """Write a pre-quantized FP8 copy of a model (transformer + T5 as FP8 data + scales) that loads with
+    no bf16 copy in host or GPU memory; the team loads it with --model <name> or its path."""
+    from . import hub, logs, quantized
+
+    logs.configure(False)
+    settings = _settings(model=model, revision=revision)
+    target = quantized.check_request(settings, precision, t5, out)  # refuse before downloading or reading
+    source = hub.resolve(settings, with_t5=True)
+    folder = quantized.quantize(settings, source, precision, t5, target)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    err.print(f"{settings.model} → {folder} ({precision}, {size / 1e9:.2f} GB); load it with "
+              f"--model {folder.name if folder.parent == quantized.store_dir(settings) else folder}", highlight=False)
+    print(folder)
+
+
 @cache_app.command("verify")
 @handle_errors
 def cache_verify(model: Optional[str] = typer.Argument(None, help="one model (default: the whole cache)")) -> None:
@@ -278,6 +306,7 @@ def cache_verify(model: Optional[str] = typer.Argument(None, help="one model (de
 
     settings = _settings()
     problems = cache.verify(settings.hf_hub_cache, model)
+    problems += cache.verify_quantized(settings, model)
     for p in problems:
         err.print(f"[bold red]{p.kind}[/]: {escape(str(p.path))}: {escape(p.detail)}\n  fix: {escape(p.fix)}",
                   highlight=False)
@@ -295,10 +324,13 @@ def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
 
     from . import cache
 
+    from . import quantized
+
     settings = _settings()
     rows = cache.listing(settings.hf_hub_cache)
+    stored = quantized.listing(settings)
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + [{"repo_id": r["name"], "type": "sd35-quantized", **r} for r in stored], indent=2))
         return
     table = Table(title=f"HF_HUB_CACHE={settings.hf_hub_cache}")
     for col in ("repo", "commit", "refs", "files", "size"):
@@ -307,6 +339,16 @@ def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
         table.add_row(r["repo_id"], r["commit"][:12], ",".join(r["refs"]), str(r["files"]),
                       f"{r['size_on_disk'] / 1e9:.2f} GB")
     out.print(table if rows else f"no models in {settings.hf_hub_cache}")
+    if stored:
+        q = Table(title=f"pre-quantized: {quantized.store_dir(settings)} (load with --model NAME)")
+        for col in ("name", "precision", "t5", "source", "size"):
+            q.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
+        for r in stored:
+            src = r["source"]
+            q.add_row(r["name"], str(r.get("precision") or r.get("error")), str(r.get("t5")),
+                      f"{src.get('repo_id') or src.get('requested')}@{(src.get('commit') or '-')[:12]}",
+                      f"{r['size_on_disk'] / 1e9:.2f} GB")
+        out.print(q)
 
 
 @bench_app.command("memory")

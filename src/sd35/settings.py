@@ -67,6 +67,21 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     offload: Offload = Field(default="none", description="accelerate CPU offload for small GPUs.")
     output_dir: Path = Field(default=Path("outputs"), description="Where images and sidecars are written.")
+    quantized_dir: Path | None = Field(
+        default=None,
+        description="Where `sd35 cache quantize` writes and `--model NAME` finds pre-quantized folders; "
+                    "default: sd35-quantized beside HF_HUB_CACHE.",
+    )
+    lean_load: bool = Field(
+        default=True,
+        description="Quantize the transformer/T5 of a bf16 source as its shards are read (host RAM: one FP8 "
+                    "component, not the bf16 pipeline); 0 = load all in bf16, then quantize.",
+    )
+    transformer: Path | None = Field(
+        default=None,
+        description="Take the transformer from this single .safetensors file (SAI/ComfyUI checkpoint, plain or "
+                    "FP8 scaled); the other components come from the file or from SD35_MODEL.",
+    )
     cache_dir: Path = Field(
         default_factory=lambda: Path(_default_sd35_cache()),
         description="Where the embedded tiny model is built (not the Hugging Face cache).",
