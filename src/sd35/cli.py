@@ -371,6 +371,35 @@ def bench_memory(
     out.print(bench.memory_table(report))
 
 
+@bench_app.command("load")
+@handle_errors
+def bench_load(
+    arch: str = typer.Option("medium", "--arch", help="medium | large (the published transformer configs) | tiny"),
+    work_dir: Optional[Path] = typer.Option(None, "--dir", help="where the two copies are written (default: the "
+                                            "system temp folder; medium needs ~7.5 GB, large ~12 GB)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Load one random-weight transformer three ways, each in its own process: bf16 then quantize (today),
+    lean (quantized as read), pre-quantized (FP8 from disk). Seconds, peak host RSS, bytes on disk."""
+    from . import bench, logs
+    from .models import ARCHS
+
+    logs.configure(False)
+    if arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(ARCHS)}.")
+    if work_dir is not None and not work_dir.is_dir():
+        raise InputError(f"--dir {work_dir} is not a folder.", "create it or pass another one.")
+    report = bench.load_modes(arch, work_dir)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    for mode, r in report["modes"].items():
+        out.print(f"{mode:14} {r['seconds']:7.1f} s  RSS peak {r['rss_peak_bytes'] / 1e9:6.2f} GB  "
+                  f"disk {r['disk_bytes'] / 1e9:6.2f} GB", highlight=False)
+    out.print(f"pre-quantized vs today: {report['prequantized_vs_bf16_quantize']} · goals {report['goal']}",
+              highlight=False)
+
+
 @bench_app.command("serve")
 @handle_errors
 def bench_serve(

@@ -183,7 +183,9 @@ def versions() -> dict[str, str]:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
-            out[pkg] = "?"
+            from . import __version__
+
+            out[pkg] = __version__ if pkg == "sd35" else "?"
     return out
 
 
