@@ -93,6 +93,8 @@ def generate(
     t5: Optional[str] = typer.Option(None, "--t5", help="auto | bf16 | fp8-weight | off [SD35_T5]"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N [SD35_DEVICE]"),
     offload: Optional[str] = typer.Option(None, "--offload", help="none | model | sequential [SD35_OFFLOAD]"),
+    transformer: Optional[Path] = typer.Option(None, "--transformer", help="transformer from one SAI/ComfyUI "
+                                               ".safetensors file, plain or FP8 scaled [SD35_TRANSFORMER]"),
     steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the model's, read from its "
                                         "configs)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
@@ -112,7 +114,7 @@ def generate(
 
     logs.configure(verbose)
     settings = _settings(model=model, revision=revision, precision=precision, t5=t5, device=device,
-                         offload=offload, output_dir=out_dir, breaks=breaks)
+                         offload=offload, output_dir=out_dir, breaks=breaks, transformer=transformer)
     if not 1 <= n <= MAX_CLI_IMAGES:
         raise InputError(f"-n {n} is out of range.", f"pass -n from 1 to {MAX_CLI_IMAGES}.", param="n")
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,

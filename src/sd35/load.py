@@ -6,7 +6,9 @@ quantization, placement) must happen exactly once per process, never per request
 
 The procedure, in order:
   1. Detect the hardware and resolve the precision plan (refuse impossible requests before loading).
-  2. Resolve the model to a local diffusers folder (tiny | local folder | Hub cache).
+  2. Resolve the model to a local diffusers folder (tiny | local folder | Hub cache | pre-quantized store);
+     with SD35_TRANSFORMER the transformer comes from one SAI/ComfyUI file instead (singlefile.py),
+     checked from its header first and refused unless it has the folder's architecture.
   3. Read the pipeline on the CPU, component by component (quantized.py):
      - a pre-quantized folder (`sd35 cache quantize`): transformer and T5 come off disk as FP8 data +
        scales, no bf16 copy anywhere;
@@ -26,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from . import hardware, hub, precision, quantized
+from . import hardware, hub, precision, quantized, singlefile
 from .errors import ModelError
 from .settings import Settings
 
@@ -46,7 +48,7 @@ class LoadedPipeline:
     offload: str
     load_seconds: float
     weight_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
-    load_path: str = "bf16-quantize"  # prequantized | lean | bf16-quantize (how step 3 read the weights)
+    load_path: str = "bf16-quantize"  # prequantized | lean | bf16-quantize | single-file (how step 3 read them)
 
     @property
     def device(self) -> str:
@@ -83,10 +85,16 @@ def load(settings: Settings) -> LoadedPipeline:
                     offload, hw.device)
         offload = "none"
 
+    # A single-file transformer (SD35_TRANSFORMER) is checked from its header before anything is loaded.
+    file_info = singlefile.inspect(settings.transformer) if settings.transformer else None
+
     # 2. Model files.
     with_t5 = plan.t5 != "off"
     source = hub.resolve(settings, with_t5=with_t5)
     log.info("model: %s (%s) from %s", source.requested, source.kind, source.path)
+    if file_info is not None:
+        singlefile.check_matches(file_info, source.path)
+        log.info("transformer: %s", file_info.describe())
 
     # 3. Read the pipeline in bf16 on the CPU.
     logs.quiet(logging.getLogger("sd35").getEffectiveLevel() > logging.DEBUG)
@@ -104,12 +112,18 @@ def load(settings: Settings) -> LoadedPipeline:
     fp8_t5_on_disk = record is not None and record.get("t5") in quantized.QUANT_MODES
     lean = settings.lean_load and plan.transformer in quantized.QUANT_MODES
     load_path = "prequantized" if record is not None else ("lean" if lean else "bf16-quantize")
+    if file_info is not None:
+        load_path = "single-file"
     try:
-        if record is not None or lean:
+        if file_info is not None:
+            extra["transformer"], _ = singlefile.load_transformer(settings.transformer, source.path, plan.transformer)
+        elif record is not None or lean:
             extra["transformer"] = quantized.load_transformer(source.path, quantize=record is None)
         if with_t5 and (fp8_t5_on_disk or (settings.lean_load and plan.t5 in quantized.QUANT_MODES)):
             extra["text_encoder_3"] = quantized.load_t5(source.path, quantize=not fp8_t5_on_disk)
         pipe = StableDiffusion3Pipeline.from_pretrained(source.path, dtype=torch.bfloat16, **extra)
+    except ModelError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign folder gets a cause and a fix
         raise ModelError(
             f"diffusers could not load {source.path} as a Stable Diffusion 3.5 pipeline: "

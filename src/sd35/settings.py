@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     max_steps: int = Field(default=100, ge=1, le=500)
     max_prompt_chars: int = Field(default=2000, ge=1)
     warmup: bool = Field(default=True, description="One 1-step generation after loading, before READY.")
+    instances: int | None = Field(default=None, ge=1, le=64, description="Service processes that load at once "
+                                  "(doctor's host-RAM check); default: the enabled sd35-api@ units, else 1.")
     load_timeout: float = Field(default=3600.0, gt=0, description="Seconds a load (with its first download) may "
                                 "take before systemd is no longer asked to wait.")
 
