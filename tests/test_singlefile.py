@@ -96,10 +96,16 @@ def test_file_reproduces_the_dequantized_folder(files, sai, tiny_cache, tmp_path
     _, from_folder = _image(model=str(folder), precision="bf16")
     assert rt_file.loaded.load_path == "single-file"
     assert np.array_equal(from_file, from_folder)  # the same weights, the same image
-    # FP8 codes used as stored (no requantization): within bf16 rounding of the dequantized image
-    rt8, fp8_file = _image(model=str(folder), transformer=path, precision="fp8-weight")
+    # FP8 codes used as stored: no further from the dequantized image than FP8-quantizing those same weights
+    # on the fly (T5 in bf16 everywhere, so only the transformer differs; torchao's weight-only matmul
+    # rounds the scale to bf16, hence not bit-equal)
+    rt8, fp8_file = _image(model=str(folder), transformer=path, precision="fp8-weight", t5="bf16")
     assert rt8.loaded.weight_bytes["transformer"]["total"] < rt_file.loaded.weight_bytes["transformer"]["total"]
-    assert np.abs(fp8_file.astype(int) - from_folder.astype(int)).mean() < 1.0
+    _, fp8_folder = _image(model=str(folder), precision="fp8-weight", t5="bf16")  # requantized per row
+    err_file = np.abs(fp8_file.astype(int) - from_folder.astype(int)).mean()
+    err_requantized = np.abs(fp8_folder.astype(int) - from_folder.astype(int)).mean()
+    print(f"mean |Δ| vs bf16: file codes {err_file:.3f}, requantized on the fly {err_requantized:.3f}")
+    assert err_file < 2.0 and err_file <= err_requantized
 
 
 def _write_raw(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
