@@ -87,18 +87,159 @@ def t5_config():
 
 
 # --- lean loading ---------------------------------------------------------------------------------------------
+#
+# Our own reader instead of `from_pretrained` for the two big components. Measured on SD3.5 Medium's
+# transformer (`sd35 bench load`), `from_pretrained` peaked at ~3.7x the FP8 weights: it memory-maps the
+# files (mapped pages count in the process's RSS next to the copies made from them) and computes the
+# position table in float64/float32 in `__init__` before loading the stored one. Here the module is built
+# on the meta device (buffers included: nothing is computed), each tensor is read with plain `readinto`
+# into its own buffer (the page cache is not mapped into the process), quantized at once if it is a
+# Linear weight to quantize, and assigned. Peak: the component in FP8 plus one bf16 tensor.
+
+_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
+              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+              "BOOL": "bool"}
+
+
+def read_tensors(path: Path):
+    """Yield (name, tensor) from a safetensors file one tensor at a time, without memory-mapping it;
+    the file's `__metadata__` is yielded first as ("__metadata__", dict)."""
+    import struct
+
+    import torch
+
+    with open(path, "rb", buffering=0) as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        yield "__metadata__", header.pop("__metadata__", None) or {}
+        base = 8 + n
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            fh.seek(base + start)
+            view, got = memoryview(buf.numpy()), 0
+            while got < end - start:
+                r = fh.readinto(view[got:])
+                if not r:
+                    raise ModelError(f"{path} ends early (reading {name}).", "download or re-create the file.")
+                got += r
+            yield name, buf.view(getattr(torch, _ST_DTYPES[info["dtype"]])).reshape(info["shape"])
+
+
+def _assign(model, name: str, tensor) -> None:
+    import torch
+
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = tensor
+    else:
+        raise ModelError(f"the checkpoint has a tensor {name!r} the model does not.",
+                         "the folder's weights and config.json do not belong together: re-download or re-create it.")
+
+
+def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str]):
+    """Assign every tensor of `files` into the meta-built `model`: torchao-flattened FP8 weights rebuilt as
+    Float8Tensors; bf16 Linear weights quantized as they arrive when `quantize`; the rest cast to bf16."""
+    import fnmatch
+
+    import torch
+    from torchao.quantization import Float8Tensor, PerRow
+
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and not any(fnmatch.fnmatch(n, p) for p in keep)}
+    pending: dict[str, dict] = {}
+    for f in files:
+        meta = {}
+        for name, t in read_tensors(f):
+            if name == "__metadata__":
+                meta = t
+                continue
+            owner, _, leaf = name.rpartition(".")
+            if leaf in ("_weight_qdata", "_weight_scale"):  # torchao's flattened Float8Tensor
+                parts = pending.setdefault(owner, {})
+                parts[leaf] = t
+                if len(parts) == 2:
+                    info = json.loads(meta.get(f"{owner}.weight", "{}")).get("_data", {})
+                    block = info.get("block_size") or [1, parts["_weight_qdata"].shape[-1]]
+                    _assign(model, f"{owner}.weight", Float8Tensor(parts["_weight_qdata"], parts["_weight_scale"],
+                                                                    block_size=list(block), dtype=torch.bfloat16))
+                    del pending[owner]
+                continue
+            if t.is_floating_point():
+                t = t.to(torch.bfloat16)
+            if quantize and leaf == "weight" and owner in linears and t.dim() == 2:
+                t = Float8Tensor.from_hp(t, float8_dtype=torch.float8_e4m3fn, granularity=PerRow())
+            _assign(model, name, t)
+    if pending:
+        raise ModelError(f"incomplete FP8 weights in {files[0].parent} ({next(iter(pending))}).",
+                         "re-create the folder with `sd35 cache quantize`.")
+
+
+def save_component(model, folder: Path, filename: str, quant_config) -> Path:
+    """Write `model`'s weights as diffusers/transformers write a torchao-quantized model (flattened
+    Float8Tensors + their type in the header) and record the quantization_config in its config.json,
+    so `from_pretrained` reads the folder too."""
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():  # tied weights (T5's embedding) once, as save_pretrained does
+        key = (t.data_ptr() if not hasattr(t, "qdata") else t.qdata.data_ptr(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = t
+    flat = flatten_tensor_state_dict(state)
+    tensors, metadata = flat if isinstance(flat, tuple) else (flat, {})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / filename),
+              metadata={"format": "pt", **metadata})
+    cfg_file = folder / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["quantization_config"] = quant_config.to_dict()
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+    return folder / filename
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"no .safetensors weights in {folder}.", "re-download the model (`sd35 cache verify`).")
+    return files
+
+
+def _check_materialized(model, folder: Path) -> None:
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise ModelError(f"{folder} lacks {len(left)} tensor(s) of its model (e.g. {left[0]}).",
+                         "re-download or re-create the folder (`sd35 cache verify`).")
+
 
 def load_transformer(folder: Path, *, quantize: bool):
-    """The SD3 transformer from `folder/transformer`: FP8 as its shards are read when `quantize`
-    (bf16 source), or as stored (a pre-quantized folder carries its own quantization_config)."""
+    """The SD3 transformer from `folder/transformer`: FP8 as its tensors are read when `quantize` (bf16
+    source), or as stored (a pre-quantized folder), bf16 otherwise; built on meta, no bf16 copy."""
     import torch
     from diffusers import SD3Transformer2DModel
 
-    kw = {"quantization_config": transformer_config()} if quantize else {}
-    return SD3Transformer2DModel.from_pretrained(Path(folder) / "transformer", torch_dtype=torch.bfloat16, **kw)
+    sub = Path(folder) / "transformer"
+    config = {k: v for k, v in json.loads((sub / "config.json").read_text()).items()
+              if not k.startswith("_") and k != "quantization_config"}
+    with torch.device("meta"):
+        model = SD3Transformer2DModel.from_config(config)
+    _fill(model, _weight_files(sub), quantize=quantize, keep=precision.KEEP_BF16)
+    _check_materialized(model, sub)
+    return model.eval()
 
 
 def load_t5(folder: Path, *, quantize: bool):
+    """T5-XXL's encoder from `folder/text_encoder_3` through transformers' own loader (with a torchao
+    quantization_config for a bf16 source: quantized per tensor as read). Not our reader: a T5 built on
+    the meta device and filled by it computed attention differently from transformers' (same weights,
+    different outputs, cause not found in time), and T5 has no large computed table to avoid."""
     import torch
     from transformers import T5EncoderModel
 
@@ -296,12 +437,14 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
                 _link_or_copy(f, tmp / rel)
         # 4. FP8 components, one at a time (peak host memory: one FP8 component plus a shard of bf16).
         transformer = load_transformer(source.path, quantize=True)
-        transformer.save_pretrained(tmp / "transformer", safe_serialization=True, max_shard_size="5GB")
+        transformer.save_config(tmp / "transformer")
+        save_component(transformer, tmp / "transformer", "diffusion_pytorch_model.safetensors", transformer_config())
         coverage = precision.linear_coverage(transformer)
         del transformer
         if t5_mode != "bf16":
             enc = load_t5(source.path, quantize=True)
-            enc.save_pretrained(tmp / "text_encoder_3", safe_serialization=True, max_shard_size="5GB")
+            enc.config.save_pretrained(tmp / "text_encoder_3")
+            save_component(enc, tmp / "text_encoder_3", "model.safetensors", t5_config())
             del enc
         # 5. Record and publish.
         record = {
