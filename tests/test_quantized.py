@@ -153,7 +153,7 @@ def test_store_name_resolves_only_with_a_record(tmp_path):
     assert models.family_of(tmp_path / "medium-fp8")[0] == "sd3.5-medium"
     assert quantized.find("../etc", settings) is None
     assert Settings().quantized_dir is None
-    assert quantized.store_dir(Settings(hf_hub_cache=tmp_path / "hub")) == tmp_path / "sd35-quantized"
+    assert quantized.store_dir(Settings(hf_hub_cache=tmp_path / "hub")) == tmp_path / "hub" / "sd35-quantized"
     with pytest.raises(ModelError):
         (tmp_path / "medium-fp8" / "sd35_quant.json").write_text("{")
         quantized.read_record(tmp_path / "medium-fp8")

@@ -287,6 +287,7 @@ def _evict(folder) -> None:
 def load_child(mode: str, folder: str) -> dict:
     """One mode, in this (fresh) process: load the transformer in `folder` into fp8-weight on the CPU."""
     import resource
+    from pathlib import Path
 
     t0 = time.perf_counter()
     import diffusers  # noqa: F401 - imports are timed apart from the load
@@ -298,8 +299,10 @@ def load_child(mode: str, folder: str) -> dict:
 
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
-    if mode == "bf16-quantize":  # today's path: everything in bf16, then quantize
-        model = quantized.load_transformer(folder, quantize=False)
+    if mode == "bf16-quantize":  # today's path (SD35_LEAN_LOAD=0): diffusers' from_pretrained in bf16, then quantize
+        import torch
+
+        model = SD3Transformer2DModel.from_pretrained(Path(folder) / "transformer", torch_dtype=torch.bfloat16)
         precision.apply(model, "fp8-weight", device="cpu")
     elif mode == "lean":
         model = quantized.load_transformer(folder, quantize=True)

@@ -280,7 +280,7 @@ def cache_quantize(
                                   "mode a load uses is still chosen at load time)"),
     t5: str = typer.Option("auto", "--t5", help="auto (FP8) | fp8-weight | bf16 (stored as in the source)"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: SD35_QUANTIZED_DIR/<name>-"
-                                       "<precision>, beside HF_HUB_CACHE)"),
+                                       "<precision>, inside HF_HUB_CACHE)"),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit [SD35_REVISION]"),
 ) -> None:
     """Write a pre-quantized FP8 copy of a model (transformer + T5 as FP8 data + scales) that loads with

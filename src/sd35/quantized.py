@@ -10,8 +10,8 @@ assigns it — no bf16 copy ever exists):
 
 - **Pre-quantized store** (`sd35 cache quantize`): a diffusers-layout folder whose transformer (and T5)
   holds FP8 data + scales on disk, plus `sd35_quant.json` recording how it was made (source repo +
-  commit, precision, the layers kept in bf16, library versions). It lives in the shared cache, beside
-  `HF_HUB_CACHE` (`<HF_HUB_CACHE>/../sd35-quantized/<alias>-<precision>`, or `SD35_QUANTIZED_DIR`), so
+  commit, precision, the layers kept in bf16, library versions). It lives in the shared cache, inside
+  `HF_HUB_CACHE` (`<HF_HUB_CACHE>/sd35-quantized/<alias>-<precision>`, or `SD35_QUANTIZED_DIR`), so
   one person quantizes and the team loads it by name (`--model medium-fp8-weight`) or by path. The
   other components (CLIP encoders, VAE, tokenizers, scheduler) are hard-linked from the source when
   the filesystem allows, else copied.
@@ -345,10 +345,14 @@ def check_plan(record: dict, plan: precision.PrecisionPlan, folder: Path) -> Non
 # --- the store ---------------------------------------------------------------------------------------------------
 
 def store_dir(settings: Settings) -> Path:
-    """Where pre-quantized folders live: SD35_QUANTIZED_DIR, else `sd35-quantized` beside HF_HUB_CACHE."""
+    """Where pre-quantized folders live: SD35_QUANTIZED_DIR, else `sd35-quantized` inside HF_HUB_CACHE.
+
+    Inside, not beside: on a shared server HF_HUB_CACHE is the group-owned setgid folder `sd35 cache init`
+    made (docs/hosting.md), so the store inherits its group and ACLs, and `cache verify` checks its
+    permissions with the rest. huggingface_hub skips a folder not named `models--…` when it scans."""
     if settings.quantized_dir is not None:
         return Path(settings.quantized_dir).expanduser()
-    return Path(settings.hf_hub_cache).expanduser().parent / "sd35-quantized"
+    return Path(settings.hf_hub_cache).expanduser() / "sd35-quantized"
 
 
 def default_name(model: str, mode: str) -> str:

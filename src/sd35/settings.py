@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     quantized_dir: Path | None = Field(
         default=None,
         description="Where `sd35 cache quantize` writes and `--model NAME` finds pre-quantized folders; "
-                    "default: sd35-quantized beside HF_HUB_CACHE.",
+                    "default: sd35-quantized inside HF_HUB_CACHE.",
     )
     lean_load: bool = Field(
         default=True,
