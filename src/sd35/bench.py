@@ -344,7 +344,9 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
         gc.collect()
         stored = root / "prequantized"
         q = quantized.load_transformer(bf16, quantize=True)
-        q.save_pretrained(stored / "transformer", safe_serialization=True, max_shard_size="5GB")
+        q.save_config(stored / "transformer")
+        quantized.save_component(q, stored / "transformer", "diffusion_pytorch_model.safetensors",
+                                 quantized.transformer_config())
         del q
         gc.collect()
         prep = time.perf_counter() - t0
