@@ -203,7 +203,7 @@ def inspect(path: Path) -> FileInfo:
     if not fp8 and any(k.endswith(_SCALE_KEYS) for k in diff):
         raise _refuse(path, "scales without FP8 weights were found")
 
-    num_layers = 1 + max(int(k.split(".")[1]) for k in diff if k.startswith("joint_blocks."))
+    num_layers = max(int(k.split(".")[1]) for k in diff if k.startswith("joint_blocks.")) + 1
     hidden = diff["x_embedder.proj.weight"]["shape"][0] if "x_embedder.proj.weight" in diff else 0
     dual = sorted({int(k.split(".")[1]) for k in diff if ".x_block.attn2." in k})
     arch = _arch(num_layers, hidden, dual)
