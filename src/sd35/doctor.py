@@ -512,6 +512,18 @@ def check_model(ctx: Context) -> Check:
         except ModelError as exc:
             return Check("model", FAIL, exc.cause, exc.fix)
         return Check("model", OK, f"local diffusers folder {Path(ctx.model).expanduser()}")
+    stored = find_local(s) if ctx.kind == "invalid" else None
+    if stored is not None:  # a name in the pre-quantized store
+        from .quantized import read_record
+
+        try:
+            rec = read_record(stored) or {}
+            check_local(str(stored), with_t5=s.t5 != "off")
+        except ModelError as exc:
+            return Check("model", FAIL, exc.cause, exc.fix)
+        src = rec.get("source", {})
+        return Check("model", OK, f"pre-quantized {rec.get('precision')} copy of {src.get('repo_id') or src.get('requested')}"
+                     f"@{(src.get('commit') or '-')[:12]} at {stored}")
     if ctx.kind == "invalid":
         return Check("model", FAIL, f"SD35_MODEL={ctx.model!r} is neither tiny, a folder nor a Hub repo id",
                      "use tiny, medium, large, large-turbo, org/name or a folder path")
