@@ -140,6 +140,25 @@ def _assign(model, name: str, tensor) -> None:
                          "the folder's weights and config.json do not belong together: re-download or re-create it.")
 
 
+def _large_allocations_from_mmap() -> None:
+    """Serve allocations above 4 MiB from mmap for the rest of the process (glibc `mallopt`).
+
+    Why: reading a component frees a bf16 tensor after each quantized one is kept. With glibc's default
+    *dynamic* threshold, freed buffers up to 32 MiB soon come from the heap, where the long-lived FP8
+    tensors interleave with them and the freed space is never returned: measured +0.3-0.7 GB on a 1 GB
+    component, +3 GB on Medium's transformer. A fixed threshold returns each freed buffer at once. The
+    cost is a page-fault per large CPU allocation later (negligible next to a CPU denoising step)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (musl): nothing to tune
+        pass
+
+
 def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str]):
     """Assign every tensor of `files` into the meta-built `model`: torchao-flattened FP8 weights rebuilt as
     Float8Tensors; bf16 Linear weights quantized as they arrive when `quantize`; the rest cast to bf16."""
@@ -148,6 +167,7 @@ def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str]):
     import torch
     from torchao.quantization import Float8Tensor, PerRow
 
+    _large_allocations_from_mmap()
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                and not any(fnmatch.fnmatch(n, p) for p in keep)}
     pending: dict[str, dict] = {}
