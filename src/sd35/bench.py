@@ -392,7 +392,7 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
     met = {"disk": ratios["disk_ratio"] <= LOAD_GOALS["disk_ratio_max"],
            "rss_peak": ratios["rss_peak_ratio"] <= LOAD_GOALS["rss_peak_ratio_max"],
            "seconds": ratios["seconds_ratio"] <= LOAD_GOALS["seconds_ratio_max"]}
-    return {"arch": arch, "parameters": sum(v for v in [base["fp8_linear_params"] + base["bf16_linear_params"]]),
+    return {"arch": arch, "linear_parameters": base["fp8_linear_params"] + base["bf16_linear_params"],
             "modes": rows, "prequantized_vs_bf16_quantize": ratios, "goal": {**LOAD_GOALS, "met": met},
             "prepare_seconds": round(prep, 1), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "versions": quantized.versions(),
