@@ -175,3 +175,18 @@ def test_doctor_host_ram_per_load_path_and_instances(store, tiny_cache, monkeypa
     monkeypatch.setattr(doctor, "_meminfo_available", lambda: stored * 2)
     c = doctor.check_host_ram(ctx(model="tiny", lean_load=False, instances=3))
     assert c.status == doctor.FAIL and "sd35 cache quantize --model tiny" in c.fix
+
+
+@pytest.mark.slow
+def test_bench_load_reports_the_three_modes(tmp_path):
+    r = run_cli("bench", "load", "--arch", "tiny", "--json", "--dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert set(report["modes"]) == {"bf16-quantize", "lean", "prequantized"}
+    for row in report["modes"].values():
+        assert row["seconds"] > 0 and row["rss_peak_bytes"] > 0 and row["disk_bytes"] > 0
+        assert row["fp8_linear_params"] > 0  # each mode ends in fp8-weight
+    assert report["modes"]["prequantized"]["disk_bytes"] < report["modes"]["lean"]["disk_bytes"]
+    assert len({row["weight_bytes"] for row in report["modes"].values()}) == 1  # the same model three ways
+    assert set(report["goal"]["met"]) == {"disk", "rss_peak", "seconds"}
+    assert list(tmp_path.iterdir()) == []  # the copies are removed
