@@ -305,6 +305,153 @@ def summary_time(repeats: int = 5) -> list[dict]:
 
 
 
+# --- sd35 bench load ----------------------------------------------------------------------------------------
+
+LOAD_MODES = ("bf16-quantize", "lean", "prequantized")
+# Issue #11's targets, pre-quantized vs today's path (bf16 from disk, then quantize).
+LOAD_GOALS = {"disk_ratio_max": 0.52, "rss_peak_ratio_max": 0.6, "seconds_ratio_max": 0.5}
+
+
+def _folder_bytes(folder) -> int:
+    from pathlib import Path
+
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def _evict(folder) -> None:
+    """Drop `folder`'s files from the page cache (posix_fadvise, these files only), so each mode reads from
+    disk as a fresh start does, not from pages the previous mode or the preparation left behind."""
+    import os
+    from pathlib import Path
+
+    for f in Path(folder).rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd) if os.access(f, os.W_OK) else None
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _vm_hwm() -> int | None:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries ru_maxrss over fork + exec,
+    so a child started by a big parent would report the parent's size (measured: every mode showed the
+    parent's 5.4 GB)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def load_child(mode: str, folder: str) -> dict:
+    """One mode, in this (fresh) process: load the transformer in `folder` into fp8-weight on the CPU."""
+    import resource
+    from pathlib import Path
+
+    t0 = time.perf_counter()
+    import diffusers  # noqa: F401 - imports are timed apart from the load
+    import torch  # noqa: F401
+    import torchao.quantization  # noqa: F401
+    from diffusers import SD3Transformer2DModel, TorchAoConfig  # noqa: F401
+
+    from . import precision, quantized
+
+    t_import = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if mode == "bf16-quantize":  # today's path (SD35_LEAN_LOAD=0): diffusers' from_pretrained in bf16, then quantize
+        import torch
+
+        model = SD3Transformer2DModel.from_pretrained(Path(folder) / "transformer", torch_dtype=torch.bfloat16)
+        precision.apply(model, "fp8-weight", device="cpu")
+    elif mode == "lean":
+        model = quantized.load_transformer(folder, quantize=True)
+    elif mode == "prequantized":
+        model = quantized.load_transformer(folder, quantize=False)
+    else:
+        raise ValueError(mode)
+    seconds = time.perf_counter() - t1
+    cov = precision.linear_coverage(model)
+    return {"seconds": round(seconds, 2), "import_seconds": round(t_import, 2),
+            "rss_peak_bytes": _vm_hwm() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "weight_bytes": precision.weight_bytes(model)["total"], **cov}
+
+
+def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
+    """Load one random-weight transformer of `arch` three ways, each in its own process:
+    `bf16-quantize` (today: bf16 from disk, then quantize), `lean` (quantized as the shards are read),
+    `prequantized` (FP8 data + scales from disk). Reports seconds, peak RSS and bytes read from disk."""
+    import json as _json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from . import quantized
+
+    # 1. The two folders on disk: bf16 (as published) and pre-quantized (as `sd35 cache quantize` writes it).
+    t0 = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix=f"sd35-bench-load-{arch}-", dir=work_dir))
+    try:
+        bf16 = root / "bf16"
+        model = build_transformer(arch)
+        model.save_pretrained(bf16 / "transformer", safe_serialization=True)
+        del model
+        gc.collect()
+        stored = root / "prequantized"
+        q = quantized.load_transformer(bf16, quantize=True)
+        q.save_config(stored / "transformer")
+        quantized.save_component(q, stored / "transformer", "diffusion_pytorch_model.safetensors",
+                                 quantized.transformer_config())
+        del q
+        gc.collect()
+        prep = time.perf_counter() - t0
+
+        # 2. Each mode in a fresh process, files evicted from the page cache first.
+        rows = {}
+        for mode in LOAD_MODES:
+            folder = stored if mode == "prequantized" else bf16
+            _evict(folder)
+            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "sd35.bench", "load-child", mode, str(folder)],
+                               capture_output=True, text=True, env=env)
+            wall = time.perf_counter() - t
+            if r.returncode != 0:
+                raise RuntimeError(f"bench load {mode} failed: {r.stderr[-2000:]}")
+            row = _json.loads(r.stdout.strip().splitlines()[-1])
+            row["process_seconds"] = round(wall, 2)
+            row["disk_bytes"] = _folder_bytes(folder / "transformer")
+            rows[mode] = row
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    base, pre = rows["bf16-quantize"], rows["prequantized"]
+    ratios = {"disk_ratio": round(pre["disk_bytes"] / base["disk_bytes"], 3),
+              "rss_peak_ratio": round(pre["rss_peak_bytes"] / base["rss_peak_bytes"], 3),
+              "seconds_ratio": round(pre["seconds"] / base["seconds"], 3),
+              "lean_rss_peak_ratio": round(rows["lean"]["rss_peak_bytes"] / base["rss_peak_bytes"], 3)}
+    met = {"disk": ratios["disk_ratio"] <= LOAD_GOALS["disk_ratio_max"],
+           "rss_peak": ratios["rss_peak_ratio"] <= LOAD_GOALS["rss_peak_ratio_max"],
+           "seconds": ratios["seconds_ratio"] <= LOAD_GOALS["seconds_ratio_max"]}
+    return {"arch": arch, "linear_parameters": base["fp8_linear_params"] + base["bf16_linear_params"],
+            "modes": rows, "prequantized_vs_bf16_quantize": ratios, "goal": {**LOAD_GOALS, "met": met},
+            "prepare_seconds": round(prep, 1), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "versions": quantized.versions(),
+            "notes": "seconds: the load itself (imports excluded, in import_seconds); rss_peak_bytes: the child "
+                     "process's VmHWM (imports included, ~0.4 GB, the same for every mode); files evicted from the "
+                     "page cache before each mode."}
+
+
+
 # --- sd35 bench speed ---------------------------------------------------------------------------------------
 
 def _step_inputs(config: dict, size: int, device: str, batch: int = 2):
@@ -440,3 +587,16 @@ def compile_cache(settings, *, steps: int = 1) -> dict:
     cold, warm = runs[0]["seconds"], runs[1]["seconds"]
     return {"model": settings.model, "cold": runs[0], "warm": runs[1], "ratio": round(warm / cold, 3),
             "goal_ratio_max": 0.4}
+
+if __name__ == "__main__":  # `python -m sd35.bench load-child MODE FOLDER` (used by load_modes)
+    import json as _json
+    import logging
+    import sys
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    if len(sys.argv) == 4 and sys.argv[1] == "load-child":
+        print(_json.dumps(load_child(sys.argv[2], sys.argv[3])))
+    else:
+        sys.exit("usage: python -m sd35.bench load-child MODE FOLDER")

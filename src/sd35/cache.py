@@ -207,6 +207,32 @@ def verify(cache: Path, model: str | None = None) -> list[Problem]:
     return problems
 
 
+def verify_quantized(settings, name: str | None = None) -> list[Problem]:
+    """The same checks for the pre-quantized store (quantized.py): records, LFS stubs, truncated files."""
+    from .hub import is_lfs_pointer
+    from .quantized import listing, read_record, store_dir
+
+    problems: list[Problem] = []
+    fix = "re-create it: delete the folder, then `sd35 cache quantize --model SOURCE --precision MODE`"
+    for row in listing(settings):
+        if name and row["name"] != name:
+            continue
+        folder = Path(row["path"])
+        try:
+            read_record(folder)
+        except Exception as exc:  # noqa: BLE001 - ModelError with the cause
+            problems.append(Problem("record", folder, getattr(exc, "cause", str(exc)), fix))
+        for f in sorted(folder.rglob("*.safetensors")):
+            if is_lfs_pointer(f):
+                problems.append(Problem("lfs-stub", f, "a Git LFS pointer file, not weights", fix))
+            elif why := safetensors_truncated(f):
+                problems.append(Problem("truncated", f, why, fix))
+    for partial in sorted(store_dir(settings).glob(".*.partial-*")) if store_dir(settings).is_dir() else []:
+        problems.append(Problem("incomplete-download", partial, "an interrupted `sd35 cache quantize` left it",
+                                f"delete it: `rm -rf {partial}`"))
+    return problems
+
+
 # --- sd35 cache ls -----------------------------------------------------------------------------------------
 
 def listing(cache: Path) -> list[dict]:

@@ -26,7 +26,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks (results belong in docs/benchmarks.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-cache_app = typer.Typer(help="The (shared) Hugging Face cache: init, prefetch, verify, ls.", no_args_is_help=True)
+cache_app = typer.Typer(help="The (shared) Hugging Face cache: init, prefetch, quantize, verify, ls.",
+                        no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 MAX_CLI_IMAGES = 16
@@ -94,6 +95,8 @@ def generate(
     offload: Optional[str] = typer.Option(None, "--offload", help="none | model | sequential [SD35_OFFLOAD]"),
     compile_mode: Optional[str] = typer.Option(None, "--compile", help="off | blocks | full | auto (off for one "
                                                "run; blocks compiles the MMDiT blocks) [SD35_COMPILE]"),
+    transformer: Optional[Path] = typer.Option(None, "--transformer", help="transformer from one SAI/ComfyUI "
+                                               ".safetensors file, plain or FP8 scaled [SD35_TRANSFORMER]"),
     steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the model's, read from its "
                                         "configs)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
@@ -113,7 +116,7 @@ def generate(
 
     logs.configure(verbose)
     settings = _settings(model=model, revision=revision, precision=precision, t5=t5, device=device,
-                         offload=offload, output_dir=out_dir, breaks=breaks, compile=compile_mode)
+                         offload=offload, output_dir=out_dir, breaks=breaks, compile=compile_mode, transformer=transformer)
     if not 1 <= n <= MAX_CLI_IMAGES:
         raise InputError(f"-n {n} is out of range.", f"pass -n from 1 to {MAX_CLI_IMAGES}.", param="n")
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
@@ -317,6 +320,33 @@ def cache_prefetch(
     print(folder)
 
 
+@cache_app.command("quantize")
+@handle_errors
+def cache_quantize(
+    model: Optional[str] = typer.Option(None, "--model", help="the bf16 source: tiny, medium, large, large-turbo, a "
+                                        "repo id or a folder [SD35_MODEL]"),
+    precision: str = typer.Option("fp8-weight", "--precision", help="fp8-weight | fp8 (same bytes on disk; the "
+                                  "mode a load uses is still chosen at load time)"),
+    t5: str = typer.Option("auto", "--t5", help="auto (FP8) | fp8-weight | bf16 (stored as in the source)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: SD35_QUANTIZED_DIR/<name>-"
+                                       "<precision>, inside HF_HUB_CACHE)"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit [SD35_REVISION]"),
+) -> None:
+    """Write a pre-quantized FP8 copy of a model (transformer + T5 as FP8 data + scales) that loads with
+    no bf16 copy in host or GPU memory; the team loads it with --model <name> or its path."""
+    from . import hub, logs, quantized
+
+    logs.configure(False)
+    settings = _settings(model=model, revision=revision)
+    target = quantized.check_request(settings, precision, t5, out)  # refuse before downloading or reading
+    source = hub.resolve(settings, with_t5=True)
+    folder = quantized.quantize(settings, source, precision, t5, target)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    err.print(f"{settings.model} → {folder} ({precision}, {size / 1e9:.2f} GB); load it with "
+              f"--model {folder.name if folder.parent == quantized.store_dir(settings) else folder}", highlight=False)
+    print(folder)
+
+
 @cache_app.command("verify")
 @handle_errors
 def cache_verify(model: Optional[str] = typer.Argument(None, help="one model (default: the whole cache)")) -> None:
@@ -327,6 +357,7 @@ def cache_verify(model: Optional[str] = typer.Argument(None, help="one model (de
 
     settings = _settings()
     problems = cache.verify(settings.hf_hub_cache, model)
+    problems += cache.verify_quantized(settings, model)
     for p in problems:
         err.print(f"[bold red]{p.kind}[/]: {escape(str(p.path))}: {escape(p.detail)}\n  fix: {escape(p.fix)}",
                   highlight=False)
@@ -344,10 +375,13 @@ def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
 
     from . import cache
 
+    from . import quantized
+
     settings = _settings()
     rows = cache.listing(settings.hf_hub_cache)
+    stored = quantized.listing(settings)
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + [{"repo_id": r["name"], "type": "sd35-quantized", **r} for r in stored], indent=2))
         return
     table = Table(title=f"HF_HUB_CACHE={settings.hf_hub_cache}")
     for col in ("repo", "commit", "refs", "files", "size"):
@@ -356,6 +390,16 @@ def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
         table.add_row(r["repo_id"], r["commit"][:12], ",".join(r["refs"]), str(r["files"]),
                       f"{r['size_on_disk'] / 1e9:.2f} GB")
     out.print(table if rows else f"no models in {settings.hf_hub_cache}")
+    if stored:
+        q = Table(title=f"pre-quantized: {quantized.store_dir(settings)} (load with --model NAME)")
+        for col in ("name", "precision", "t5", "source", "size"):
+            q.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
+        for r in stored:
+            src = r["source"]
+            q.add_row(r["name"], str(r.get("precision") or r.get("error")), str(r.get("t5")),
+                      f"{src.get('repo_id') or src.get('requested')}@{(src.get('commit') or '-')[:12]}",
+                      f"{r['size_on_disk'] / 1e9:.2f} GB")
+        out.print(q)
 
 
 @app.command()
@@ -422,6 +466,35 @@ def bench_memory(
         out.print_json(json.dumps(report))
         return
     out.print(bench.memory_table(report))
+
+
+@bench_app.command("load")
+@handle_errors
+def bench_load(
+    arch: str = typer.Option("medium", "--arch", help="medium | large (the published transformer configs) | tiny"),
+    work_dir: Optional[Path] = typer.Option(None, "--dir", help="where the two copies are written (default: the "
+                                            "system temp folder; medium needs ~7.5 GB, large ~12 GB)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Load one random-weight transformer three ways, each in its own process: bf16 then quantize (today),
+    lean (quantized as read), pre-quantized (FP8 from disk). Seconds, peak host RSS, bytes on disk."""
+    from . import bench, logs
+    from .models import ARCHS
+
+    logs.configure(False)
+    if arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(ARCHS)}.")
+    if work_dir is not None and not work_dir.is_dir():
+        raise InputError(f"--dir {work_dir} is not a folder.", "create it or pass another one.")
+    report = bench.load_modes(arch, work_dir)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    for mode, r in report["modes"].items():
+        out.print(f"{mode:14} {r['seconds']:7.1f} s  RSS peak {r['rss_peak_bytes'] / 1e9:6.2f} GB  "
+                  f"disk {r['disk_bytes'] / 1e9:6.2f} GB", highlight=False)
+    out.print(f"pre-quantized vs today: {report['prequantized_vs_bf16_quantize']} · goals {report['goal']}",
+              highlight=False)
 
 
 @bench_app.command("serve")

@@ -442,6 +442,101 @@ def check_fits(ctx: Context) -> Check:
                  "SD35_T5=fp8-weight or off, SD35_PRECISION=fp8-weight, SD35_MAX_IMAGES lower, or SD35_OFFLOAD=model")
 
 
+@check
+def check_transformer_file(ctx: Context) -> Check:
+    """SD35_TRANSFORMER: what the file is (read from its header), and whether it fits the model's folder."""
+    from .errors import ModelError
+    from .singlefile import check_matches, inspect
+
+    path = getattr(ctx.settings, "transformer", None) if ctx.settings else None
+    if not path:
+        return Check("transformer file", SKIP, "SD35_TRANSFORMER not set: the transformer comes from the model folder")
+    try:
+        info = inspect(path)
+        folder = _model_folder(ctx)
+        if folder is not None:
+            check_matches(info, folder)
+    except ModelError as exc:
+        return Check("transformer file", FAIL, exc.cause, exc.fix)
+    extra = "" if not info.bundled else " (bundled components are not used: they come from SD35_MODEL)"
+    return Check("transformer file", OK, f"{path}: {info.describe()}{extra}")
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _service_instances(ctx: Context) -> tuple[int, str]:
+    """How many service processes load at once: SD35_INSTANCES, else the enabled sd35-api@ units, else 1."""
+    n = getattr(ctx.settings, "instances", None) if ctx.settings else None
+    if n:
+        return n, "SD35_INSTANCES"
+    if Path("/run/systemd/system").is_dir():
+        wants = {p.name for d in Path("/etc/systemd/system").glob("*.wants") for p in d.glob("sd35-api@*.service")}
+        if wants:
+            return len(wants), f"enabled units: {', '.join(sorted(wants))}"
+    return 1, "one process (no enabled sd35-api@ units; SD35_INSTANCES overrides)"
+
+
+def host_load_bytes(ctx: Context) -> tuple[int, str] | None:
+    """Peak host RAM of one load of the configured model, and how it loads (quantized.py, load.py step 3)."""
+    from . import sizing
+    from .precision import PrecisionPlan
+    from .quantized import QUANT_MODES, read_record
+
+    plan = _plan(ctx)
+    est = _estimate(ctx)
+    if plan is None or est is None:
+        return None
+    folder = _model_folder(ctx)
+    s = ctx.settings
+    if getattr(s, "transformer", None):
+        try:
+            size = Path(s.transformer).expanduser().stat().st_size
+        except OSError:
+            return None
+        return est["total"] - est["transformer"] + size, "single-file transformer + the rest"
+    record = read_record(folder) if folder is not None else None
+    if record is not None:
+        return est["total"], "pre-quantized: FP8 data as stored, no bf16 copy"
+    if s.lean_load and plan.transformer in QUANT_MODES:
+        shard = max((f.stat().st_size for c in ("transformer", "text_encoder_3") for f in
+                     (folder / c).glob("*.safetensors")), default=0) if folder is not None else 0
+        shard = shard or 5 << 30
+        return est["total"] + shard, "lean: FP8 pipeline + one bf16 shard being read"
+    bf16 = PrecisionPlan("bf16", "", "off" if plan.t5 == "off" else "bf16", "")
+    arch = ctx.known.transformer if ctx.known else {}
+    return sizing.pipeline_bytes(arch, bf16, folder)["total"], "bf16 pipeline staged in host RAM, then quantized"
+
+
+@check
+def check_host_ram(ctx: Context) -> Check:
+    """Does loading fit in *available* host RAM, for as many service instances as start together?"""
+    got = host_load_bytes(ctx)
+    if got is None:
+        return Check("host RAM while loading", SKIP, f"no config for {ctx.model} without downloading it")
+    per, how = got
+    n, why = _service_instances(ctx)
+    avail = _meminfo_available()
+    if avail is None:
+        return Check("host RAM while loading", SKIP, f"≈ {fmt_bytes(per)} per load ({how}); /proc/meminfo unreadable")
+    need = per * n
+    finding = (f"≈ {fmt_bytes(per)} per load ({how}) × {n} ({why}) = {fmt_bytes(need)}; "
+               f"MemAvailable {fmt_bytes(avail)}")
+    if need <= avail:
+        return Check("host RAM while loading", OK, finding)
+    model = ctx.settings.model if ctx.settings else "MODEL"
+    return Check("host RAM while loading", FAIL, finding,
+                 f"pre-quantize once (`sd35 cache quantize --model {model}`) and load that (--model <name>): no "
+                 "bf16 copy in RAM; keep SD35_LEAN_LOAD=1; start the instances one after another; or SD35_T5=off")
+
+
 # --- Hugging Face ----------------------------------------------------------------------------------------
 
 def _token(ctx: Context) -> str | None:
@@ -540,6 +635,18 @@ def check_model(ctx: Context) -> Check:
         except ModelError as exc:
             return Check("model", FAIL, exc.cause, exc.fix)
         return Check("model", OK, f"local diffusers folder {Path(ctx.model).expanduser()}")
+    stored = find_local(s) if ctx.kind == "invalid" else None
+    if stored is not None:  # a name in the pre-quantized store
+        from .quantized import read_record
+
+        try:
+            rec = read_record(stored) or {}
+            check_local(str(stored), with_t5=s.t5 != "off")
+        except ModelError as exc:
+            return Check("model", FAIL, exc.cause, exc.fix)
+        src = rec.get("source", {})
+        return Check("model", OK, f"pre-quantized {rec.get('precision')} copy of {src.get('repo_id') or src.get('requested')}"
+                     f"@{(src.get('commit') or '-')[:12]} at {stored}")
     if ctx.kind == "invalid":
         return Check("model", FAIL, f"SD35_MODEL={ctx.model!r} is neither tiny, a folder nor a Hub repo id",
                      "use tiny, medium, large, large-turbo, org/name or a folder path")

@@ -54,7 +54,7 @@ class ModelSource:
     """A model resolved to a local folder, with what is needed to record where it came from."""
 
     requested: str
-    kind: str  # "tiny" | "local" | "hub"
+    kind: str  # "tiny" | "local" | "hub" | "quantized" (a name in the pre-quantized store)
     path: Path
     repo_id: str | None = None
     revision: str | None = None  # as requested (branch, tag or commit)
@@ -102,6 +102,10 @@ def resolve(settings: Settings, *, with_t5: bool = True) -> ModelSource:
         return ModelSource(model, "tiny", path, notice=tiny.TINY_NOTICE)
     if kind == "local":
         return check_local(model, with_t5=with_t5)
+    stored = _quantized_store(model, settings)
+    if stored is not None:  # a name in the pre-quantized store (`sd35 cache quantize`)
+        src = check_local(str(stored), with_t5=with_t5)
+        return ModelSource(model, "quantized", src.path)
     if kind == "invalid":
         raise ModelError(
             f"model {model!r} is neither `tiny`, an existing local folder, nor a Hub repo id (org/name).",
@@ -138,9 +142,19 @@ def find_local(settings: Settings) -> Path | None:
     if kind == "local":
         p = Path(model).expanduser()
         return p if p.is_dir() else None
+    stored = _quantized_store(model, settings)
+    if stored is not None:
+        return stored
     if kind == "hub":
         return cached_snapshot(Path(settings.hf_hub_cache).expanduser(), model, revision_for(model, settings))
     return None
+
+
+def _quantized_store(model: str, settings: Settings) -> Path | None:
+    """`model` as the name of a pre-quantized folder in the store (quantized.py), if there is one."""
+    from . import quantized
+
+    return quantized.find(model, settings)
 
 
 def check_local(requested: str, *, with_t5: bool = True) -> ModelSource:

@@ -6,10 +6,18 @@ quantization, placement) must happen exactly once per process, never per request
 
 The procedure, in order:
   1. Detect the hardware and resolve the precision plan (refuse impossible requests before loading).
-  2. Resolve the model to a local diffusers folder (tiny | local folder | Hub cache).
-  3. `StableDiffusion3Pipeline.from_pretrained` on that folder in bf16, on the CPU.
-  4. Quantize the transformer (and T5) with torchao, moving one layer at a time to the device, so the
-     GPU never holds a full bf16 copy next to the FP8 one.
+  2. Resolve the model to a local diffusers folder (tiny | local folder | Hub cache | pre-quantized store);
+     with SD35_TRANSFORMER the transformer comes from one SAI/ComfyUI file instead (singlefile.py),
+     checked from its header first and refused unless it has the folder's architecture.
+  3. Read the pipeline on the CPU, component by component (quantized.py):
+     - a pre-quantized folder (`sd35 cache quantize`): transformer and T5 come off disk as FP8 data +
+       scales, no bf16 copy anywhere;
+     - a bf16 source in an FP8 mode (SD35_LEAN_LOAD=1, the default): transformer and T5 are quantized
+       as their shards are read, so host RAM holds one FP8 component, never the bf16 pipeline;
+     - otherwise everything in bf16 (`StableDiffusion3Pipeline.from_pretrained`).
+  4. Quantize what is still bf16 with torchao, moving one layer at a time to the device (the GPU never
+     holds a full bf16 copy next to the FP8 one); FP8 weights read in step 3 are only rewrapped for
+     the mode (`quantized.retarget`: `fp8` adds dynamic activation quantization to the same bytes).
   5. Place the rest: onto the device, or accelerate's CPU offload for GPUs that cannot hold it all.
   6. Record what was loaded: source, precision with reasons, weight bytes per component, timing.
 """
@@ -20,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from . import hardware, hub, precision
+from . import hardware, hub, precision, quantized, singlefile
 from .errors import ModelError
 from .settings import Settings
 
@@ -40,6 +48,7 @@ class LoadedPipeline:
     offload: str
     load_seconds: float
     weight_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    load_path: str = "bf16-quantize"  # prequantized | lean | bf16-quantize | single-file (how step 3 read them)
 
     @property
     def device(self) -> str:
@@ -52,6 +61,7 @@ class LoadedPipeline:
             "precision": self.plan.as_dict(),
             "offload": self.offload,
             "weight_bytes": self.weight_bytes,
+            "load_path": self.load_path,
         }
 
 
@@ -75,10 +85,16 @@ def load(settings: Settings) -> LoadedPipeline:
                     offload, hw.device)
         offload = "none"
 
+    # A single-file transformer (SD35_TRANSFORMER) is checked from its header before anything is loaded.
+    file_info = singlefile.inspect(settings.transformer) if settings.transformer else None
+
     # 2. Model files.
     with_t5 = plan.t5 != "off"
     source = hub.resolve(settings, with_t5=with_t5)
     log.info("model: %s (%s) from %s", source.requested, source.kind, source.path)
+    if file_info is not None:
+        singlefile.check_matches(file_info, source.path)
+        log.info("transformer: %s", file_info.describe())
 
     # 3. Read the pipeline in bf16 on the CPU.
     logs.quiet(logging.getLogger("sd35").getEffectiveLevel() > logging.DEBUG)
@@ -89,8 +105,25 @@ def load(settings: Settings) -> LoadedPipeline:
     dlogging.disable_progress_bar()
     tlogging.disable_progress_bar()
     extra = {} if with_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    record = quantized.read_record(source.path)
+    if record is not None:
+        quantized.check_plan(record, plan, source.path)
+        log.info("pre-quantized folder: %s from %s", record.get("precision"), record.get("source", {}))
+    fp8_t5_on_disk = record is not None and record.get("t5") in quantized.QUANT_MODES
+    lean = settings.lean_load and plan.transformer in quantized.QUANT_MODES
+    load_path = "prequantized" if record is not None else ("lean" if lean else "bf16-quantize")
+    if file_info is not None:
+        load_path = "single-file"
     try:
+        if file_info is not None:
+            extra["transformer"], _ = singlefile.load_transformer(settings.transformer, source.path, plan.transformer)
+        elif record is not None or lean:
+            extra["transformer"] = quantized.load_transformer(source.path, quantize=record is None)
+        if with_t5 and (fp8_t5_on_disk or (settings.lean_load and plan.t5 in quantized.QUANT_MODES)):
+            extra["text_encoder_3"] = quantized.load_t5(source.path, quantize=not fp8_t5_on_disk)
         pipe = StableDiffusion3Pipeline.from_pretrained(source.path, dtype=torch.bfloat16, **extra)
+    except ModelError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign folder gets a cause and a fix
         raise ModelError(
             f"diffusers could not load {source.path} as a Stable Diffusion 3.5 pipeline: "
@@ -100,11 +133,17 @@ def load(settings: Settings) -> LoadedPipeline:
         ) from None
     pipe.set_progress_bar_config(disable=True)
 
-    # 4. Quantize once, layer by layer on the target device.
+    # 4. Quantize once, layer by layer on the target device (or rewrap what came off disk as FP8).
     target = hw.device
-    precision.apply(pipe.transformer, plan.transformer, device=target, component="transformer")
-    if with_t5:
-        precision.apply(pipe.text_encoder_3, plan.t5, device=target, component="t5")
+    for module, mode, component in ((pipe.transformer, plan.transformer, "transformer"),
+                                    (pipe.text_encoder_3 if with_t5 else None, plan.t5, "t5")):
+        if module is None:
+            continue
+        if quantized.is_fp8(module):
+            if mode == "fp8":
+                quantized.retarget(module, mode)
+        else:
+            precision.apply(module, mode, device=target, component=component)
 
     # 5. Placement.
     if offload == "model":
@@ -121,4 +160,4 @@ def load(settings: Settings) -> LoadedPipeline:
     log.info("loaded in %.1f s; transformer weights %.3f GB", seconds, weights["transformer"]["total"] / 1e9)
     if source.notice:
         log.warning("%s", source.notice)
-    return LoadedPipeline(pipe, source, hw, plan, offload, seconds, weights)
+    return LoadedPipeline(pipe, source, hw, plan, offload, seconds, weights, load_path)

@@ -238,11 +238,27 @@ def _name_hints(folder: Path) -> str:
     return " ".join(hints)
 
 
+# A pre-quantized folder's record (written by quantized.py); it names the model the folder was made from.
+QUANT_RECORD = "sd35_quant.json"
+
+
+def _quantized_from(folder: Path) -> ModelSpec | None:
+    """The known model a pre-quantized folder was made from, per its record."""
+    try:
+        src = json.loads((Path(folder) / QUANT_RECORD).read_text()).get("source", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return lookup(src.get("alias") or "") or lookup(src.get("repo_id") or "")
+
+
 def family_of(folder: Path, requested: str | None = None) -> tuple[str, str]:
     """(family, reason) of the model in `folder`; `requested` is the name it was asked for, if any."""
     spec = lookup(requested) if requested else None
     if spec is not None:
         return spec.family, f"{spec.alias}: known model"
+    spec = _quantized_from(folder)
+    if spec is not None:
+        return spec.family, f"pre-quantized from {spec.alias} ({QUANT_RECORD})"
     cfg = _config(folder, "transformer")
     if cfg and _matches(cfg, TINY_SPEC["transformer"]):
         return "tiny", "transformer config is the embedded tiny model's"

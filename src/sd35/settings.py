@@ -72,6 +72,21 @@ class Settings(BaseSettings):
         "CUDA, else off); always off while debugging.")
     compile_cache: Path | None = Field(
         default=None, description="Compiled-kernel cache shared by restarts and GPUs; default beside HF_HUB_CACHE.")
+    quantized_dir: Path | None = Field(
+        default=None,
+        description="Where `sd35 cache quantize` writes and `--model NAME` finds pre-quantized folders; "
+                    "default: sd35-quantized inside HF_HUB_CACHE.",
+    )
+    lean_load: bool = Field(
+        default=True,
+        description="Quantize the transformer/T5 of a bf16 source as its shards are read (host RAM: one FP8 "
+                    "component, not the bf16 pipeline); 0 = load all in bf16, then quantize.",
+    )
+    transformer: Path | None = Field(
+        default=None,
+        description="Take the transformer from this single .safetensors file (SAI/ComfyUI checkpoint, plain or "
+                    "FP8 scaled); the other components come from the file or from SD35_MODEL.",
+    )
     cache_dir: Path = Field(
         default_factory=lambda: Path(_default_sd35_cache()),
         description="Where the embedded tiny model is built (not the Hugging Face cache).",
@@ -110,6 +125,8 @@ class Settings(BaseSettings):
     image_url_ttl: float = Field(default=600.0, gt=0, description="Seconds `response_format: url` links last.")
     image_store_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Memory for those images.")
     warmup: bool = Field(default=True, description="One 1-step generation after loading, before READY.")
+    instances: int | None = Field(default=None, ge=1, le=64, description="Service processes that load at once "
+                                  "(doctor's host-RAM check); default: the enabled sd35-api@ units, else 1.")
     load_timeout: float = Field(default=3600.0, gt=0, description="Seconds a load (with its first download) may "
                                 "take before systemd is no longer asked to wait.")
 

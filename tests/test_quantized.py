@@ -1,0 +1,192 @@
+"""FP8 from disk (issue #11): the pre-quantized store, lean loading, retargeting, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_cli
+
+from sd35 import models, precision, quantized, tiny
+from sd35.errors import InputError, ModelError
+from sd35.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def store(tiny_cache, tmp_path_factory) -> Path:
+    """One pre-quantized tiny (fp8-weight, T5 FP8) per session, in a store of its own."""
+    from sd35 import hub
+
+    root = tmp_path_factory.mktemp("sd35-quantized")
+    settings = Settings(model="tiny", cache_dir=tiny_cache, quantized_dir=root)
+    target = quantized.check_request(settings, "fp8-weight")
+    return quantized.quantize(settings, hub.resolve(settings), "fp8-weight", "auto", target)
+
+
+def _image(**kw) -> np.ndarray:
+    from sd35.runtime import Runtime
+
+    rt = Runtime.load(Settings(precision="fp8-weight", device="cpu", **kw), breaks=[])
+    result = rt.generate(rt.check(prompt="a red fox in the snow", steps=2, seed=11))
+    return rt, np.asarray(result.images[0])
+
+
+def test_store_layout_and_record(store, tiny_cache):
+    assert store.name == "tiny-fp8-weight" and store.parent.name.startswith("sd35-quantized")
+    record = json.loads((store / "sd35_quant.json").read_text())
+    assert record["format"] == quantized.FORMAT and record["precision"] == "fp8-weight" and record["t5"] == "fp8-weight"
+    assert record["source"]["alias"] == "tiny" and record["source"]["path"] == str(tiny.tiny_dir(tiny_cache))
+    assert set(record["kept_bf16"]["transformer"]) == set(precision.KEEP_BF16)
+    assert {"torch", "torchao", "diffusers", "transformers"} <= set(record["versions"])
+    # FP8 data + per-row fp32 scales on disk, KEEP_BF16 layers in bf16
+    from safetensors import safe_open
+
+    with safe_open(store / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        q = f.get_tensor("transformer_blocks.0.attn.to_q._weight_qdata")
+        s = f.get_tensor("transformer_blocks.0.attn.to_q._weight_scale")
+        assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == (q.shape[0], 1)
+        assert f.get_tensor("proj_out.weight").dtype == torch.bfloat16
+    assert "transformer_blocks.0.attn.to_q.weight" not in keys
+    with safe_open(store / "text_encoder_3" / "model.safetensors", "pt") as f:
+        assert any(k.endswith("._weight_qdata") for k in f.keys())
+    # the transformer's bytes on disk: about half of the bf16 source's
+    src = tiny.tiny_dir(tiny_cache) / "transformer" / "diffusion_pytorch_model.safetensors"
+    dst = store / "transformer" / "diffusion_pytorch_model.safetensors"
+    # (the tiny model's fixed position table is a large share of it; the Medium figure is in benchmarks.md)
+    assert dst.stat().st_size < src.stat().st_size
+    # what we wrote is readable by the team (save_pretrained writes 0600)
+    assert dst.stat().st_mode & 0o044 == 0o044
+    assert models.describe_folder(store).family == "tiny"
+
+
+def test_lean_and_stored_transformers_equal_the_on_the_fly_one(store, tiny_cache):
+    folder = tiny.tiny_dir(tiny_cache)
+    ref = quantized.load_transformer(folder, quantize=False)
+    precision.apply(ref, "fp8-weight", device="cpu")
+    for model in (quantized.load_transformer(folder, quantize=True), quantized.load_transformer(store, quantize=False)):
+        assert precision.linear_coverage(model) == precision.linear_coverage(ref)
+        a, b = ref.state_dict(), model.state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            if hasattr(a[k], "qdata"):
+                assert torch.equal(a[k].qdata.view(torch.uint8), b[k].qdata.view(torch.uint8)), k
+                assert torch.equal(a[k].scale, b[k].scale), k
+            else:
+                assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_prequantized_lean_and_todays_path_give_the_same_image(store, tiny_cache, monkeypatch):
+    monkeypatch.setenv("SD35_QUANTIZED_DIR", str(store.parent))
+    rt_today, today = _image(model="tiny", lean_load=False)
+    rt_lean, lean = _image(model="tiny")
+    rt_store, stored = _image(model=store.name)  # by name in the store
+    assert (rt_today.loaded.load_path, rt_lean.loaded.load_path, rt_store.loaded.load_path) == (
+        "bf16-quantize", "lean", "prequantized")
+    assert rt_store.loaded.source.kind == "quantized" and rt_store.info.family == "tiny"
+    assert rt_store.loaded.weight_bytes["transformer"] == rt_today.loaded.weight_bytes["transformer"]
+    assert np.array_equal(today, lean) and np.array_equal(today, stored)
+    _, by_path = _image(model=str(store))  # by path
+    assert np.array_equal(today, by_path)
+
+
+def test_retarget_wraps_the_same_bytes_for_fp8_and_back(store):
+    t = quantized.load_transformer(store, quantize=False)
+    w0 = t.transformer_blocks[0].attn.to_q.weight
+    assert w0.act_quant_kwargs is None
+    assert quantized.retarget(t, "fp8") > 0
+    w1 = t.transformer_blocks[0].attn.to_q.weight
+    assert w1.act_quant_kwargs is not None and w1.qdata.data_ptr() == w0.qdata.data_ptr()
+    quantized.retarget(t, "fp8-weight")
+    assert t.transformer_blocks[0].attn.to_q.weight.act_quant_kwargs is None
+
+
+def test_bf16_from_a_prequantized_folder_is_refused(store):
+    r = run_cli("generate", "--model", str(store), "--precision", "bf16", "--steps", "1", "--out", "out")
+    assert r.returncode == 2 and "pre-quantized FP8" in r.stderr and "--model tiny" in r.stderr
+    assert not Path("out").exists()
+
+
+def test_quantize_refuses_bad_requests_before_reading(tmp_path):
+    settings = Settings(model="tiny", quantized_dir=tmp_path / "q")
+    with pytest.raises(InputError, match="cannot be stored"):
+        quantized.check_request(settings, "bf16")
+    with pytest.raises(InputError, match="not storable"):
+        quantized.check_request(settings, "fp8-weight", t5="off")
+    (tmp_path / "q" / "tiny-fp8-weight").mkdir(parents=True)
+    (tmp_path / "q" / "tiny-fp8-weight" / "x").write_text("")
+    r = run_cli("cache", "quantize", "--model", "tiny", env={"SD35_QUANTIZED_DIR": str(tmp_path / "q")})
+    assert r.returncode == 2 and "already exists" in r.stderr
+    r = run_cli("cache", "quantize", "--precision", "int4", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "cannot be stored" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_cache_ls_and_verify_know_the_store(store, tmp_path):
+    env = {"SD35_QUANTIZED_DIR": str(store.parent)}
+    r = run_cli("cache", "ls", "--json", env=env)
+    rows = json.loads(r.stdout)
+    assert any(row.get("type") == "sd35-quantized" and row["name"] == "tiny-fp8-weight" for row in rows)
+    assert run_cli("cache", "verify", env=env).returncode == 0
+    # a truncated copy of the store is found
+    import shutil
+
+    bad_root = tmp_path / "q"
+    shutil.copytree(store, bad_root / "broken", copy_function=shutil.copyfile)
+    f = bad_root / "broken" / "transformer" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    r = run_cli("cache", "verify", env={"SD35_QUANTIZED_DIR": str(bad_root)})
+    assert r.returncode == 1 and "truncated" in r.stderr and "sd35 cache quantize" in r.stderr
+
+
+def test_store_name_resolves_only_with_a_record(tmp_path):
+    settings = Settings(quantized_dir=tmp_path)
+    (tmp_path / "medium-fp8").mkdir()
+    (tmp_path / "medium-fp8" / "model_index.json").write_text("{}")
+    assert quantized.find("medium-fp8", settings) is None  # no record: not ours
+    (tmp_path / "medium-fp8" / "sd35_quant.json").write_text(json.dumps({"format": quantized.FORMAT,
+                                                                         "source": {"alias": "medium"}}))
+    assert quantized.find("medium-fp8", settings) == tmp_path / "medium-fp8"
+    assert models.family_of(tmp_path / "medium-fp8")[0] == "sd3.5-medium"
+    assert quantized.find("../etc", settings) is None
+    assert Settings().quantized_dir is None
+    assert quantized.store_dir(Settings(hf_hub_cache=tmp_path / "hub")) == tmp_path / "hub" / "sd35-quantized"
+    with pytest.raises(ModelError):
+        (tmp_path / "medium-fp8" / "sd35_quant.json").write_text("{")
+        quantized.read_record(tmp_path / "medium-fp8")
+
+
+def test_doctor_host_ram_per_load_path_and_instances(store, tiny_cache, monkeypatch):
+    from sd35 import doctor
+
+    def ctx(**kw):
+        return doctor.Context(settings=Settings(device="cpu", precision="fp8-weight", cache_dir=tiny_cache, **kw))
+
+    stored, how = doctor.host_load_bytes(ctx(model=str(store)))
+    assert "pre-quantized" in how
+    staged, how = doctor.host_load_bytes(ctx(model="tiny", lean_load=False))
+    assert "bf16 pipeline" in how and staged > stored
+    assert "lean" in doctor.host_load_bytes(ctx(model="tiny"))[1]
+    c = doctor.check_host_ram(ctx(model=str(store), instances=3))
+    assert c.status == doctor.OK and "× 3 (SD35_INSTANCES)" in c.finding and "MemAvailable" in c.finding
+    monkeypatch.setattr(doctor, "_meminfo_available", lambda: stored * 2)
+    c = doctor.check_host_ram(ctx(model="tiny", lean_load=False, instances=3))
+    assert c.status == doctor.FAIL and "sd35 cache quantize --model tiny" in c.fix
+
+
+@pytest.mark.slow
+def test_bench_load_reports_the_three_modes(tmp_path):
+    r = run_cli("bench", "load", "--arch", "tiny", "--json", "--dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert set(report["modes"]) == {"bf16-quantize", "lean", "prequantized"}
+    for row in report["modes"].values():
+        assert row["seconds"] > 0 and row["rss_peak_bytes"] > 0 and row["disk_bytes"] > 0
+        assert row["fp8_linear_params"] > 0  # each mode ends in fp8-weight
+    assert report["modes"]["prequantized"]["disk_bytes"] < report["modes"]["lean"]["disk_bytes"]
+    assert len({row["weight_bytes"] for row in report["modes"].values()}) == 1  # the same model three ways
+    assert set(report["goal"]["met"]) == {"disk", "rss_peak", "seconds"}
+    assert list(tmp_path.iterdir()) == []  # the copies are removed
