@@ -279,7 +279,8 @@ def test_attach_to_running_service_and_hit_a_breakpoint_during_a_request(tmp_pat
 
     dap = DapClient(log_dir=tmp_path / "debugpy-logs")
     try:
-        config = launch_config("Attach: running service")
+        # The service runs from this checkout (the Remote-SSH case): the path mapping is the identity.
+        config = launch_config("Attach: running service", {"serverRoot": str(ROOT)})
         config["listen"]["port"] = dbg
         path, line = _sd3_forward_line()
         assert dap.start("attach", config, {path: [line]}, after_request=start_service)[0]["verified"] is True

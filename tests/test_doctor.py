@@ -321,3 +321,11 @@ def test_listeners_flags_a_listening_debuggee_and_a_keyless_api(tmp_path):
     assert f"127.0.0.1:{dbg}" in c.finding and "can attach and run code as you" in c.finding
     assert f"127.0.0.1:{api}" in c.finding and "answers without a key" in c.finding
     assert "SD35_DEBUGPY=127.0.0.1:PORT" in c.fix and "sd35 keys add" in c.fix
+
+
+def test_listener_addresses_parse_ipv4_mapped_ipv6():
+    from sd35.listeners import _address
+
+    assert _address("0100007F") == "127.0.0.1"
+    assert _address("0000000000000000FFFF00000100007F") == "127.0.0.1"  # ::ffff:127.0.0.1 in /proc/net/tcp6
+    assert _address("00000000000000000000000001000000") == "::1"

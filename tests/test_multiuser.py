@@ -273,7 +273,8 @@ def test_other_account_against_a_keyed_service_under_the_debugger(other, tmp_pat
 
     dap = DapClient(log_dir=tmp_path / "debugpy-logs")
     try:
-        config = launch_config("Attach: running service")
+        # The service runs from this checkout (the Remote-SSH case): the path mapping is the identity.
+        config = launch_config("Attach: running service", {"serverRoot": str(ROOT)})
         config["listen"]["port"] = dbg
         dap.start("attach", config, after_request=start_service)
         proc = procs[0]

@@ -39,7 +39,9 @@ def _address(hex_addr: str) -> str:
     """/proc/net/tcp's address: little-endian 32-bit words, in hex."""
     raw = bytes.fromhex(hex_addr)
     words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    return str(ipaddress.ip_address(words))
+    ip = ipaddress.ip_address(words)
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 (Python 3.11 prints it as ::ffff:7f00:1)
+    return str(mapped or ip)
 
 
 def tcp_listeners(proc_net: Path = PROC_NET) -> list[Listener] | None:
@@ -58,8 +60,6 @@ def tcp_listeners(proc_net: Path = PROC_NET) -> list[Listener] | None:
                 continue
             addr, _, port = f[1].partition(":")
             host = _address(addr)
-            if host.startswith("::ffff:"):
-                host = host.removeprefix("::ffff:")
             found.append(Listener(host, int(port, 16), int(f[7]), int(f[9])))
     return found if seen_any else None
 

@@ -252,6 +252,9 @@ def load_transformer(folder: Path, *, quantize: bool):
         model = SD3Transformer2DModel.from_config(config)
     _fill(model, _weight_files(sub), quantize=quantize, keep=precision.KEEP_BF16)
     _check_materialized(model, sub)
+    # As from_pretrained records it: where the weights came from (the debugger's compare_bf16 reads the
+    # original bf16 weights of one module there).
+    model.register_to_config(_name_or_path=str(sub))
     return model.eval()
 
 
