@@ -51,13 +51,15 @@ def test_store_layout_and_record(store, tiny_cache):
         assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == (q.shape[0], 1)
         assert f.get_tensor("proj_out.weight").dtype == torch.bfloat16
     assert "transformer_blocks.0.attn.to_q.weight" not in keys
+    # the sin-cos position table is a function of the config: recomputed at load, not stored (it was checked
+    # bit-identical to the source's when the store was made; the fidelity tests compare the images)
+    assert record["pos_embed"] == "recomputed" and quantized.POS_EMBED not in keys
     with safe_open(store / "text_encoder_3" / "model.safetensors", "pt") as f:
         assert any(k.endswith("._weight_qdata") for k in f.keys())
     # the transformer's bytes on disk: about half of the bf16 source's
     src = tiny.tiny_dir(tiny_cache) / "transformer" / "diffusion_pytorch_model.safetensors"
     dst = store / "transformer" / "diffusion_pytorch_model.safetensors"
-    # (the tiny model's fixed position table is a large share of it; the Medium figure is in benchmarks.md)
-    assert dst.stat().st_size < src.stat().st_size
+    assert dst.stat().st_size < 0.55 * src.stat().st_size  # the Medium figure is in docs/benchmarks.md
     # what we wrote is readable by the team (save_pretrained writes 0600)
     assert dst.stat().st_mode & 0o044 == 0o044
     assert models.describe_folder(store).family == "tiny"

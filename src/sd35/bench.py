@@ -36,6 +36,12 @@ def build_transformer(arch: str, seed: int = 0):
             p.normal_(0.0, 0.02, generator=gen)
         for b in model.buffers():
             b.normal_(0.0, 0.02, generator=gen)
+        # The position table is not a weight: as in every real checkpoint, the sin-cos table of the config.
+        from .quantized import computed_pos_embed
+
+        table = computed_pos_embed(model)
+        if table is not None:
+            model.pos_embed.pos_embed.copy_(table)
     return model.eval()
 
 

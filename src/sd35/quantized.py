@@ -198,10 +198,27 @@ def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str]):
                          "re-create the folder with `sd35 cache quantize`.")
 
 
-def save_component(model, folder: Path, filename: str, quant_config) -> Path:
+POS_EMBED = "pos_embed.pos_embed"
+
+
+def computed_pos_embed(model):
+    """The SD3 transformer's sin-cos position table as its constructor computes it (from the config alone),
+    in bf16 as the checkpoints store it; None when the model has no max-size table."""
+    import torch
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    pe = getattr(model, "pos_embed", None)
+    if pe is None or not getattr(pe, "pos_embed_max_size", None):
+        return None
+    table = get_2d_sincos_pos_embed(pe.proj.out_channels, pe.pos_embed_max_size, base_size=pe.base_size,
+                                    interpolation_scale=pe.interpolation_scale, output_type="pt")
+    return table.float().unsqueeze(0).to(torch.bfloat16)
+
+
+def save_component(model, folder: Path, filename: str, quant_config, skip: frozenset = frozenset()) -> Path:
     """Write `model`'s weights as diffusers/transformers write a torchao-quantized model (flattened
     Float8Tensors + their type in the header) and record the quantization_config in its config.json,
-    so `from_pretrained` reads the folder too."""
+    so `from_pretrained` reads the folder too. Tensors named in `skip` are left out."""
     from safetensors.torch import save_file
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
@@ -209,6 +226,8 @@ def save_component(model, folder: Path, filename: str, quant_config) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state, seen = {}, set()
     for name, t in model.state_dict().items():  # tied weights (T5's embedding) once, as save_pretrained does
+        if name in skip:
+            continue
         key = (t.data_ptr() if not hasattr(t, "qdata") else t.qdata.data_ptr(), tuple(t.shape))
         if key in seen:
             continue
@@ -251,6 +270,9 @@ def load_transformer(folder: Path, *, quantize: bool):
     with torch.device("meta"):
         model = SD3Transformer2DModel.from_config(config)
     _fill(model, _weight_files(sub), quantize=quantize, keep=precision.KEEP_BF16)
+    record = Path(folder) / RECORD
+    if record.is_file() and json.loads(record.read_text()).get("pos_embed") == "recomputed":
+        _assign(model, POS_EMBED, computed_pos_embed(model))  # left out of the store (see quantize)
     _check_materialized(model, sub)
     # As from_pretrained records it: where the weights came from (the debugger's compare_bf16 reads the
     # original bf16 weights of one module there).
@@ -452,6 +474,8 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
                          f"{free / 1e9:.1f} GB free under {target.parent}.",
                          "free space there, or pass --out on a larger disk (or set SD35_QUANTIZED_DIR).")
 
+    import torch
+
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
@@ -465,7 +489,12 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
         # 4. FP8 components, one at a time (peak host memory: one FP8 component plus a shard of bf16).
         transformer = load_transformer(source.path, quantize=True)
         transformer.save_config(tmp / "transformer")
-        save_component(transformer, tmp / "transformer", "diffusion_pytorch_model.safetensors", transformer_config())
+        # The sin-cos position table (0.45 GB for Medium) is a function of the config: left out of the store
+        # and recomputed at load — only when the recomputation is bit-identical to the source's table.
+        table = computed_pos_embed(transformer)
+        recompute = table is not None and torch.equal(transformer.pos_embed.pos_embed, table)
+        save_component(transformer, tmp / "transformer", "diffusion_pytorch_model.safetensors", transformer_config(),
+                       skip=frozenset({POS_EMBED}) if recompute else frozenset())
         coverage = precision.linear_coverage(transformer)
         del transformer
         if t5_mode != "bf16":
@@ -485,6 +514,9 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
                        "repo_id": source.repo_id, "revision": source.revision, "commit": source.commit,
                        "path": str(source.path)},
             "kept_bf16": {"transformer": precision.KEEP_BF16, "t5": precision.T5_KEEP_BF16},
+            # "recomputed": not stored, computed from the config at load (checked bit-identical to the source's
+            # table when this folder was made); "stored": the source's table differs from the computed one.
+            "pos_embed": "recomputed" if recompute else ("stored" if table is not None else "none"),
             "transformer_linear_params": coverage,
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
