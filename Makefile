@@ -70,17 +70,20 @@ doctor: setup ## Check this machine for every onboarding pitfall (GPU, FP8, toke
 serve: setup ## Serve the OpenAI-compatible image API on 127.0.0.1:8000 (settings from .env)
 	$(BIN)/sd35 serve $(ARGS)
 
-# A local single-node Ray (GCS on 127.0.0.1:RAY_PORT, no dashboard) and the app on it: SD35_RAY_REPLICAS
-# replicas, Serve's HTTP on SD35_HOST:SD35_PORT, the SD35_*/HF_* variables (and .env) copied to the replicas.
+# A local single-node Ray (GCS port RAY_PORT, no dashboard) and the app on it: SD35_RAY_REPLICAS replicas,
+# Serve's HTTP on SD35_HOST:SD35_PORT, the SD35_*/HF_* variables (and .env) copied to the replicas. Ray
+# listens on the node's IP (it turns 127.0.0.1 into it), so its token authentication stays on: the token
+# is ~/.ray/auth_token, readable by you only (docs/scale-out.md).
 RAY_PORT ?= 6390
+RAY_ENV := RAY_AUTH_MODE=token RAY_ADDRESS=127.0.0.1:$(RAY_PORT)
 serve-ray: setup ## Serve the same API on a local Ray Serve (SD35_RAY_REPLICAS replicas, port SD35_PORT)
-	$(BIN)/ray start --head --node-ip-address=127.0.0.1 --port=$(RAY_PORT) --include-dashboard=false \
-	  --disable-usage-stats $(RAY_START_ARGS)
-	RAY_ADDRESS=127.0.0.1:$(RAY_PORT) $(BIN)/python -m sd35.service.ray_app up || \
-	  { $(BIN)/ray stop; exit 1; }
+	$(RAY_ENV) $(BIN)/ray start --head --port=$(RAY_PORT) --include-dashboard=false --disable-usage-stats \
+	  $(RAY_START_ARGS)
+	@chmod 600 ~/.ray/auth_token 2>/dev/null || true
+	$(RAY_ENV) $(BIN)/python -m sd35.service.ray_app up || { $(BIN)/ray stop; exit 1; }
 
 serve-ray-stop: ## Stop the Ray Serve app and the local Ray that `make serve-ray` started
-	-RAY_ADDRESS=127.0.0.1:$(RAY_PORT) $(BIN)/python -m sd35.service.ray_app down
+	-$(RAY_ENV) $(BIN)/python -m sd35.service.ray_app down
 	$(BIN)/ray stop
 
 lab: setup ## JupyterLab on a private Unix socket (prints the ssh -L line; ARGS=--tcp for 127.0.0.1:8888)
