@@ -70,12 +70,13 @@ doctor: setup ## Check this machine for every onboarding pitfall (GPU, FP8, toke
 serve: setup ## Serve the OpenAI-compatible image API on 127.0.0.1:8000 (settings from .env)
 	$(BIN)/sd35 serve $(ARGS)
 
-# A local single-node Ray (GCS port RAY_PORT, no dashboard) and the app on it: SD35_RAY_REPLICAS replicas,
-# Serve's HTTP on SD35_HOST:SD35_PORT, the SD35_*/HF_* variables (and .env) copied to the replicas. Ray
-# listens on the node's IP (it turns 127.0.0.1 into it), so its token authentication stays on: the token
-# is ~/.ray/auth_token, readable by you only (docs/scale-out.md).
+# A local single-node Ray and the app on it: SD35_RAY_REPLICAS replicas, Serve's HTTP on SD35_HOST:SD35_PORT,
+# the SD35_*/HF_* variables (and .env) copied to the replicas. Ray on loopback only: Ray turns
+# --node-ip-address=127.0.0.1 into the node's IP, but with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (single node)
+# its GCS, raylet and workers listen on 127.0.0.1; token auth (~/.ray/auth_token, 0600) keeps other local
+# accounts out (docs/scale-out.md).
 RAY_PORT ?= 6390
-RAY_ENV := RAY_AUTH_MODE=token RAY_ADDRESS=127.0.0.1:$(RAY_PORT)
+RAY_ENV := RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_ADDRESS=127.0.0.1:$(RAY_PORT)
 serve-ray: setup ## Serve the same API on a local Ray Serve (SD35_RAY_REPLICAS replicas, port SD35_PORT)
 	$(RAY_ENV) $(BIN)/ray start --head --port=$(RAY_PORT) --include-dashboard=false --disable-usage-stats \
 	  $(RAY_START_ARGS)

@@ -127,16 +127,29 @@ def ray_serve(tiny_cache, tmp_path_factory):
            "HF_HUB_CACHE": str(tmp_path_factory.mktemp("hf")), "SD35_ALLOW_NO_KEY": "0"}
     settings = Settings(_env_file=None, model="tiny", device="cpu", port=port, ray_replicas=2, ray_cpus=1,
                         queue_size=4, shutdown_grace=5)
+    # Loopback only: Ray's single-node mode binds GCS, raylet and workers to 127.0.0.1 (it would otherwise
+    # turn 127.0.0.1 into the node's network IP).
+    from ray._private import ray_constants
+
+    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for Ray's child processes
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when `import ray` ran (collection), so set it here too
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=80 * 1024 * 1024,
-             _node_ip_address="127.0.0.1", namespace="sd35-test", log_to_driver=False,
+             namespace="sd35-test", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(ray_app.build(settings, env), name=ray_app.APP_NAME, route_prefix="/")
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+        if saved[0] is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved[0]
 
 
 def _client(url):
@@ -211,3 +224,25 @@ def test_ray_clean_stop(ray_serve):
     while replica_actors() and time.monotonic() < deadline:
         time.sleep(1)
     assert replica_actors() == {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_serve_ray_compares_one_and_two_replicas(tiny_cache, tmp_path):
+    """`sd35 bench serve --ray --json`: the same closed-loop load on 1 and 2 replicas, every request answered.
+    Its own process and its own loopback Ray (the module's Ray has no app left after the clean stop)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SD35_CACHE_DIR": str(tiny_cache), "SD35_DEVICE": "cpu", "SD35_MODEL": "tiny",
+           "HF_HUB_CACHE": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "sd35", "bench", "serve", "--ray", "--requests", "4", "--burst", "2",
+                           "--steps", "2", "--size", "64", "--json"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert [r["replicas"] for r in report["runs"]] == [1, 2]
+    assert all(r["images"] == 4 and r["images_per_s"] > 0 for r in report["runs"])
+    assert report["speedup"]["1"] == 1.0 and report["speedup"]["2"] > 0
+    assert "ratio says little" in report["note"]  # CPU replicas share the cores
