@@ -55,6 +55,41 @@ def test_collect_env_copies_sd35_and_hf_variables_and_dotenv(tmp_path, monkeypat
     assert "OTHER" not in env and "UNRELATED" not in env and "HF_HUB_CACHE" in env
 
 
+def test_replica_readiness_waits_for_the_warm_model_and_fails_with_the_load():
+    """The replica's start (its lifespan) returns only once the worker is ready; a failed load fails it."""
+    import asyncio
+    import threading
+
+    from sd35.service import ray_app
+
+    class FakeWorker:
+        state, error = "loading", None
+
+    w = FakeWorker()
+    threading.Timer(0.5, lambda: setattr(w, "state", "ready")).start()
+    asyncio.run(ray_app.wait_ready(w, timeout=30))
+    assert w.state == "ready"
+    w.state, w.error = "failed", RuntimeError("no such model")
+    with pytest.raises(RuntimeError, match="failed to load: no such model"):
+        asyncio.run(ray_app.wait_ready(w, timeout=30))
+    w.state = "loading"
+    with pytest.raises(RuntimeError, match="not ready after SD35_LOAD_TIMEOUT"):
+        asyncio.run(ray_app.wait_ready(w, timeout=0.3))
+
+
+def test_make_serve_ray_starts_a_loopback_ray_with_token_auth_and_stops_it():
+    import subprocess
+
+    run = subprocess.run(["make", "-n", "-o", "setup", "-o", "browser", "serve-ray", "serve-ray-stop", "VENV=/v"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    text = run.stdout
+    assert "/v/bin/ray start --head" in text and "--include-dashboard=false" in text
+    assert "RAY_AUTH_MODE=token" in text and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in text
+    assert "-m sd35.service.ray_app up" in text and "-m sd35.service.ray_app down" in text
+    assert "/v/bin/ray stop" in text
+
+
 # --- the Serve config and the KubeRay manifest ---------------------------------------------------------------
 
 def test_serve_config_builds_our_app():
