@@ -33,7 +33,8 @@ def test_deployment_options_map_queue_replicas_and_gpus():
     o = ray_app.deployment_options(s, gpus=True)
     assert o["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
     assert o["max_ongoing_requests"] == 4 + 1 + ray_app.HEADROOM  # the worker answers 429 before Serve queues
-    assert o["max_queued_requests"] == 4 * 6
+    assert o["max_queued_requests"] == (4 + 1 + ray_app.HEADROOM) * 6
+    assert o["backpressure_config"] == {"status_code": 429, "retry_after_s": ray_app.ROUTER_RETRY_AFTER}
     assert o["autoscaling_config"] == {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 6,
                                        "target_ongoing_requests": 3}
     assert o["graceful_shutdown_timeout_s"] == 35
@@ -215,7 +216,27 @@ def test_ray_two_replicas_serve_openai_and_survive_a_killed_replica(ray_serve):
     with ThreadPoolExecutor(4) as pool:
         imgs = list(pool.map(lambda s: _generate(url, s), range(4)))
     assert all(im.size == (64, 64) for im in imgs)
-    # 3. Kill one replica's process mid-run (SIGKILL: no drain), while requests are in flight.
+    events = list(_client(url).images.generate(prompt="a red cube", size="64x64", stream=True, partial_images=1,
+                                               extra_body={"steps": 2}))
+    assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    # 3. Past the replicas' queues (2 x (1 running + 4 queued)) the replicas themselves answer 429 with our
+    #    error body and Retry-After, through Serve's proxy (max_ongoing_requests leaves them room to).
+    def raw(seed):
+        return httpx.post(url + "/v1/images/generations", headers={"Authorization": f"Bearer {KEY}"}, timeout=300,
+                          json={"prompt": "a red cube", "size": "128x128", "steps": 20, "seed": seed})
+
+    with ThreadPoolExecutor(16) as pool:
+        burst = list(pool.map(raw, range(16)))
+    codes = sorted(r.status_code for r in burst)
+    assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
+    ours = 0
+    for r in burst:
+        if r.status_code == 429:  # ours (JSON, measured Retry-After) or, rarely, Serve's router's (plain text)
+            assert int(r.headers["retry-after"]) >= 1
+            ours += r.headers["content-type"].startswith("application/json") and \
+                r.json()["error"]["code"] == "queue_full"
+    assert ours >= 1, [(r.status_code, r.text[:80]) for r in burst]
+    # 4. Kill one replica's process mid-run (SIGKILL: no drain), while requests are in flight.
     victim, victim_pid = next(iter(before.items()))
     with ThreadPoolExecutor(4) as pool:
         inflight = [pool.submit(_generate, url, 10 + i) for i in range(4)]
@@ -228,10 +249,10 @@ def test_ray_two_replicas_serve_openai_and_survive_a_killed_replica(ray_serve):
             except Exception as exc:  # noqa: BLE001 - counted below
                 results.append(exc)
     assert any(isinstance(r, Image.Image) for r in results), results
-    # 4. The following requests succeed (Serve routes them to the live replica, then to the new one) ...
+    # 5. The following requests succeed (Serve routes them to the live replica, then to the new one) ...
     for i in range(3):
         assert _generate(url, 100 + i).size == (64, 64)
-    # 5. ... and Serve replaces the dead replica with a new process.
+    # 6. ... and Serve replaces the dead replica with a new process.
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         now = replica_actors()

@@ -17,7 +17,8 @@ How the pieces map (docs/scale-out.md has the long form):
     running job, the queue, and room for /healthz, /metrics, the page), so a full replica answers 429
     itself, fast, with the Retry-After its measured rate gives. Only when every replica is at
     `max_ongoing_requests` do requests wait in Serve's router, up to `max_queued_requests`
-    (SD35_QUEUE_SIZE x max replicas); past that Serve's proxy answers 503 (not us, and without Retry-After);
+    (max_ongoing_requests x max replicas); past that Serve's router answers — configured (backpressure_config)
+    to answer like us, 429 + Retry-After (ROUTER_RETRY_AFTER), with a plain-text body, not our JSON error;
   - autoscaling: on ongoing requests per replica (running + queued in the worker + waiting in Serve's
     router), `target_ongoing_requests` = SD35_RAY_TARGET_ONGOING, from SD35_RAY_REPLICAS up to
     SD35_RAY_MAX_REPLICAS (equal by default: a fixed count);
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "sd35"
 DEPLOYMENT = "SD35"
 HEADROOM = 4  # concurrent non-generation requests (/healthz, /metrics, the page) a full replica still takes
+ROUTER_RETRY_AFTER = 10  # seconds, on Serve's own 429 (its router queue full): our 10 s per job before a measure
 ENV_PREFIXES = ("SD35_",)
 ENV_NAMES = ("HF_HUB_CACHE", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT")
 
@@ -119,7 +121,11 @@ def deployment_options(settings: Settings, gpus: bool) -> dict[str, Any]:
         "name": DEPLOYMENT,
         "ray_actor_options": actor,
         "max_ongoing_requests": settings.queue_size + 1 + HEADROOM,
-        "max_queued_requests": settings.queue_size * most,
+        # A burst waits in the router for a moment before each request is assigned: room for what the
+        # replicas can hold, so they (not the router) answer a burst's excess.
+        "max_queued_requests": (settings.queue_size + 1 + HEADROOM) * most,
+        # Past max_queued_requests Serve's router refuses; by default with 503 and no Retry-After. Ours is 429.
+        "backpressure_config": {"status_code": 429, "retry_after_s": ROUTER_RETRY_AFTER},
         "autoscaling_config": {"min_replicas": replicas, "initial_replicas": replicas, "max_replicas": most,
                                "target_ongoing_requests": settings.ray_target_ongoing},
         "health_check_period_s": 10,
@@ -133,6 +139,9 @@ def build(settings: Settings, env: dict[str, str] | None = None):
     """The Serve application for these settings. `env` (SD35_*/HF_* variables) goes to every replica."""
     gpus = use_gpus(settings)
     options = deployment_options(settings, gpus)
+    from ray.serve.config import BackpressureConfig
+
+    options["backpressure_config"] = BackpressureConfig(**options["backpressure_config"])
     if env:
         options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     # A GPU replica sees only its own GPU (CUDA_VISIBLE_DEVICES): cuda:N would name one it cannot see.
@@ -170,7 +179,15 @@ def up(settings: Settings, address: str | None = None) -> str:
     preflight(settings)  # API keys, precision, the port: the same refusals as `sd35 serve`
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace="sd35", log_to_driver=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build(settings, collect_env()), name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(build(settings, collect_env()), name=APP_NAME, route_prefix="/")
+    except Exception as exc:  # noqa: BLE001 - Serve gave up on the replicas (a failed load, no resources)
+        from ..errors import Sd35Error
+
+        raise Sd35Error(f"the app did not start on Ray Serve: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                        "read the replica logs (/tmp/ray/session_latest/logs/serve/replica_sd35_*.log), run "
+                        "`sd35 generate` with the same settings to see a load error alone, and `make "
+                        "serve-ray-stop`") from None
     return f"http://{settings.host}:{settings.port}"
 
 
