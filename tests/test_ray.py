@@ -102,12 +102,29 @@ def test_serve_config_builds_our_app():
 
     ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") else \
         ServeDeploySchema.parse_obj(cfg)  # Serve's own schema for config files
+    # import_path names an application builder: one parameter (Serve passes `args`), returns an Application.
+    import inspect
+
+    from ray.serve import Application
+
+    from sd35.service import ray_app
+
+    assert len(inspect.signature(ray_app.app).parameters) == 1
+    built = ray_app.app({"ray_replicas": 3, "device": "cpu", **app["args"]})
+    assert isinstance(built, Application)
+
+
+# Read from KubeRay's CRD (ray-project/kuberay, ray-operator/config/crd/bases/ray.io_rayservices.yaml at
+# 026f143324c0b7c3cce38db3003b5d45e236fc2e): spec.serveConfigV2 is `type: string`; rayClusterConfig requires
+# headGroupSpec; each workerGroupSpecs item requires these; a pod template's spec requires containers.
+WORKER_GROUP_REQUIRED = {"groupName", "maxReplicas", "minReplicas", "rayStartParams", "template"}
 
 
 def test_rayservice_manifest_structure():
-    """A structural check of the fields verified in KubeRay's CRD (ray-operator/config/crd/bases/
-    ray.io_rayservices.yaml): apiVersion/kind, serveConfigV2 as a string holding a Serve config, and the
-    cluster's head group and GPU worker group pod templates. Not a full CRD validation (no cluster)."""
+    """A structural check of the fields verified in KubeRay's RayService CRD (above): apiVersion/kind,
+    serveConfigV2 as a string holding our Serve config, the head group and the GPU worker group's required
+    fields and pod templates, the GPU and the shared cache volume. Not a validation against the full CRD
+    schema (it is not vendored), and not applied to a cluster."""
     m = yaml.safe_load((ROOT / "deploy/k8s/rayservice.yaml").read_text())
     assert m["apiVersion"] == "ray.io/v1" and m["kind"] == "RayService" and m["metadata"]["name"]
     spec = m["spec"]
@@ -118,8 +135,12 @@ def test_rayservice_manifest_structure():
     head = cluster["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict)
     assert head["template"]["spec"]["containers"][0]["image"]
+    for group in cluster["workerGroupSpecs"]:
+        assert WORKER_GROUP_REQUIRED <= set(group), WORKER_GROUP_REQUIRED - set(group)
+        assert group["template"]["spec"]["containers"]
     (gpu,) = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu"]
-    assert isinstance(gpu["rayStartParams"], dict) and gpu["replicas"] >= gpu["minReplicas"] >= 0
+    assert isinstance(gpu["rayStartParams"], dict)
+    assert gpu["maxReplicas"] >= gpu["replicas"] >= gpu["minReplicas"] >= 0
     pod = gpu["template"]["spec"]
     container = pod["containers"][0]
     for part in ("requests", "limits"):
