@@ -87,6 +87,9 @@ class SD35:
     """One replica: the FastAPI app and its GPU worker (built in the replica, not pickled from the driver)."""
 
     def __init__(self, overrides: dict | None = None):
+        from .. import logs
+
+        logs.configure(False)  # our log lines (the access log too) to the replica's stderr: Ray's worker-*.err
         self.settings = Settings(**(overrides or {}))
 
     def __serve_build_asgi_app__(self):
