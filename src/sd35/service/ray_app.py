@@ -206,12 +206,19 @@ def main(argv: list[str]) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if argv[:1] == ["up"]:
+        from pydantic import ValidationError
+
         try:
             settings = load_settings()
             url = up(settings)
+        except ValidationError as exc:
+            print(f"error: invalid setting: SD35_{'.'.join(map(str, exc.errors()[0]['loc'])).upper()}: {exc.errors()[0]['msg']}\n"
+                  "fix: correct it in .env or the environment (.env.example documents each SD35_* key)",
+                  file=sys.stderr)
+            return 2
         except Sd35Error as exc:
             print(f"error: {exc.cause}" + (f"\nfix: {exc.fix}" if exc.fix else ""), file=sys.stderr)
-            return exc.exit_code if hasattr(exc, "exit_code") else 2
+            return exc.exit_code
         print(f"sd35 on Ray Serve: {url} ({settings.ray_replicas} replica(s) of {settings.model}); "
               "stop with `make serve-ray-stop`")
         return 0
