@@ -31,7 +31,7 @@ STAMP := $(VENV)/.sd35-setup$(if $(TORCH_CUDA_TAG),-$(TORCH_CUDA_TAG))
 PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt $(if $(wildcard $(WHEELHOUSE)),--find-links $(WHEELHOUSE))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup browser run test test-fast test-gpu doctor serve lab bench-memory clean
+.PHONY: help setup browser run test test-fast test-gpu doctor serve serve-ray serve-ray-stop lab bench-memory clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,7 +49,7 @@ $(STAMP): constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first and exactly pinned: a looser spec would pull the CUDA 13 build (GBs) from PyPI.
 	$(PIP_INSTALL) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PIP_INSTALL) -e ".[dev]"
+	$(PIP_INSTALL) -e ".[dev,ray]"
 	@touch $@
 
 run: setup ## Generate one image with the settings' defaults (.env / SD35_*; tiny model unless set)
@@ -69,6 +69,23 @@ doctor: setup ## Check this machine for every onboarding pitfall (GPU, FP8, toke
 
 serve: setup ## Serve the OpenAI-compatible image API on 127.0.0.1:8000 (settings from .env)
 	$(BIN)/sd35 serve $(ARGS)
+
+# A local single-node Ray and the app on it: SD35_RAY_REPLICAS replicas, Serve's HTTP on SD35_HOST:SD35_PORT,
+# the SD35_*/HF_* variables (and .env) copied to the replicas. Ray on loopback only: Ray turns
+# --node-ip-address=127.0.0.1 into the node's IP, but with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (single node)
+# its GCS, raylet and workers listen on 127.0.0.1; token auth (~/.ray/auth_token, 0600) keeps other local
+# accounts out (docs/scale-out.md).
+RAY_PORT ?= 6390
+RAY_ENV := RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_ADDRESS=127.0.0.1:$(RAY_PORT)
+serve-ray: setup ## Serve the same API on a local Ray Serve (SD35_RAY_REPLICAS replicas, port SD35_PORT)
+	$(RAY_ENV) $(BIN)/ray start --head --port=$(RAY_PORT) --include-dashboard=false --disable-usage-stats \
+	  $(RAY_START_ARGS)
+	@chmod 600 ~/.ray/auth_token 2>/dev/null || true
+	$(RAY_ENV) $(BIN)/python -m sd35.service.ray_app up || { $(BIN)/ray stop; exit 1; }
+
+serve-ray-stop: ## Stop the Ray Serve app and the local Ray that `make serve-ray` started
+	-$(RAY_ENV) $(BIN)/python -m sd35.service.ray_app down
+	$(BIN)/ray stop
 
 lab: setup ## JupyterLab on a private Unix socket (prints the ssh -L line; ARGS=--tcp for 127.0.0.1:8888)
 	$(BIN)/sd35 lab $(ARGS)

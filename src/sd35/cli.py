@@ -507,6 +507,8 @@ def bench_serve(
     queue_size: int = typer.Option(4, "--queue-size"),
     model: Optional[str] = typer.Option(None, "--model", help="[SD35_MODEL]"),
     precision: Optional[str] = typer.Option(None, "--precision", help="[SD35_PRECISION]"),
+    ray: bool = typer.Option(False, "--ray", help="1 vs 2 Ray Serve replicas side by side (a loopback Ray here; "
+                             "--requests generations from --burst closed-loop clients)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Service overhead vs a direct pipeline call (goal <= 5 %), and a burst against a bounded queue."""
@@ -516,6 +518,10 @@ def bench_serve(
     import logging
 
     logging.getLogger("sd35").setLevel(logging.WARNING)
+    if ray:
+        _bench_serve_ray(_settings(model=model, precision=precision, queue_size=queue_size), requests, burst, steps,
+                         size, as_json)
+        return
     report = bench.serve_overhead(_settings(model=model, precision=precision), requests=requests, steps=steps,
                                   size=size, burst=burst, queue_size=queue_size)
     if as_json:
@@ -531,6 +537,26 @@ def bench_serve(
               f"burst of {b['concurrent']} against queue {b['queue_size']}: {b['status_counts']} in {b['seconds']} s, "
               f"{b['images_per_s']} images/s, served p50 {b['served_p50_s']} s p95 {b['served_p95_s']} s",
               highlight=False)
+
+
+def _bench_serve_ray(settings, requests: int, concurrency: int, steps: int, size: int, as_json: bool) -> None:
+    try:
+        from .service import ray_bench
+    except ImportError as exc:
+        raise InputError(f"sd35 bench serve --ray needs Ray Serve ({exc})",
+                         "install the ray extra: make setup (or pip install -c constraints.txt -e '.[ray]')") from None
+    report = ray_bench.compare(settings, requests=requests, concurrency=concurrency, steps=steps, size=size)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out.print(f"{report['model']} on {report['device']}, {report['steps']} steps {report['size']}, "
+              f"{report['requests']} requests from {report['concurrency']} clients:", highlight=False)
+    for r in report["runs"]:
+        out.print(f"  {r['replicas']} replica(s): {r['images_per_s']:.3f} images/s  p50 {r['p50_s']} s  "
+                  f"p95 {r['p95_s']} s  refused {r['refused']}  (ready in {r['ready_s']} s)  "
+                  f"x{report['speedup'][str(r['replicas'])]}", highlight=False)
+    if report["note"]:
+        out.print(f"  note: {report['note']}", highlight=False)
 
 
 @bench_app.command("speed")

@@ -130,6 +130,15 @@ class Settings(BaseSettings):
     load_timeout: float = Field(default=3600.0, gt=0, description="Seconds a load (with its first download) may "
                                 "take before systemd is no longer asked to wait.")
 
+    # --- Ray Serve (`make serve-ray`, deploy/ray/serve.yaml, docs/scale-out.md) ---
+    ray_replicas: int = Field(default=1, ge=1, le=1024, description="Replicas (one per GPU) Ray Serve starts "
+                              "with; the autoscaler never goes below it.")
+    ray_max_replicas: int | None = Field(default=None, ge=1, le=1024, description="Autoscaling's upper bound; "
+                                         "default SD35_RAY_REPLICAS (a fixed count).")
+    ray_target_ongoing: float = Field(default=2.0, gt=0, description="Ongoing requests per replica (running + "
+                                      "queued) the autoscaler aims at.")
+    ray_cpus: float = Field(default=1.0, gt=0, description="CPU cores Ray reserves for each replica.")
+
     # --- JupyterLab (`sd35 lab`, `make lab`) ---
     lab_port: int = Field(default=8888, ge=1, le=65535, description="JupyterLab's TCP port (SD35_LAB_TCP=1), "
                           "else the laptop port in the printed ssh -L line.")

@@ -1,0 +1,233 @@
+"""The same service on Ray Serve: one replica per GPU, many boxes, Serve's router in front.
+
+Why Ray Serve and not a load balancer of our own: adding a box should mean "join the Ray cluster", and
+replacing a dead replica, spreading requests over the least loaded ones and scaling on load are what
+Serve already does. Each replica runs the *unchanged* FastAPI app of `sd35 serve` (`create_app`: the
+OpenAI routes, streaming, the web page, API keys and access log, /metrics) with its own GPU worker, so
+every behaviour the single-box service has, a replica has.
+
+How the pieces map (docs/scale-out.md has the long form):
+  - one replica = one `Worker` = one GPU (`ray_actor_options={"num_gpus": 1}` when the cluster has GPUs;
+    CPU replicas of `SD35_RAY_CPUS` cores otherwise, e.g. the tiny model in the tests);
+  - readiness: the replica's ASGI lifespan startup returns only once the model is loaded *and warmed up*
+    (a failed load fails the replica's start, and Serve retries it); `check_health` fails when the worker
+    has failed or its thread died, and Serve replaces the replica;
+  - queueing: each replica keeps its bounded queue (SD35_QUEUE_SIZE) and its 429 + Retry-After. Serve may
+    send a replica up to SD35_QUEUE_SIZE + 1 + HEADROOM requests at once (`max_ongoing_requests`: the
+    running job, the queue, and room for /healthz, /metrics, the page), so a full replica answers 429
+    itself, fast, with the Retry-After its measured rate gives. Only when every replica is at
+    `max_ongoing_requests` do requests wait in Serve's router, up to `max_queued_requests`
+    (max_ongoing_requests x max replicas); past that Serve's router answers — configured (backpressure_config)
+    to answer like us, 429 + Retry-After (ROUTER_RETRY_AFTER), with a plain-text body, not our JSON error;
+  - autoscaling: on ongoing requests per replica (running + queued in the worker + waiting in Serve's
+    router), `target_ongoing_requests` = SD35_RAY_TARGET_ONGOING, from SD35_RAY_REPLICAS up to
+    SD35_RAY_MAX_REPLICAS (equal by default: a fixed count);
+  - settings: a replica reads the SD35_* / HF_* variables of its runtime environment (`up` below copies the
+    caller's environment and .env; deploy/ray/serve.yaml and deploy/k8s/rayservice.yaml list them).
+
+Entry points: `app(args)` is the Serve application builder (`import_path: sd35.service.ray_app:app`);
+`python -m sd35.service.ray_app up|down` deploys to / removes from a running Ray cluster (`make serve-ray`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from ray import serve
+
+from ..settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+APP_NAME = "sd35"
+DEPLOYMENT = "SD35"
+HEADROOM = 4  # concurrent non-generation requests (/healthz, /metrics, the page) a full replica still takes
+ROUTER_RETRY_AFTER = 10  # seconds, on Serve's own 429 (its router queue full): our 10 s per job before a measure
+ENV_PREFIXES = ("SD35_",)
+ENV_NAMES = ("HF_HUB_CACHE", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT")
+
+
+async def wait_ready(worker, timeout: float) -> None:
+    """Return once the worker is ready (model loaded + warmed up); raise if it failed, stopped or timed out."""
+    deadline = time.monotonic() + timeout
+    while worker.state != "ready":
+        if worker.state in ("failed", "stopped"):
+            raise RuntimeError(f"the model failed to load: {worker.error}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the model was not ready after SD35_LOAD_TIMEOUT={timeout:g}s ({worker.state})")
+        await asyncio.sleep(0.2)
+
+
+def replica_app(settings: Settings):
+    """`create_app` with its lifespan extended: startup completes only when the model is warm."""
+    from .app import create_app
+
+    app = create_app(settings)
+    worker = app.state.worker
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a):
+        async with inner(a) as state:
+            await wait_ready(worker, settings.load_timeout)
+            yield state
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+@serve.deployment
+@serve.ingress()
+class SD35:
+    """One replica: the FastAPI app and its GPU worker (built in the replica, not pickled from the driver)."""
+
+    def __init__(self, overrides: dict | None = None):
+        from .. import logs
+
+        logs.configure(False)  # our log lines (the access log too) to the replica's stderr: Ray's worker-*.err
+        self.settings = Settings(**(overrides or {}))
+
+    def __serve_build_asgi_app__(self):
+        self.fastapi = replica_app(self.settings)
+        return self.fastapi
+
+    def check_health(self) -> None:
+        worker = self.fastapi.state.worker
+        if worker.state in ("failed", "stopped") or (worker.state == "ready" and not worker._thread.is_alive()):
+            raise RuntimeError(f"the GPU worker is {worker.state}: {worker.error}")
+
+
+def use_gpus(settings: Settings) -> bool:
+    """One GPU per replica when SD35_DEVICE asks for CUDA, or (auto) when the cluster has GPUs."""
+    if settings.device == "cpu":
+        return False
+    if settings.device.startswith("cuda"):
+        return True
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def deployment_options(settings: Settings, gpus: bool) -> dict[str, Any]:
+    """Serve's options from our settings (the mapping is the module docstring's)."""
+    replicas = settings.ray_replicas
+    most = max(replicas, settings.ray_max_replicas or replicas)
+    actor: dict[str, Any] = {"num_cpus": settings.ray_cpus}
+    if gpus:
+        actor["num_gpus"] = 1
+    return {
+        "name": DEPLOYMENT,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": settings.queue_size + 1 + HEADROOM,
+        # A burst waits in the router for a moment before each request is assigned: room for what the
+        # replicas can hold, so they (not the router) answer a burst's excess.
+        "max_queued_requests": (settings.queue_size + 1 + HEADROOM) * most,
+        # Past max_queued_requests Serve's router refuses; by default with 503 and no Retry-After. Ours is 429.
+        "backpressure_config": {"status_code": 429, "retry_after_s": ROUTER_RETRY_AFTER},
+        "autoscaling_config": {"min_replicas": replicas, "initial_replicas": replicas, "max_replicas": most,
+                               "target_ongoing_requests": settings.ray_target_ongoing},
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        # Serve's SIGTERM to a replica runs the lifespan shutdown: the worker's one grace, then its answers.
+        "graceful_shutdown_timeout_s": settings.shutdown_grace + 5,
+    }
+
+
+def build(settings: Settings, env: dict[str, str] | None = None):
+    """The Serve application for these settings. `env` (SD35_*/HF_* variables) goes to every replica."""
+    gpus = use_gpus(settings)
+    options = deployment_options(settings, gpus)
+    from ray.serve.config import BackpressureConfig
+
+    options["backpressure_config"] = BackpressureConfig(**options["backpressure_config"])
+    if env:
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
+    # A GPU replica sees only its own GPU (CUDA_VISIBLE_DEVICES): cuda:N would name one it cannot see.
+    overrides = {"device": "cuda"} if gpus and settings.device != "auto" else {}
+    return SD35.options(**options).bind(overrides)
+
+
+def app(args: dict):
+    """Serve's application builder (`import_path: sd35.service.ray_app:app`): settings from the environment
+    (the config's runtime_env) and `args` (setting names, e.g. `{ray_replicas: 2}`)."""
+    settings = Settings(**(args or {}))
+    return build(settings)
+
+
+def collect_env(settings_env_file: str | None = None) -> dict[str, str]:
+    """SD35_* and HF_* variables of this process and of the .env file, for the replicas' runtime_env."""
+    from dotenv import dotenv_values
+
+    from ..settings import find_env_file
+
+    env: dict[str, str] = {}
+    path = settings_env_file or find_env_file()
+    if os.path.isfile(path):
+        env.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    env.update(os.environ)
+    return {k: v for k, v in env.items() if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
+
+
+def up(settings: Settings, address: str | None = None) -> str:
+    """Deploy to a running Ray cluster (RAY_ADDRESS, default `auto`); returns the base URL once warm."""
+    import ray
+
+    from .server import preflight
+
+    preflight(settings)  # API keys, precision, the port: the same refusals as `sd35 serve`
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace="sd35", log_to_driver=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    try:
+        serve.run(build(settings, collect_env()), name=APP_NAME, route_prefix="/")
+    except Exception as exc:  # noqa: BLE001 - Serve gave up on the replicas (a failed load, no resources)
+        from ..errors import Sd35Error
+
+        raise Sd35Error(f"the app did not start on Ray Serve: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                        "read the replica logs (/tmp/ray/session_latest/logs/serve/replica_sd35_*.log), run "
+                        "`sd35 generate` with the same settings to see a load error alone, and `make "
+                        "serve-ray-stop`") from None
+    return f"http://{settings.host}:{settings.port}"
+
+
+def down(address: str | None = None) -> None:
+    import ray
+
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace="sd35", log_to_driver=False)
+    serve.shutdown()
+
+
+def main(argv: list[str]) -> int:
+    from ..errors import Sd35Error
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv[:1] == ["up"]:
+        from pydantic import ValidationError
+
+        try:
+            settings = load_settings()
+            url = up(settings)
+        except ValidationError as exc:
+            print(f"error: invalid setting: SD35_{'.'.join(map(str, exc.errors()[0]['loc'])).upper()}: {exc.errors()[0]['msg']}\n"
+                  "fix: correct it in .env or the environment (.env.example documents each SD35_* key)",
+                  file=sys.stderr)
+            return 2
+        except Sd35Error as exc:
+            print(f"error: {exc.cause}" + (f"\nfix: {exc.fix}" if exc.fix else ""), file=sys.stderr)
+            return exc.exit_code
+        print(f"sd35 on Ray Serve: {url} ({settings.ray_replicas} replica(s) of {settings.model}); "
+              "stop with `make serve-ray-stop`")
+        return 0
+    if argv[:1] == ["down"]:
+        down()
+        return 0
+    print("usage: python -m sd35.service.ray_app up|down", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

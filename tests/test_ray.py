@@ -1,0 +1,325 @@
+"""The service on Ray Serve (issue #16): a local Ray on 127.0.0.1 with 2 CPU replicas of the tiny model,
+the official openai client, a replica killed mid-run and replaced, a clean stop; the Serve options our
+settings map to; the Serve config and the KubeRay RayService manifest (a structural check, see below)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from test_service import KEY, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ray = pytest.importorskip("ray", reason="ray is not installed (the `ray` extra: pip install -e '.[ray]')")
+yaml = pytest.importorskip("yaml", reason="PyYAML (a dependency of ray) is not installed")
+
+
+# --- the options our settings map to (fast) ----------------------------------------------------------------
+
+def test_deployment_options_map_queue_replicas_and_gpus():
+    from sd35.service import ray_app
+    from sd35.settings import Settings
+
+    s = Settings(_env_file=None, queue_size=4, ray_replicas=2, ray_max_replicas=6, ray_target_ongoing=3,
+                 ray_cpus=2, shutdown_grace=30)
+    o = ray_app.deployment_options(s, gpus=True)
+    assert o["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
+    assert o["max_ongoing_requests"] == 4 + 1 + ray_app.HEADROOM  # the worker answers 429 before Serve queues
+    assert o["max_queued_requests"] == (4 + 1 + ray_app.HEADROOM) * 6
+    assert o["backpressure_config"] == {"status_code": 429, "retry_after_s": ray_app.ROUTER_RETRY_AFTER}
+    assert o["autoscaling_config"] == {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 6,
+                                       "target_ongoing_requests": 3}
+    assert o["graceful_shutdown_timeout_s"] == 35
+    cpu = ray_app.deployment_options(Settings(_env_file=None), gpus=False)
+    assert cpu["ray_actor_options"] == {"num_cpus": 1}
+    assert cpu["autoscaling_config"]["max_replicas"] == 1  # SD35_RAY_MAX_REPLICAS unset: a fixed count
+    assert ray_app.use_gpus(Settings(_env_file=None, device="cpu")) is False
+    assert ray_app.use_gpus(Settings(_env_file=None, device="cuda:3")) is True
+
+
+def test_collect_env_copies_sd35_and_hf_variables_and_dotenv(tmp_path, monkeypatch):
+    from sd35.service import ray_app
+
+    (tmp_path / ".env").write_text("SD35_MODEL=medium\nSD35_QUEUE_SIZE=2\nOTHER=x\n")
+    monkeypatch.setenv("SD35_QUEUE_SIZE", "7")
+    monkeypatch.setenv("UNRELATED", "y")
+    env = ray_app.collect_env(str(tmp_path / ".env"))
+    assert env["SD35_MODEL"] == "medium" and env["SD35_QUEUE_SIZE"] == "7"  # the environment wins over .env
+    assert "OTHER" not in env and "UNRELATED" not in env and "HF_HUB_CACHE" in env
+
+
+def test_replica_readiness_waits_for_the_warm_model_and_fails_with_the_load():
+    """The replica's start (its lifespan) returns only once the worker is ready; a failed load fails it."""
+    import asyncio
+    import threading
+
+    from sd35.service import ray_app
+
+    class FakeWorker:
+        state, error = "loading", None
+
+    w = FakeWorker()
+    threading.Timer(0.5, lambda: setattr(w, "state", "ready")).start()
+    asyncio.run(ray_app.wait_ready(w, timeout=30))
+    assert w.state == "ready"
+    w.state, w.error = "failed", RuntimeError("no such model")
+    with pytest.raises(RuntimeError, match="failed to load: no such model"):
+        asyncio.run(ray_app.wait_ready(w, timeout=30))
+    w.state = "loading"
+    with pytest.raises(RuntimeError, match="not ready after SD35_LOAD_TIMEOUT"):
+        asyncio.run(ray_app.wait_ready(w, timeout=0.3))
+
+
+def test_make_serve_ray_starts_a_loopback_ray_with_token_auth_and_stops_it():
+    import subprocess
+
+    run = subprocess.run(["make", "-n", "-o", "setup", "-o", "browser", "serve-ray", "serve-ray-stop", "VENV=/v"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    text = run.stdout
+    assert "/v/bin/ray start --head" in text and "--include-dashboard=false" in text
+    assert "RAY_AUTH_MODE=token" in text and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in text
+    assert "-m sd35.service.ray_app up" in text and "-m sd35.service.ray_app down" in text
+    assert "/v/bin/ray stop" in text
+
+
+# --- the Serve config and the KubeRay manifest ---------------------------------------------------------------
+
+def test_serve_config_builds_our_app():
+    cfg = yaml.safe_load((ROOT / "deploy/ray/serve.yaml").read_text())
+    (app,) = cfg["applications"]
+    assert app["import_path"] == "sd35.service.ray_app:app" and app["route_prefix"] == "/"
+    assert all(k.startswith(("SD35_", "HF_")) for k in app["runtime_env"]["env_vars"])
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") else \
+        ServeDeploySchema.parse_obj(cfg)  # Serve's own schema for config files
+    # import_path names an application builder: one parameter (Serve passes `args`), returns an Application.
+    import inspect
+
+    from ray.serve import Application
+
+    from sd35.service import ray_app
+
+    assert len(inspect.signature(ray_app.app).parameters) == 1
+    built = ray_app.app({"ray_replicas": 3, "device": "cpu", **app["args"]})
+    assert isinstance(built, Application)
+
+
+# Read from KubeRay's CRD (ray-project/kuberay, ray-operator/config/crd/bases/ray.io_rayservices.yaml at
+# 026f143324c0b7c3cce38db3003b5d45e236fc2e): spec.serveConfigV2 is `type: string`; rayClusterConfig requires
+# headGroupSpec; each workerGroupSpecs item requires these; a pod template's spec requires containers.
+WORKER_GROUP_REQUIRED = {"groupName", "maxReplicas", "minReplicas", "rayStartParams", "template"}
+
+
+def test_rayservice_manifest_structure():
+    """A structural check of the fields verified in KubeRay's RayService CRD (above): apiVersion/kind,
+    serveConfigV2 as a string holding our Serve config, the head group and the GPU worker group's required
+    fields and pod templates, the GPU and the shared cache volume. Not a validation against the full CRD
+    schema (it is not vendored), and not applied to a cluster."""
+    m = yaml.safe_load((ROOT / "deploy/k8s/rayservice.yaml").read_text())
+    assert m["apiVersion"] == "ray.io/v1" and m["kind"] == "RayService" and m["metadata"]["name"]
+    spec = m["spec"]
+    assert isinstance(spec["serveConfigV2"], str)
+    serve_cfg = yaml.safe_load(spec["serveConfigV2"])
+    assert serve_cfg["applications"][0]["import_path"] == "sd35.service.ray_app:app"
+    cluster = spec["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    assert head["template"]["spec"]["containers"][0]["image"]
+    for group in cluster["workerGroupSpecs"]:
+        assert WORKER_GROUP_REQUIRED <= set(group), WORKER_GROUP_REQUIRED - set(group)
+        assert group["template"]["spec"]["containers"]
+    (gpu,) = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    assert isinstance(gpu["rayStartParams"], dict)
+    assert gpu["maxReplicas"] >= gpu["replicas"] >= gpu["minReplicas"] >= 0
+    pod = gpu["template"]["spec"]
+    container = pod["containers"][0]
+    for part in ("requests", "limits"):
+        assert str(container["resources"][part]["nvidia.com/gpu"]) == "1"
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}
+    mounts = {x["name"]: x["mountPath"] for x in container["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert claims and any(mounts.get(name) == env["HF_HUB_CACHE"] for name in claims)
+    for v in serve_cfg["applications"][0]["runtime_env"]["env_vars"]:
+        assert v.startswith(("SD35_", "HF_"))
+
+
+# --- a local Ray with 2 CPU replicas (slow) ----------------------------------------------------------------
+
+def replica_actors() -> dict[str, int]:
+    """Live replica actors of our deployment, name -> PID. From the GCS (named actors) and each actor
+    itself: the state API would need Ray's dashboard, which the test's Ray does not start."""
+    found = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if entry["namespace"] == "serve" and name.startswith("SERVE_REPLICA::sd35#SD35#"):
+            try:
+                actor = ray.get_actor(name, namespace="serve")
+                found[name] = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+            except Exception:  # noqa: BLE001 - a replica being replaced or stopped right now
+                continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_serve(tiny_cache, tmp_path_factory):
+    from ray import serve
+
+    from sd35.service import ray_app
+    from sd35.settings import Settings
+
+    port = free_port()
+    env = {"SD35_CACHE_DIR": str(tiny_cache), "SD35_DEVICE": "cpu", "SD35_API_KEY": KEY, "SD35_QUEUE_SIZE": "4",
+           "SD35_MAX_PIXELS": str(128 * 128), "SD35_REQUEST_TIMEOUT": "120", "SD35_SHUTDOWN_GRACE": "5",
+           "HF_HUB_CACHE": str(tmp_path_factory.mktemp("hf")), "SD35_ALLOW_NO_KEY": "0"}
+    settings = Settings(_env_file=None, model="tiny", device="cpu", port=port, ray_replicas=2, ray_cpus=1,
+                        queue_size=4, shutdown_grace=5)
+    # Loopback only: Ray's single-node mode binds GCS, raylet and workers to 127.0.0.1 (it would otherwise
+    # turn 127.0.0.1 into the node's network IP).
+    from ray._private import ray_constants
+
+    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for Ray's child processes
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when `import ray` ran (collection), so set it here too
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=80 * 1024 * 1024,
+             namespace="sd35-test", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(ray_app.build(settings, env), name=ray_app.APP_NAME, route_prefix="/")
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+        if saved[0] is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved[0]
+
+
+def _client(url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _generate(url, seed=1):
+    r = _client(url).images.generate(prompt="a red cube", size="64x64", response_format="b64_json",
+                                     extra_body={"steps": 2, "seed": seed})
+    return Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ray_two_replicas_serve_openai_and_survive_a_killed_replica(ray_serve):
+    import httpx
+
+    url = ray_serve
+    # 1. Two replicas, each warm (readiness = loaded + warmed up), behind Serve's proxy; auth is ours.
+    before = replica_actors()
+    assert len(before) == 2, before
+    assert httpx.get(url + "/readyz", timeout=30).status_code == 401  # the app's API-key check runs in the replica
+    ready = httpx.get(url + "/readyz", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    assert ready["status"] == "ready" and ready["queue_size"] == 4
+    # 2. The official openai client gets images, several at once over both replicas.
+    with ThreadPoolExecutor(4) as pool:
+        imgs = list(pool.map(lambda s: _generate(url, s), range(4)))
+    assert all(im.size == (64, 64) for im in imgs)
+    events = list(_client(url).images.generate(prompt="a red cube", size="64x64", stream=True, partial_images=1,
+                                               extra_body={"steps": 2}))
+    assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    # 3. Past the replicas' queues (2 x (1 running + 4 queued)) the replicas themselves answer 429 with our
+    #    error body and Retry-After, through Serve's proxy (max_ongoing_requests leaves them room to).
+    def raw(seed):
+        return httpx.post(url + "/v1/images/generations", headers={"Authorization": f"Bearer {KEY}"}, timeout=300,
+                          json={"prompt": "a red cube", "size": "128x128", "steps": 20, "seed": seed})
+
+    with ThreadPoolExecutor(16) as pool:
+        burst = list(pool.map(raw, range(16)))
+    codes = sorted(r.status_code for r in burst)
+    assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
+    ours = 0
+    for r in burst:
+        if r.status_code == 429:  # ours (JSON, measured Retry-After) or, rarely, Serve's router's (plain text)
+            assert int(r.headers["retry-after"]) >= 1
+            ours += r.headers["content-type"].startswith("application/json") and \
+                r.json()["error"]["code"] == "queue_full"
+    assert ours >= 1, [(r.status_code, r.text[:80]) for r in burst]
+    # 4. Kill one replica's process mid-run (SIGKILL: no drain), while requests are in flight.
+    victim, victim_pid = next(iter(before.items()))
+    with ThreadPoolExecutor(4) as pool:
+        inflight = [pool.submit(_generate, url, 10 + i) for i in range(4)]
+        time.sleep(0.5)
+        os.kill(victim_pid, signal.SIGKILL)
+        results = []
+        for f in inflight:  # those on the killed replica may fail; the others must not
+            try:
+                results.append(f.result())
+            except Exception as exc:  # noqa: BLE001 - counted below
+                results.append(exc)
+    assert any(isinstance(r, Image.Image) for r in results), results
+    # 5. The following requests succeed (Serve routes them to the live replica, then to the new one) ...
+    for i in range(3):
+        assert _generate(url, 100 + i).size == (64, 64)
+    # 6. ... and Serve replaces the dead replica with a new process.
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        now = replica_actors()
+        if len(now) == 2 and victim not in now and victim_pid not in now.values():
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"Serve did not replace the killed replica: {replica_actors()}")
+    from ray import serve
+
+    deadline = time.monotonic() + 600
+    while serve.status().applications["sd35"].status != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(2)
+    assert serve.status().applications["sd35"].status == "RUNNING"
+    assert _generate(url, 200).size == (64, 64)
+
+
+@pytest.mark.slow
+def test_ray_clean_stop(ray_serve):
+    """Last in the module: deleting the app drains and stops every replica (lifespan shutdown)."""
+    from ray import serve
+
+    serve.delete("sd35")
+    deadline = time.monotonic() + 120
+    while replica_actors() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert replica_actors() == {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_serve_ray_compares_one_and_two_replicas(tiny_cache, tmp_path):
+    """`sd35 bench serve --ray --json`: the same closed-loop load on 1 and 2 replicas, every request answered.
+    Its own process and its own loopback Ray (the module's Ray has no app left after the clean stop)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SD35_CACHE_DIR": str(tiny_cache), "SD35_DEVICE": "cpu", "SD35_MODEL": "tiny",
+           "HF_HUB_CACHE": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "sd35", "bench", "serve", "--ray", "--requests", "4", "--burst", "2",
+                           "--steps", "2", "--size", "64", "--json"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert [r["replicas"] for r in report["runs"]] == [1, 2]
+    assert all(r["images"] == 4 and r["images_per_s"] > 0 for r in report["runs"])
+    assert report["speedup"]["1"] == 1.0 and report["speedup"]["2"] > 0
+    assert "ratio says little" in report["note"]  # CPU replicas share the cores
