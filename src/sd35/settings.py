@@ -205,6 +205,15 @@ def find_env_file() -> str:
     return find_dotenv(usecwd=True) or ".env"
 
 
+def dotenv_values(path: Path | str | None = None) -> dict[str, str]:
+    """The variables the workspace's `.env` (or `path`) sets, as Settings reads them (processes that must
+    see the same settings elsewhere — Ray replicas — get them from here)."""
+    from dotenv import dotenv_values as read
+
+    path = Path(path or find_env_file())
+    return {k: v for k, v in read(path).items() if v is not None} if path.is_file() else {}
+
+
 def dotenv_keys(path: Path | str, include_commented: bool = False) -> list[str]:
     """The keys a dotenv file sets, in order, read by python-dotenv (the parser Settings uses).
 

@@ -161,14 +161,9 @@ def app(args: dict):
 
 def collect_env(settings_env_file: str | None = None) -> dict[str, str]:
     """SD35_* and HF_* variables of this process and of the .env file, for the replicas' runtime_env."""
-    from dotenv import dotenv_values
+    from ..settings import dotenv_values
 
-    from ..settings import find_env_file
-
-    env: dict[str, str] = {}
-    path = settings_env_file or find_env_file()
-    if os.path.isfile(path):
-        env.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    env: dict[str, str] = dotenv_values(settings_env_file)
     env.update(os.environ)
     return {k: v for k, v in env.items() if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
 
