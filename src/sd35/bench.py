@@ -413,9 +413,8 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
         gc.collect()
         stored = root / "prequantized"
         q = quantized.load_transformer(bf16, quantize=True)
-        q.save_config(stored / "transformer")
-        quantized.save_component(q, stored / "transformer", "diffusion_pytorch_model.safetensors",
-                                 quantized.transformer_config())
+        pos_embed = quantized.store_transformer(q, stored)  # what `sd35 cache quantize` writes for it
+        (stored / quantized.RECORD).write_text(_json.dumps({"pos_embed": pos_embed}))
         del q
         gc.collect()
         prep = time.perf_counter() - t0

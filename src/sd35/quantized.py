@@ -244,6 +244,21 @@ def save_component(model, folder: Path, filename: str, quant_config, skip: froze
     return folder / filename
 
 
+def store_transformer(model, root: Path) -> str:
+    """Write an FP8 transformer under `root/transformer` as the store keeps it. The sin-cos position table
+    (0.45 GB for Medium) is a function of the config: it is left out and recomputed at load — only when the
+    recomputation is bit-identical to the model's own table. Returns what the record says of it:
+    "recomputed", "stored" or "none"."""
+    import torch
+
+    model.save_config(Path(root) / "transformer")
+    table = computed_pos_embed(model)
+    recompute = table is not None and torch.equal(model.pos_embed.pos_embed, table)
+    save_component(model, Path(root) / "transformer", "diffusion_pytorch_model.safetensors", transformer_config(),
+                   skip=frozenset({POS_EMBED}) if recompute else frozenset())
+    return "recomputed" if recompute else ("stored" if table is not None else "none")
+
+
 def _weight_files(folder: Path) -> list[Path]:
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
@@ -474,8 +489,6 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
                          f"{free / 1e9:.1f} GB free under {target.parent}.",
                          "free space there, or pass --out on a larger disk (or set SD35_QUANTIZED_DIR).")
 
-    import torch
-
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
@@ -488,13 +501,7 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
                 _link_or_copy(f, tmp / rel)
         # 4. FP8 components, one at a time (peak host memory: one FP8 component plus a shard of bf16).
         transformer = load_transformer(source.path, quantize=True)
-        transformer.save_config(tmp / "transformer")
-        # The sin-cos position table (0.45 GB for Medium) is a function of the config: left out of the store
-        # and recomputed at load — only when the recomputation is bit-identical to the source's table.
-        table = computed_pos_embed(transformer)
-        recompute = table is not None and torch.equal(transformer.pos_embed.pos_embed, table)
-        save_component(transformer, tmp / "transformer", "diffusion_pytorch_model.safetensors", transformer_config(),
-                       skip=frozenset({POS_EMBED}) if recompute else frozenset())
+        pos_embed = store_transformer(transformer, tmp)
         coverage = precision.linear_coverage(transformer)
         del transformer
         if t5_mode != "bf16":
@@ -516,7 +523,7 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
             "kept_bf16": {"transformer": precision.KEEP_BF16, "t5": precision.T5_KEEP_BF16},
             # "recomputed": not stored, computed from the config at load (checked bit-identical to the source's
             # table when this folder was made); "stored": the source's table differs from the computed one.
-            "pos_embed": "recomputed" if recompute else ("stored" if table is not None else "none"),
+            "pos_embed": pos_embed,
             "transformer_linear_params": coverage,
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
