@@ -201,18 +201,28 @@ def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str]):
 POS_EMBED = "pos_embed.pos_embed"
 
 
-def computed_pos_embed(model):
-    """The SD3 transformer's sin-cos position table as its constructor computes it (from the config alone),
-    in bf16 as the checkpoints store it; None when the model has no max-size table."""
+def computed_pos_embed(model, rows_per_chunk: int = 16):
+    """The SD3 transformer's sin-cos position table as its constructor computes it (diffusers'
+    `get_2d_sincos_pos_embed`, from the config alone), in bf16 as the checkpoints store it; None when the
+    model has no max-size table. Computed a band of grid rows at a time (every entry depends on its own
+    position only), so the float64 intermediates stay at tens of MB instead of several GB for Medium."""
     import torch
-    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
 
     pe = getattr(model, "pos_embed", None)
-    if pe is None or not getattr(pe, "pos_embed_max_size", None):
+    size = getattr(pe, "pos_embed_max_size", None) if pe is not None else None
+    if not size:
         return None
-    table = get_2d_sincos_pos_embed(pe.proj.out_channels, pe.pos_embed_max_size, base_size=pe.base_size,
-                                    interpolation_scale=pe.interpolation_scale, output_type="pt")
-    return table.float().unsqueeze(0).to(torch.bfloat16)
+    dim = pe.proj.out_channels
+    # The grid exactly as get_2d_sincos_pos_embed builds it ([2, 1, H, W], w first).
+    axis = torch.arange(size, dtype=torch.float32) / (size / pe.base_size) / pe.interpolation_scale
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=0).reshape(2, 1, size, size)
+    table = torch.empty(size * size, dim, dtype=torch.bfloat16)
+    for start in range(0, size, rows_per_chunk):
+        band = grid[:, :, start:start + rows_per_chunk, :]
+        table[start * size:(start + band.shape[2]) * size] = (
+            get_2d_sincos_pos_embed_from_grid(dim, band, output_type="pt").float().to(torch.bfloat16))
+    return table.unsqueeze(0)
 
 
 def save_component(model, folder: Path, filename: str, quant_config, skip: frozenset = frozenset()) -> Path:
