@@ -81,7 +81,6 @@ def compare(settings: Settings, *, replicas: tuple[int, ...] = (1, 2), requests:
     ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
 
     key = secrets.token_urlsafe(24)
-    port = _free_port()
     env = ray_app.collect_env()
     env.update({"SD35_API_KEY": key, "SD35_WARMUP": "1"})
     env.pop("SD35_API_KEYS_FILE", None)
@@ -90,7 +89,16 @@ def compare(settings: Settings, *, replicas: tuple[int, ...] = (1, 2), requests:
              log_to_driver=False, namespace="sd35-bench", object_store_memory=200 * 1024 * 1024)
     runs = []
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # A port found free can be taken by one of Ray's own processes before Serve's proxy binds it: try again.
+        for attempt in range(4):
+            port = _free_port()
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                break
+            except Exception as exc:  # noqa: BLE001 - ray wraps the proxy's bind error
+                if "Failed to bind" not in str(exc) or attempt == 3:
+                    raise
+                serve.shutdown()
         url = f"http://127.0.0.1:{port}"
         gpus = None
         for n in replicas:
