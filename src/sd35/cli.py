@@ -448,6 +448,21 @@ def fidelity(
               highlight=False)
 
 
+def _bench_start(arch: str | None = None, *, quiet: bool = False) -> None:
+    """Every `sd35 bench` command: our logs only (warnings only with `quiet`, so timings print clean), and
+    `--arch` checked against the registry's architectures."""
+    import logging
+
+    from . import logs
+    from .models import ARCHS
+
+    logs.configure(False)
+    if quiet:
+        logging.getLogger("sd35").setLevel(logging.WARNING)
+    if arch is not None and arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(ARCHS)}.")
+
+
 @bench_app.command("memory")
 @handle_errors
 def bench_memory(
@@ -455,12 +470,9 @@ def bench_memory(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Weight bytes of the SD3.5 transformer per precision mode (random weights, built on the CPU)."""
-    from . import bench, logs
-    from .models import ARCHS
+    from . import bench
 
-    logs.configure(False)
-    if arch not in ARCHS:
-        raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(ARCHS)}.")
+    _bench_start(arch)
     report = bench.memory(arch)
     if as_json:
         out.print_json(json.dumps(report))
@@ -478,12 +490,9 @@ def bench_load(
 ) -> None:
     """Load one random-weight transformer three ways, each in its own process: bf16 then quantize (today),
     lean (quantized as read), pre-quantized (FP8 from disk). Seconds, peak host RSS, bytes on disk."""
-    from . import bench, logs
-    from .models import ARCHS
+    from . import bench
 
-    logs.configure(False)
-    if arch not in ARCHS:
-        raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(ARCHS)}.")
+    _bench_start(arch)
     if work_dir is not None and not work_dir.is_dir():
         raise InputError(f"--dir {work_dir} is not a folder.", "create it or pass another one.")
     report = bench.load_modes(arch, work_dir)
@@ -512,12 +521,9 @@ def bench_serve(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Service overhead vs a direct pipeline call (goal <= 5 %), and a burst against a bounded queue."""
-    from . import bench, logs
+    from . import bench
 
-    logs.configure(False)
-    import logging
-
-    logging.getLogger("sd35").setLevel(logging.WARNING)
+    _bench_start(quiet=True)
     if ray:
         _bench_serve_ray(_settings(model=model, precision=precision, queue_size=queue_size), requests, burst, steps,
                          size, as_json)
@@ -572,16 +578,10 @@ def bench_speed(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Transformer step latency and peak GPU memory per precision mode, eager and compiled (random weights)."""
-    from . import bench, logs
-    from .models import ARCHS
+    from . import bench
     from .settings import PRECISIONS
 
-    logs.configure(False)
-    import logging
-
-    logging.getLogger("sd35").setLevel(logging.WARNING)
-    if arch not in ARCHS:
-        raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(ARCHS)}.")
+    _bench_start(arch, quiet=True)
     wanted = [m.strip() for m in modes.split(",") if m.strip()]
     bad = [m for m in wanted if m not in PRECISIONS or m == "auto"]
     if bad or not wanted:
@@ -622,12 +622,9 @@ def bench_break(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Cost of armed SD35_BREAK hooks that do not match, per denoising step (goal <= 1 %); --nan: of the NaN watch."""
-    from . import bench, logs
+    from . import bench
 
-    logs.configure(False)
-    import logging
-
-    logging.getLogger("sd35").setLevel(logging.WARNING)
+    _bench_start(quiet=True)
     r = bench.break_overhead(_settings(model=model), runs=runs, steps=steps, nan=nan)
     if as_json:
         print(json.dumps(r, indent=2))

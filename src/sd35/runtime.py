@@ -1,10 +1,11 @@
-"""The runtime: one loaded pipeline and everything done with it — check, break, generate, save, encode.
+"""The runtime: one loaded pipeline and everything done with it — check, break, generate, save.
 
 Why one object: the CLI, the service worker, the notebooks and the benchmarks all run the same
 sequence — check the request against *this* model's defaults and limits, arm the debugger's
 breakpoints, generate with step callbacks (progress bars, watchdogs, cancellation, previews), then save
-PNG + sidecar or encode for HTTP. Written once here, a feature that touches a generation (compilation,
-streaming previews, a NaN watch, Ray replicas) is added once, and every entry point gets it.
+PNG + sidecar. Written once here, a feature that touches a generation (compilation, streaming previews,
+a NaN watch, Ray replicas) is added once, and every entry point gets it. (Encoding for HTTP — png, jpeg,
+webp at a client's compression — is the API's concern: service/images.py.)
 
     rt = Runtime.load(settings)                       # load once (precision, device, breakpoints)
     request = rt.check(prompt="a lighthouse", steps=None, seed=None)   # defaults from the model's configs
@@ -17,7 +18,6 @@ bench. Nothing here imports the CLI or the service.
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from pathlib import Path
@@ -146,21 +146,6 @@ class Runtime:
         """PNG + JSON sidecar per image, written atomically; returns the (png, json) pairs."""
         return gen.save(self.loaded, result, Path(out_dir),
                         extra={"model_info": self.info.as_dict(), "compile": self.compile.as_dict()})
-
-    @staticmethod
-    def encode(image, fmt: str = "png", quality: int | None = None) -> bytes:
-        """One image as PNG (fast compression: latency matters more than bytes here), JPEG or WebP."""
-        buf = io.BytesIO()
-        fmt = fmt.lower()
-        if fmt == "png":
-            image.save(buf, format="PNG", compress_level=1)
-        elif fmt in ("jpeg", "jpg"):
-            image.convert("RGB").save(buf, format="JPEG", quality=quality or 90)
-        elif fmt == "webp":
-            image.save(buf, format="WEBP", quality=quality or 90)
-        else:
-            raise ValueError(f"unknown image format {fmt!r}")
-        return buf.getvalue()
 
 
 def precheck(settings: Settings, **fields) -> gen.GenerationRequest:
