@@ -15,7 +15,7 @@ SETTING_VARS = ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     """One tiny model build per test session, shared by every test (SD35_CACHE_DIR)."""
-    from sd35 import tiny
+    from sd35.weights import tiny
 
     cache = tmp_path_factory.mktemp("sd35-cache")
     tiny.ensure(cache)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 
-import sd35.load
+import sd35.weights.load
 from sd35.cli import main
 
-_load = sd35.load.load
+_load = sd35.weights.load.load
 
 
 def load_with_nan(settings):
@@ -23,7 +23,7 @@ def load_with_nan(settings):
     return loaded
 
 
-sd35.load.load = load_with_nan
+sd35.weights.load.load = load_with_nan
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,8 @@ import pytest
 from fakehub import COMMIT, FakeHub, plant_cached_model
 from helpers import run_cli
 
-from sd35 import cache, tiny
+from sd35.ops import cache
+from sd35.weights import tiny
 
 MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import run_cli
 from PIL import Image
 
-from sd35 import compilation
+from sd35.inference import compilation
 from sd35.settings import Settings
 
 
@@ -42,7 +42,7 @@ def test_bad_compile_mode_is_a_clear_error(tmp_path):
 
 
 def test_decode_mode_plans_by_free_memory():
-    from sd35.generate import VAE_DECODE_BYTES_PER_PIXEL, decode_mode
+    from sd35.inference.generate import VAE_DECODE_BYTES_PER_PIXEL, decode_mode
 
     one = 1024 * 1024 * VAE_DECODE_BYTES_PER_PIXEL
     assert decode_mode(None, 4, 1024, 1024) == "batched"  # host memory: not planned
@@ -61,7 +61,7 @@ def test_sliced_and_tiled_decode_give_the_requested_images(monkeypatch, tmp_path
     monkeypatch.setattr(hardware, "free_memory", lambda device: 2 * 256 * 256 * 4096 - 1)  # < 2 images
     sliced = rt.generate(req, n=2)
     assert sliced.decode_mode == "sliced"
-    from sd35.fidelity import psnr
+    from sd35.bench.fidelity import psnr
 
     assert psnr(sliced.images[1], plain.images[1]) >= 40  # the same image (bf16 convs batch-dependent rounding)
     monkeypatch.setattr(hardware, "free_memory", lambda device: 1)
@@ -86,7 +86,7 @@ def test_compiled_matches_eager_and_a_second_process_reuses_the_kernels(tmp_path
     assert cold["mode"] == warm["mode"] == "blocks" and cold["seconds"] > 0 and warm["seconds"] > 0
     assert cold["cache"]["fxgraph_cache_miss"] > 0
     assert warm["cache"]["fxgraph_cache_hit"] > 0 and warm["cache"]["fxgraph_cache_miss"] == 0, warm
-    from sd35.fidelity import psnr
+    from sd35.bench.fidelity import psnr
 
     ref = Image.open(next((tmp_path / "eager").glob("*.png")))
     for i in range(2):

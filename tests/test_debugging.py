@@ -19,7 +19,7 @@ import pytest
 from dap import ROOT, VSCODE_ONLY, DapClient, launch_config
 from helpers import load_jsonc, run_cli
 
-from sd35 import debug
+from sd35.debugging import breakpoints
 from sd35.errors import InputError
 
 SCHEMAS = ROOT.parent / "shared" / "schemas"
@@ -60,12 +60,12 @@ def test_launch_json_attributes_are_debugpys():
 # --- the grammar and the harness without a debugger -------------------------------------------------------
 
 def test_break_grammar():
-    assert [str(b) for b in debug.parse("block.12@5, scheduler@5,attn.3,transformer@2,vae.decode")] == [
+    assert [str(b) for b in breakpoints.parse("block.12@5, scheduler@5,attn.3,transformer@2,vae.decode")] == [
         "block.12@5", "scheduler@5", "attn.3@0", "transformer@2", "vae.decode"]
-    assert debug.parse("") == [] and debug.parse(None) == []
+    assert breakpoints.parse("") == [] and breakpoints.parse(None) == []
     for bad in ("blok.1", "block", "block.x@1", "scheduler@-1", "attn.1@2@3", "vae"):
         with pytest.raises(InputError) as e:
-            debug.parse(bad)
+            breakpoints.parse(bad)
         assert "TARGET[@STEP]" in e.value.cause and "block.12@5" in e.value.fix
 
 
@@ -88,13 +88,13 @@ def test_without_debugger_matches_are_logged_and_the_run_goes_on(tmp_path):
 
 
 def test_harness_wraps_only_what_is_named_and_disarms(tiny_cache):
-    from sd35.load import load
+    from sd35.weights.load import load
     from sd35.settings import Settings
 
     pipe = load(Settings(device="cpu")).pipe
-    assert debug.arm(pipe, []) is None  # nothing hooked when SD35_BREAK is empty
+    assert breakpoints.arm(pipe, []) is None  # nothing hooked when SD35_BREAK is empty
     block1 = pipe.transformer.transformer_blocks[1]
-    h = debug.arm(pipe, debug.parse("block.1@2,attn.0@1"))
+    h = breakpoints.arm(pipe, breakpoints.parse("block.1@2,attn.0@1"))
     assert "forward" in vars(block1) and "forward" not in vars(pipe.transformer.transformer_blocks[0])
     attn0 = pipe.transformer.transformer_blocks[0].attn
     assert type(attn0.processor).__name__ == "ProcessorProxy"
@@ -110,35 +110,35 @@ def test_tensor_summary_never_prints_values_and_handles_fp8():
     import torch
 
     t = torch.tensor([[1.0, float("nan")], [float("inf"), -2.0]])
-    s = debug.tensor_summary(t)
+    s = breakpoints.tensor_summary(t)
     assert s.startswith("Tensor[2×2] float32 cpu") and "min -2 max 1" in s and "nan 1 inf 1" in s
     f8 = torch.randn(4, 4).to(torch.float8_e4m3fn)
-    assert "float8_e4m3fn" in debug.tensor_summary(f8) and "std" in debug.tensor_summary(f8)
+    assert "float8_e4m3fn" in breakpoints.tensor_summary(f8) and "std" in breakpoints.tensor_summary(f8)
     from torchao.quantization import Float8WeightOnlyConfig, quantize_
 
     lin = torch.nn.Sequential(torch.nn.Linear(32, 16)).to(torch.bfloat16)
     quantize_(lin, Float8WeightOnlyConfig())
-    qs = debug.tensor_summary(lin[0].weight)
+    qs = breakpoints.tensor_summary(lin[0].weight)
     assert "Float8Tensor" in qs and "float8_e4m3fn data" in qs and "mean" in qs
-    assert "meta" in debug.tensor_summary(torch.empty(3, device="meta"))
+    assert "meta" in breakpoints.tensor_summary(torch.empty(3, device="meta"))
 
 
 def test_debugpy_address_policy():
-    from sd35 import attach
+    from sd35.debugging import attach
 
     assert attach.parse("127.0.0.1:5678") == ("connect", "127.0.0.1", 5678)  # plain HOST:PORT connects out
     assert attach.parse("connect:[::1]:5679") == ("connect", "::1", 5679)
     assert attach.parse("listen:127.0.0.1:5678") == ("listen", "127.0.0.1", 5678)
     with pytest.raises(InputError, match="non-loopback"):
-        debug.listen("0.0.0.0:5678")
+        breakpoints.listen("0.0.0.0:5678")
     with pytest.raises(InputError, match="non-loopback"):
-        debug.listen("listen:0.0.0.0:5678", allow_listen=True)
+        breakpoints.listen("listen:0.0.0.0:5678", allow_listen=True)
     with pytest.raises(InputError, match="HOST:PORT"):
-        debug.listen("localhost")
+        breakpoints.listen("localhost")
     # listening only on explicit opt-in
     with pytest.raises(InputError, match="SD35_DEBUGPY_ALLOW_LISTEN=1"):
-        debug.listen("listen:127.0.0.1:5678")
-    assert debug.listen(None) is None
+        breakpoints.listen("listen:127.0.0.1:5678")
+    assert breakpoints.listen(None) is None
 
 
 def test_debugpy_connect_refuses_a_port_nobody_of_ours_listens_on():
@@ -146,7 +146,7 @@ def test_debugpy_connect_refuses_a_port_nobody_of_ours_listens_on():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: nobody there
         with pytest.raises(InputError, match="no debugger is listening"):
-            debug.listen(f"127.0.0.1:{port}")
+            breakpoints.listen(f"127.0.0.1:{port}")
 
 
 def test_cli_refuses_remote_debugpy(tmp_path):
@@ -192,7 +192,7 @@ def test_generate_target_stops_and_steps_into_diffusers(dap, tmp_path, name, lab
     dap.start("launch", _generate_config(name, tmp_path))
     tid, frames = dap.stopped()
     top = frames[0]
-    assert top["name"] == "_stop_here" and top["source"]["path"].endswith("sd35/debug.py"), top
+    assert top["name"] == "_stop_here" and top["source"]["path"].endswith("sd35/debugging/breakpoints.py"), top
     variables = dap.locals(top["id"])
     assert {"where", "module", "inputs", "summary", "call"} <= set(variables), sorted(variables)
     assert label in variables["where"]["value"]
@@ -332,10 +332,10 @@ def test_attach_to_running_service_and_hit_a_breakpoint_during_a_request(tmp_pat
 
 def wait_listening(port: int, timeout: float = 60) -> None:
     """Until something of ours listens on 127.0.0.1:port (read from /proc/net/tcp: connecting would count)."""
-    from sd35 import listeners
+    from sd35 import net
 
     deadline = time.time() + timeout
-    while listeners.owner("127.0.0.1", port) != os.getuid():
+    while net.owner("127.0.0.1", port) != os.getuid():
         assert time.time() < deadline, f"nothing listens on 127.0.0.1:{port}"
         time.sleep(0.1)
 
@@ -353,11 +353,11 @@ def test_launch_json_service_skips_warmup_and_attach_targets_map_paths():
 
 
 def test_break_grammar_nan():
-    assert debug.parse("nan") == [debug.Break("nan", None, 0)]
-    assert [str(b) for b in debug.parse("nan@3,block.1@2")] == ["nan@3", "block.1@2"]
+    assert breakpoints.parse("nan") == [breakpoints.Break("nan", None, 0)]
+    assert [str(b) for b in breakpoints.parse("nan@3,block.1@2")] == ["nan@3", "block.1@2"]
     for bad in ("nan.1", "nans", "nan@x"):
         with pytest.raises(InputError) as e:
-            debug.parse(bad)
+            breakpoints.parse(bad)
         assert "nan@5" in e.value.fix and "| nan;" in e.value.fix
 
 
@@ -365,22 +365,22 @@ def test_large_tensor_summaries_are_sampled_and_cached_per_stop(monkeypatch):
     import torch
 
     t = torch.randn(2, 1024, 1536)  # 3.1 M elements > SAMPLE_ELEMENTS
-    debug.new_stop()
-    s = debug.tensor_summary(t)
-    assert f"stats of {debug.SAMPLE_ELEMENTS:,} sampled" in s and "in sample" in s and " std " in s
-    assert "sampled" not in debug.tensor_summary(torch.randn(64, 64))
-    nc = debug.tensor_summary(t.transpose(0, 2))  # not contiguous: a random gather, not a copy of it all
+    breakpoints.new_stop()
+    s = breakpoints.tensor_summary(t)
+    assert f"stats of {breakpoints.SAMPLE_ELEMENTS:,} sampled" in s and "in sample" in s and " std " in s
+    assert "sampled" not in breakpoints.tensor_summary(torch.randn(64, 64))
+    nc = breakpoints.tensor_summary(t.transpose(0, 2))  # not contiguous: a random gather, not a copy of it all
     assert nc.startswith("Tensor[1536×1024×2]") and "sampled" in nc
     calls = []
-    real = debug._tensor_summary
+    real = breakpoints._tensor_summary
     monkeypatch.setattr(debug, "_tensor_summary", lambda x: calls.append(1) or real(x))
-    assert debug.tensor_summary(t) == s and calls == []  # cached within the stop
+    assert breakpoints.tensor_summary(t) == s and calls == []  # cached within the stop
     t.mul_(2)  # changed in place: recomputed
-    assert debug.tensor_summary(t) != s and len(calls) == 1
-    debug.tensor_summary(t)
+    assert breakpoints.tensor_summary(t) != s and len(calls) == 1
+    breakpoints.tensor_summary(t)
     assert len(calls) == 1
-    debug.new_stop()  # a new stop: computed again
-    debug.tensor_summary(t)
+    breakpoints.new_stop()  # a new stop: computed again
+    breakpoints.tensor_summary(t)
     assert len(calls) == 2
 
 
@@ -389,17 +389,17 @@ def test_container_summaries_show_shapes_not_values():
 
     inputs = {"hidden_states": torch.randn(2, 64, 64, dtype=torch.bfloat16), "temb": torch.randn(2, 64),
               "joint_attention_kwargs": None, "pair": (torch.zeros(3), 1)}
-    s = debug.container_summary(inputs)
+    s = breakpoints.container_summary(inputs)
     assert s.startswith("dict[4] {hidden_states: Tensor[2×64×64] bfloat16 cpu, temb: Tensor[2×64] float32 cpu")
     assert "pair: (Tensor[3] float32 cpu, 1)" in s and "tensor(" not in s and len(s) < 200
-    assert debug.container_summary((torch.ones(1),)) == "tuple[1] (Tensor[1] float32 cpu)"
-    assert debug.container_summary({"a": 1, "b": [2, 3]}) is None  # no tensors: the debugger's default display
-    assert debug.container_summary([0] * 10 + [torch.ones(2)] * 30).endswith("… 24 more]")
+    assert breakpoints.container_summary((torch.ones(1),)) == "tuple[1] (Tensor[1] float32 cpu)"
+    assert breakpoints.container_summary({"a": 1, "b": [2, 3]}) is None  # no tensors: the debugger's default display
+    assert breakpoints.container_summary([0] * 10 + [torch.ones(2)] * 30).endswith("… 24 more]")
 
 
 @pytest.fixture(scope="module")
 def bf16_tiny(tiny_cache):
-    from sd35.load import load
+    from sd35.weights.load import load
     from sd35.settings import Settings
 
     return load(Settings(device="cpu", precision="bf16", cache_dir=tiny_cache))
@@ -407,14 +407,14 @@ def bf16_tiny(tiny_cache):
 
 @pytest.fixture(scope="module")
 def fp8_tiny(tiny_cache):
-    from sd35.load import load
+    from sd35.weights.load import load
     from sd35.settings import Settings
 
     return load(Settings(device="cpu", precision="fp8-weight", cache_dir=tiny_cache))
 
 
 def _request(steps=4):
-    from sd35 import generate as gen
+    from sd35.inference import generate as gen
 
     return gen.GenerationRequest("a red cube", steps=steps, guidance=4.5, height=128, width=128, seed=0)
 
@@ -425,13 +425,13 @@ class _Records(list):
 
         self.handler = logging.Handler()
         self.handler.emit = lambda record: self.append(record.getMessage())
-        logging.getLogger("sd35.debug").addHandler(self.handler)
+        logging.getLogger("sd35.debugging.breakpoints").addHandler(self.handler)
         return self
 
     def __exit__(self, *exc):
         import logging
 
-        logging.getLogger("sd35.debug").removeHandler(self.handler)
+        logging.getLogger("sd35.debugging.breakpoints").removeHandler(self.handler)
 
 
 @pytest.mark.parametrize("spec,plant,expected", [
@@ -442,7 +442,7 @@ class _Records(list):
 def test_nan_watch_names_the_innermost_module_and_step_without_a_debugger(bf16_tiny, spec, plant, expected):
     import torch
 
-    from sd35 import generate as gen
+    from sd35.inference import generate as gen
 
     pipe = bf16_tiny.pipe
     lin = pipe.transformer.transformer_blocks[2].attn.to_q
@@ -459,7 +459,7 @@ def test_nan_watch_names_the_innermost_module_and_step_without_a_debugger(bf16_t
                 return output
 
         injected = lin.register_forward_hook(inject)
-    h = debug.arm(pipe, debug.parse(spec))
+    h = breakpoints.arm(pipe, breakpoints.parse(spec))
     try:
         with _Records() as logged, np_quiet():
             gen.run(bf16_tiny, _request())
@@ -499,9 +499,9 @@ def np_quiet():
 
 
 def test_nan_watch_is_silent_when_all_is_finite(bf16_tiny):
-    from sd35 import generate as gen
+    from sd35.inference import generate as gen
 
-    h = debug.arm(bf16_tiny.pipe, debug.parse("nan"))
+    h = breakpoints.arm(bf16_tiny.pipe, breakpoints.parse("nan"))
     n = sum(len(m._forward_hooks) for m in bf16_tiny.pipe.transformer.modules())
     try:
         gen.run(bf16_tiny, _request(steps=2))
@@ -520,7 +520,7 @@ def test_stop_frame_tools_dump_and_compare_with_bf16(fp8_tiny, tmp_path, monkeyp
 
     from safetensors.torch import load_file
 
-    from sd35 import generate as gen
+    from sd35.inference import generate as gen
 
     seen = {}
 
@@ -535,7 +535,7 @@ def test_stop_frame_tools_dump_and_compare_with_bf16(fp8_tiny, tmp_path, monkeyp
 
     monkeypatch.setitem(sys.modules, "debugpy", types.SimpleNamespace(is_client_connected=lambda: True,
                                                                       breakpoint=breakpoint))
-    h = debug.arm(fp8_tiny.pipe, debug.parse("block.1@2"), tmp_path / "out")
+    h = breakpoints.arm(fp8_tiny.pipe, breakpoints.parse("block.1@2"), tmp_path / "out")
     try:
         gen.run(fp8_tiny, _request())
     finally:
@@ -558,7 +558,7 @@ def test_stop_frame_tools_dump_and_compare_with_bf16(fp8_tiny, tmp_path, monkeyp
 
 
 def test_compare_falls_back_to_dequantized_weights_and_says_so(fp8_tiny):
-    from sd35 import atstop
+    from sd35.debugging import atstop
 
     attn = fp8_tiny.pipe.transformer.transformer_blocks[0].attn
     lin = attn.to_q
@@ -637,7 +637,7 @@ def test_nan_break_over_dap_stops_at_the_innermost_module(dap, tmp_path):
     dap.start("launch", config)
     tid, frames = dap.stopped()
     top = frames[0]
-    assert top["name"] == "_stop_here" and top["source"]["path"].endswith("sd35/debug.py")
+    assert top["name"] == "_stop_here" and top["source"]["path"].endswith("sd35/debugging/breakpoints.py")
     variables = dap.locals(top["id"])
     assert variables["where"]["value"].strip("'\"") == "nan@0 transformer_blocks.2.attn.to_q"
     assert variables["name"]["value"].strip("'\"") == "transformer_blocks.2.attn.to_q"

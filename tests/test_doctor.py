@@ -12,7 +12,8 @@ import pytest
 from fakehub import FakeHub
 from helpers import run_cli
 
-from sd35 import doctor, tiny
+from sd35.ops import doctor
+from sd35.weights import tiny
 from sd35.hardware import Hardware
 from sd35.settings import Settings
 
@@ -272,7 +273,7 @@ def test_cpu_torch_on_a_gpu_server_fails_with_the_cuda_setup(gpu_server):
 
 
 def test_arch_rules_and_driver_parsing():
-    from sd35.torch_cuda import arch_in_build, driver_cuda_from_header, driver_cuda_from_version, wheel_tag
+    from sd35.ops.cuda import arch_in_build, driver_cuda_from_header, driver_cuda_from_version, wheel_tag
 
     assert arch_in_build((8, 9), CU126_ARCHS) == "sm_86"  # same major, lower minor: binary compatible
     assert arch_in_build((10, 0), CU126_ARCHS) is None and arch_in_build((12, 0), CU130_ARCHS) == "sm_120"
@@ -290,9 +291,9 @@ def test_listeners_flags_a_listening_debuggee_and_a_keyless_api(tmp_path):
     import sys
     import time
 
-    from sd35 import listeners
+    from sd35 import net
 
-    if listeners.tcp_listeners() is None:
+    if net.tcp_listeners() is None:
         pytest.skip("no /proc/net/tcp on this system")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -309,7 +310,7 @@ def test_listeners_flags_a_listening_debuggee_and_a_keyless_api(tmp_path):
     try:
         assert debuggee.stdout.readline().strip() == "up"
         deadline = time.time() + 30
-        while listeners.owner("127.0.0.1", api) is None and time.time() < deadline:
+        while net.owner("127.0.0.1", api) is None and time.time() < deadline:
             time.sleep(0.1)
         c = by_name(doctor.run(ctx_for(port=api)), "listeners")
     finally:
@@ -324,7 +325,7 @@ def test_listeners_flags_a_listening_debuggee_and_a_keyless_api(tmp_path):
 
 
 def test_listener_addresses_parse_ipv4_mapped_ipv6():
-    from sd35.listeners import _address
+    from sd35.net import _address
 
     assert _address("0100007F") == "127.0.0.1"
     assert _address("0000000000000000FFFF00000100007F") == "127.0.0.1"  # ::ffff:127.0.0.1 in /proc/net/tcp6

@@ -10,8 +10,8 @@ import torch
 from helpers import requires_fp8, run_cli
 from PIL import Image
 
-from sd35 import generate as gen
-from sd35.load import load
+from sd35.inference import generate as gen
+from sd35.weights.load import load
 from sd35.settings import Settings
 
 

@@ -7,9 +7,10 @@ import torch
 from helpers import requires_fp8, requires_gpu
 from torch import nn
 
-from sd35 import bench, precision
-from sd35 import generate as gen
-from sd35.load import load
+from sd35.bench import core as bench
+from sd35 import precision
+from sd35.inference import generate as gen
+from sd35.weights.load import load
 from sd35.settings import Settings
 
 pytestmark = pytest.mark.gpu
@@ -60,8 +61,8 @@ def test_auto_picks_fp8_on_an_fp8_gpu():
 @pytest.mark.slow
 def test_compiled_blocks_on_cuda_match_eager_and_reuse_the_graph_for_a_new_size(tmp_path):
     """`blocks` on CUDA: the compiled image matches eager; after a second size, a third adds no graphs."""
-    from sd35.compilation import CompilePlan
-    from sd35.fidelity import psnr
+    from sd35.inference.compilation import CompilePlan
+    from sd35.bench.fidelity import psnr
     from sd35.runtime import Runtime
 
     eager = Runtime.load(Settings(device="cuda", precision="fp8-weight"), breaks=[])

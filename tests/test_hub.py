@@ -11,7 +11,7 @@ import pytest
 from fakehub import COMMIT, FakeHub, plant_cached_model
 from helpers import run_cli
 
-from sd35 import hub, tiny
+from sd35.weights import hub, tiny
 from sd35.errors import ModelError
 from sd35.settings import Settings
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from sd35 import apikeys, listeners
+from sd35.service import auth
+from sd35 import net
 from sd35.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,22 +33,22 @@ PROBE_PYTHON = "/usr/bin/python3"  # the other account cannot enter root's pyenv
 
 def test_keys_file_hashes_checks_and_refuses_loose_modes(tmp_path):
     path = tmp_path / "api-keys"
-    key = apikeys.add(path, "alice")
+    key = auth.add(path, "alice")
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     line = path.read_text().strip()
     assert line.startswith("alice:scrypt$") and key not in line  # only the salted hash is stored
-    ring = apikeys.KeyRing(apikeys.read(path), default_key="old-single-key")
+    ring = auth.KeyRing(auth.read(path), default_key="old-single-key")
     assert ring.identify(key) == "alice" and ring.cached(key) == (True, "alice")  # fast path after the first
     assert ring.identify("old-single-key") == "default" and ring.identify("nope") is None
-    assert apikeys.hash_key(key) != apikeys.hash_key(key)  # salted
+    assert auth.hash_key(key) != auth.hash_key(key)  # salted
     with pytest.raises(InputError, match="already has a key"):
-        apikeys.add(path, "alice")
+        auth.add(path, "alice")
     path.chmod(0o644)
     with pytest.raises(InputError, match="world-readable"):
-        apikeys.add(path, "bob")
+        auth.add(path, "bob")
     path.chmod(0o662)
     with pytest.raises(InputError, match="written by other accounts"):
-        apikeys.read(path)
+        auth.read(path)
 
 
 def test_keys_cli_prints_the_key_once_and_lists_names(tmp_path):
@@ -263,7 +264,7 @@ def test_other_account_against_a_keyed_service_under_the_debugger(other, tmp_pat
 
     def start_service():
         deadline = time.time() + 60
-        while listeners.owner("127.0.0.1", dbg) != os.getuid():
+        while net.owner("127.0.0.1", dbg) != os.getuid():
             assert time.time() < deadline
             time.sleep(0.1)
         procs.append(subprocess.Popen(sd35("serve", "--port", str(api)), stdout=subprocess.DEVNULL,
@@ -283,12 +284,12 @@ def test_other_account_against_a_keyed_service_under_the_debugger(other, tmp_pat
             assert proc.poll() is None and time.time() < deadline, log.read_text()
             time.sleep(0.3)
         # the service holds one TCP listener: the API. Nothing accepts a debugger.
-        ports = {x.port for x in listeners.ours() if x.inode in listeners.socket_inodes_of(proc.pid)}
+        ports = {x.port for x in net.ours() if x.inode in net.socket_inodes_of(proc.pid)}
         assert ports == {api}, ports
         # as the other account: DAP initialize + attach on every port the service and "VS Code's" adapter
         # listen on (the API, the adapter's debuggee port, its own client port) -> no session
-        held = listeners.socket_inodes_of(proc.pid) | listeners.socket_inodes_of(dap.proc.pid)
-        ours = sorted({x.port for x in listeners.ours() if x.inode in held})
+        held = net.socket_inodes_of(proc.pid) | net.socket_inodes_of(dap.proc.pid)
+        ours = sorted({x.port for x in net.ours() if x.inode in held})
         assert {api, dbg} <= set(ours), (ours, api, dbg)
         probe = as_other(other, PROBE_DAP, {"PORTS": ",".join(map(str, ours))})
         assert set(probe.values()) <= {"no-dap", "refused"}, probe
@@ -361,7 +362,7 @@ except OSError as e:
 print(json.dumps({"socket": r}))
 """, {"SOCK": str(sock)})
         assert reach == {"socket": "PermissionError"}, reach
-        lab_tcp = {x.port for x in listeners.ours() if x.inode in listeners.socket_inodes_of(proc.pid)}
+        lab_tcp = {x.port for x in net.ours() if x.inode in net.socket_inodes_of(proc.pid)}
         assert lab_tcp == set(), lab_tcp
     finally:
         proc.terminate()

@@ -166,10 +166,10 @@ def test_lab_listens_on_a_private_socket_and_keeps_the_token_off_argv_and_logs(t
         assert status == 200 and {c["name"] for c in json.loads(body)["content"]} >= {p.name for p in NOTEBOOKS}
         assert not any(token in c for c in cmdlines())  # not in anyone's `ps`
         # no TCP listener of JupyterLab's
-        from sd35 import listeners
+        from sd35 import net
 
-        mine = {x.inode for x in listeners.ours()}
-        assert not (mine & listeners.socket_inodes_of(proc.pid))
+        mine = {x.inode for x in net.ours()}
+        assert not (mine & net.socket_inodes_of(proc.pid))
     finally:
         out = stop(proc)
     assert f"ssh -N -L 8888:{sock} " in out  # the tunnel line for the laptop

@@ -55,7 +55,7 @@ def test_no_float8_dtype_refuses_fp8_modes():
 def _tiny_transformer(tiny_cache):
     from diffusers import SD3Transformer2DModel
 
-    from sd35 import tiny
+    from sd35.weights import tiny
 
     return SD3Transformer2DModel.from_pretrained(tiny.tiny_dir(tiny_cache) / "transformer", dtype=torch.bfloat16)
 

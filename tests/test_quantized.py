@@ -10,7 +10,8 @@ import pytest
 import torch
 from helpers import run_cli
 
-from sd35 import models, precision, quantized, tiny
+from sd35 import models, precision
+from sd35.weights import quantized, tiny
 from sd35.errors import InputError, ModelError
 from sd35.settings import Settings
 
@@ -18,7 +19,7 @@ from sd35.settings import Settings
 @pytest.fixture(scope="session")
 def store(tiny_cache, tmp_path_factory) -> Path:
     """One pre-quantized tiny (fp8-weight, T5 FP8) per session, in a store of its own."""
-    from sd35 import hub
+    from sd35.weights import hub
 
     root = tmp_path_factory.mktemp("sd35-quantized")
     settings = Settings(model="tiny", cache_dir=tiny_cache, quantized_dir=root)
@@ -162,7 +163,7 @@ def test_store_name_resolves_only_with_a_record(tmp_path):
 
 
 def test_doctor_host_ram_per_load_path_and_instances(store, tiny_cache, monkeypatch):
-    from sd35 import doctor
+    from sd35.ops import doctor
 
     def ctx(**kw):
         return doctor.Context(settings=Settings(device="cpu", precision="fp8-weight", cache_dir=tiny_cache, **kw))

@@ -49,7 +49,7 @@ def test_hub_cache_turbo_snapshot_is_recognised_by_its_repo_folder(tmp_path):
 
 
 def test_tiny_folder_by_path_gets_the_tiny_size(tiny_cache):
-    from sd35 import tiny
+    from sd35.weights import tiny
 
     info = models.describe_folder(tiny.tiny_dir(tiny_cache), str(tiny.tiny_dir(tiny_cache)))
     assert info.family == "tiny" and (info.sampling.height, info.sampling.width) == (128, 128)
@@ -88,7 +88,7 @@ def test_each_image_of_a_batch_is_reproducible_alone(rt, tmp_path):
     b = np.asarray(alone.images[0], dtype=np.float64)
     # Same latents; batched and single bf16 matmuls round differently, so equal to within rounding (PSNR),
     # while a neighbouring seed gives a different image.
-    from sd35.fidelity import psnr
+    from sd35.bench.fidelity import psnr
 
     assert psnr(a.astype(np.uint8), b.astype(np.uint8)) >= 40
     assert psnr(np.asarray(batch.images[0]), alone.images[0]) < 30
@@ -119,7 +119,7 @@ def test_cancel_stops_at_a_step(rt):
 
 @pytest.mark.slow
 def test_cli_generate_local_tiny_folder_defaults_to_its_own_size(tiny_cache, tmp_path):
-    from sd35 import tiny
+    from sd35.weights import tiny
 
     local = tmp_path / "my-sd35-folder"
     shutil.copytree(tiny.tiny_dir(tiny_cache), local)

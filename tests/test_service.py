@@ -85,7 +85,7 @@ class InProcessServer:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    from sd35 import tiny
+    from sd35.weights import tiny
     from sd35.settings import Settings
 
     cache = tmp_path_factory.mktemp("svc-cache")

@@ -334,7 +334,7 @@ def test_stream_disconnect_cancels_the_job(api):
 
 
 def test_retry_after_is_the_work_ahead_at_the_measured_rate(tiny_cache):
-    from sd35 import generate as gen
+    from sd35.inference import generate as gen
     from sd35.service.worker import Job, Worker
     from sd35.settings import Settings
 
@@ -385,7 +385,7 @@ def test_oom_on_the_gpu_gives_the_memory_back(monkeypatch, tiny_cache):
 
     import torch
 
-    from sd35 import generate as gen
+    from sd35.inference import generate as gen
     from sd35.service import worker as worker_mod
     from sd35.settings import Settings
 
@@ -481,7 +481,7 @@ def test_sigterm_past_the_grace_answers_503_and_exits_0(tmp_path, tiny_cache):
 # --- sd35.preview ----------------------------------------------------------------------------------------
 
 def test_preview_steps_are_evenly_spaced_before_the_last():
-    from sd35.preview import preview_steps
+    from sd35.inference.preview import preview_steps
 
     assert preview_steps(28, 3) == [7, 14, 21]
     assert preview_steps(8, 1) == [4]
@@ -492,7 +492,7 @@ def test_preview_steps_are_evenly_spaced_before_the_last():
 def test_latents_to_rgb_is_the_published_linear_map():
     import torch
 
-    from sd35.preview import SD3_LATENT_RGB_BIAS, SD3_LATENT_RGB_FACTORS, latents_to_rgb, to_pil
+    from sd35.inference.preview import SD3_LATENT_RGB_BIAS, SD3_LATENT_RGB_FACTORS, latents_to_rgb, to_pil
 
     zeros = latents_to_rgb(torch.zeros(1, 16, 4, 6))
     assert zeros.shape == (1, 4, 6, 3) and zeros.dtype == torch.uint8

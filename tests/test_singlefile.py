@@ -14,7 +14,8 @@ import pytest
 import torch
 from helpers import run_cli
 
-from sd35 import precision, quantized, singlefile, tiny
+from sd35 import precision
+from sd35.weights import quantized, singlefile, tiny
 from sd35.errors import ModelError
 from sd35.settings import Settings
 

@@ -1,5 +1,5 @@
 """`python -m sd35` is the `sd35` command."""
 
-from .cli import main
+from sd35.cli import main
 
 main()

@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .errors import InputError, Sd35Error
+from sd35.errors import InputError, Sd35Error
 
 app = typer.Typer(
     help="Load, generate, serve and benchmark Stable Diffusion 3.5 in bf16 or FP8.",
@@ -77,7 +77,7 @@ def handle_errors(fn):
 
 
 def _settings(**flags):
-    from .settings import load_settings
+    from sd35.settings import load_settings
 
     return load_settings(**flags)
 
@@ -111,8 +111,9 @@ def generate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show the libraries' own logs"),
 ) -> None:
     """Generate images; write <out>/<timestamp>-<seed>.png and a .json sidecar beside each."""
-    from . import debug, logs
-    from .runtime import Runtime, precheck
+    from sd35.debugging import breakpoints
+    from sd35 import logs
+    from sd35.runtime import Runtime, precheck
 
     logs.configure(verbose)
     settings = _settings(model=model, revision=revision, precision=precision, t5=t5, device=device,
@@ -122,9 +123,9 @@ def generate(
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
                   width=width, seed=seed)
     # Bad input is refused before the model loads (and nothing is written).
-    break_list = debug.parse(settings.breaks)
+    break_list = breakpoints.parse(settings.breaks)
     draft = precheck(settings, **fields)
-    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote,
+    breakpoints.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote,
                  allow_listen=settings.debugpy_allow_listen)
     rt = Runtime.load(settings, breaks=break_list)
     request = rt.check(**{**fields, "seed": draft.seed})
@@ -161,16 +162,16 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the OpenAI-compatible image API (one process per GPU; the model is loaded once)."""
-    from . import logs
-    from .service.server import serve as run_server
+    from sd35 import logs
+    from sd35.service.server import serve as run_server
 
     logs.configure(verbose)
     settings = _settings(host=host, port=port, model=model, precision=precision, allow_no_key=allow_no_key,
                          compile=compile_mode)
-    from . import debug
+    from sd35.debugging import breakpoints
 
-    debug.parse(settings.breaks)
-    debug.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote,
+    breakpoints.parse(settings.breaks)
+    breakpoints.listen(settings.debugpy, wait=settings.debugpy_wait, allow_remote=settings.debugpy_allow_remote,
                  allow_listen=settings.debugpy_allow_listen)
     raise typer.Exit(run_server(settings))
 
@@ -187,8 +188,8 @@ def lab(
     """JupyterLab on a private Unix socket (0600) by default, rooted at the workspace, kernel = this environment."""
     import os
 
-    from . import lab as lab_plan
-    from .workspace import find_root
+    from sd35.ops import lab as lab_plan
+    from sd35.ops.workspace import find_root
 
     settings = _settings(lab_port=port, lab_tcp=tcp)
     root = (root or find_root()).expanduser().resolve()
@@ -224,11 +225,11 @@ def keys_add(
                                         "so it can read it"),
 ) -> None:
     """Create a key for NAME: append its salted hash to the keys file and print the key once."""
-    from . import apikeys
+    from sd35.service import auth
 
     settings = _settings()
-    path = file or settings.api_keys_file or apikeys.DEFAULT_FILE
-    key = apikeys.add(Path(path), name, group)
+    path = file or settings.api_keys_file or auth.DEFAULT_FILE
+    key = auth.add(Path(path), name, group)
     err.print(f"added {name!r} to {path}; the key is shown once, below (the file keeps only its hash). Restart the "
               "service to load it.", highlight=False)
     print(key)
@@ -238,13 +239,13 @@ def keys_add(
 @handle_errors
 def keys_list(file: Optional[Path] = typer.Option(None, "--file", help="[SD35_API_KEYS_FILE]")) -> None:
     """The names in the keys file (never a key)."""
-    from . import apikeys
+    from sd35.service import auth
 
     settings = _settings()
-    path = Path(file or settings.api_keys_file or apikeys.DEFAULT_FILE)
+    path = Path(file or settings.api_keys_file or auth.DEFAULT_FILE)
     if not path.exists():
         raise InputError(f"{path} does not exist.", "create it with `sd35 keys add NAME`.")
-    for entry in apikeys.read(path):
+    for entry in auth.read(path):
         print(entry.name)
 
 
@@ -257,10 +258,10 @@ def doctor(
     """Check this machine for every known onboarding pitfall; exit 1 if any check fails."""
     from pydantic import ValidationError
 
-    from . import doctor as doc
-    from . import logs
-    from .workspace import find_root
-    from .settings import Settings
+    from sd35.ops import doctor as doc
+    from sd35 import logs
+    from sd35.ops.workspace import find_root
+    from sd35.settings import Settings
 
     logs.configure(False)
     try:
@@ -284,7 +285,7 @@ def cache_init(
     group: Optional[str] = typer.Option(None, "--group", help="the team's group (owns the folder)"),
 ) -> None:
     """Create a group-owned, setgid (2775) cache folder and print the environment lines to use."""
-    from . import cache
+    from sd35.ops import cache
 
     r = cache.init(path, group)
     err.print(f"{r.path}: group {r.group}, mode 2775 (setgid: new files inherit the group); {r.acl}.",
@@ -305,8 +306,9 @@ def cache_prefetch(
     t5: Optional[str] = typer.Option(None, "--t5", help="off: skip the T5 encoder's 9.5 GB [SD35_T5]"),
 ) -> None:
     """Download only the files the pipeline loads into HF_HUB_CACHE (no single-file or fp32 duplicates)."""
-    from . import hub, logs
-    from .models import expand_alias
+    from sd35.weights import hub
+    from sd35 import logs
+    from sd35.models import expand_alias
 
     logs.configure(False)
     settings = _settings(model=model, revision=revision, t5=t5)
@@ -334,7 +336,8 @@ def cache_quantize(
 ) -> None:
     """Write a pre-quantized FP8 copy of a model (transformer + T5 as FP8 data + scales) that loads with
     no bf16 copy in host or GPU memory; the team loads it with --model <name> or its path."""
-    from . import hub, logs, quantized
+    from sd35.weights import hub, quantized
+    from sd35 import logs
 
     logs.configure(False)
     settings = _settings(model=model, revision=revision)
@@ -353,7 +356,7 @@ def cache_verify(model: Optional[str] = typer.Argument(None, help="one model (de
     """Find LFS pointer stubs, truncated or missing files and blobs/locks the group cannot write."""
     from rich.markup import escape
 
-    from . import cache
+    from sd35.ops import cache
 
     settings = _settings()
     problems = cache.verify(settings.hf_hub_cache, model)
@@ -373,9 +376,9 @@ def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
     """Models in HF_HUB_CACHE: revisions, refs, sizes."""
     from rich.table import Table
 
-    from . import cache
+    from sd35.ops import cache
 
-    from . import quantized
+    from sd35.weights import quantized
 
     settings = _settings()
     rows = cache.listing(settings.hf_hub_cache)
@@ -418,8 +421,8 @@ def fidelity(
     """FP8 vs bf16 on the same prompt and seed: per-block error (relative L2, cosine) and the final image."""
     from rich.table import Table
 
-    from . import fidelity as fid
-    from . import logs
+    from sd35.bench import fidelity as fid
+    from sd35 import logs
 
     logs.configure(False)
     r = fid.per_block(_settings(model=model, precision=precision, device=device), prompt=prompt, seed=seed,
@@ -453,8 +456,8 @@ def _bench_start(arch: str | None = None, *, quiet: bool = False) -> None:
     `--arch` checked against the registry's architectures."""
     import logging
 
-    from . import logs
-    from .models import ARCHS
+    from sd35 import logs
+    from sd35.models import ARCHS
 
     logs.configure(False)
     if quiet:
@@ -470,7 +473,7 @@ def bench_memory(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Weight bytes of the SD3.5 transformer per precision mode (random weights, built on the CPU)."""
-    from . import bench
+    from sd35.bench import core as bench
 
     _bench_start(arch)
     report = bench.memory(arch)
@@ -490,7 +493,7 @@ def bench_load(
 ) -> None:
     """Load one random-weight transformer three ways, each in its own process: bf16 then quantize (today),
     lean (quantized as read), pre-quantized (FP8 from disk). Seconds, peak host RSS, bytes on disk."""
-    from . import bench
+    from sd35.bench import core as bench
 
     _bench_start(arch)
     if work_dir is not None and not work_dir.is_dir():
@@ -521,7 +524,7 @@ def bench_serve(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Service overhead vs a direct pipeline call (goal <= 5 %), and a burst against a bounded queue."""
-    from . import bench
+    from sd35.bench import core as bench
 
     _bench_start(quiet=True)
     if ray:
@@ -547,11 +550,11 @@ def bench_serve(
 
 def _bench_serve_ray(settings, requests: int, concurrency: int, steps: int, size: int, as_json: bool) -> None:
     try:
-        from .service import ray_bench
+        from sd35.bench import ray
     except ImportError as exc:
         raise InputError(f"sd35 bench serve --ray needs Ray Serve ({exc})",
                          "install the ray extra: make setup (or pip install -c constraints.txt -e '.[ray]')") from None
-    report = ray_bench.compare(settings, requests=requests, concurrency=concurrency, steps=steps, size=size)
+    report = ray.compare(settings, requests=requests, concurrency=concurrency, steps=steps, size=size)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -578,8 +581,8 @@ def bench_speed(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Transformer step latency and peak GPU memory per precision mode, eager and compiled (random weights)."""
-    from . import bench
-    from .settings import PRECISIONS
+    from sd35.bench import core as bench
+    from sd35.settings import PRECISIONS
 
     _bench_start(arch, quiet=True)
     wanted = [m.strip() for m in modes.split(",") if m.strip()]
@@ -622,7 +625,7 @@ def bench_break(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Cost of armed SD35_BREAK hooks that do not match, per denoising step (goal <= 1 %); --nan: of the NaN watch."""
-    from . import bench
+    from sd35.bench import core as bench
 
     _bench_start(quiet=True)
     r = bench.break_overhead(_settings(model=model), runs=runs, steps=steps, nan=nan)
@@ -643,7 +646,7 @@ def bench_summary(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Time of a debugger tensor summary for large CPU tensors (sampled over 2^20 elements; cached per stop)."""
-    from . import bench
+    from sd35.bench import core as bench
 
     rows = bench.summary_time(repeats)
     if as_json:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import HardwareError
+from sd35.errors import HardwareError
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (SM 8.9) and Hopper (SM 9.0) have FP8 tensor cores.
 

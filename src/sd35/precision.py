@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import HardwareError, InputError
-from .hardware import Hardware
-from .settings import PRECISIONS, T5_MODES
+from sd35.errors import HardwareError, InputError
+from sd35.hardware import Hardware
+from sd35.settings import PRECISIONS, T5_MODES
 
 # Module-name patterns (fnmatch against the fully qualified name in the transformer) kept in bf16.
 KEEP_BF16: dict[str, str] = {

@@ -23,11 +23,13 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from . import compilation, debug, models
-from . import generate as gen
-from .load import LoadedPipeline
-from .load import load as load_pipeline
-from .settings import Settings
+from sd35.inference import compilation
+from sd35.debugging import breakpoints
+from sd35 import models
+from sd35.inference import generate as gen
+from sd35.weights.load import LoadedPipeline
+from sd35.weights.load import load as load_pipeline
+from sd35.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class Cancelled(Exception):
 class Runtime:
     """A loaded pipeline, the facts about its model (`info`) and the armed breakpoints."""
 
-    def __init__(self, loaded: LoadedPipeline, breaks: list[debug.Break] | None = None,
+    def __init__(self, loaded: LoadedPipeline, breaks: list[breakpoints.Break] | None = None,
                  compile_plan: compilation.CompilePlan | None = None, out_dir: Path | str | None = None):
         self.loaded = loaded
         self.out_dir = out_dir  # where `sd35_dump()` at a breakpoint writes
@@ -51,8 +53,8 @@ class Runtime:
         self.breaks = list(breaks or [])
         self.harness = None
         if self.breaks:
-            debug.validate(self.breaks, loaded.pipe)
-            self.harness = debug.arm(loaded.pipe, self.breaks, out_dir)
+            breakpoints.validate(self.breaks, loaded.pipe)
+            self.harness = breakpoints.arm(loaded.pipe, self.breaks, out_dir)
         log.info("model family %s (%s); defaults %s", self.info.family, self.info.family_reason,
                  self.info.sampling.as_dict())
         # torch.compile of the MMDiT (compiles at the first generation; the service's is its warm-up).
@@ -60,11 +62,11 @@ class Runtime:
                                          compile_plan or compilation.CompilePlan("off", "not requested"))
 
     @classmethod
-    def load(cls, settings: Settings, *, breaks: list[debug.Break] | None = None,
+    def load(cls, settings: Settings, *, breaks: list[breakpoints.Break] | None = None,
              purpose: str = "generate") -> Runtime:
         """Load the model `settings` describe, arm SD35_BREAK (`breaks` overrides it) and compile as
         SD35_COMPILE says for `purpose` ("generate": a one-off run, "serve": many requests)."""
-        breaks = debug.parse(settings.breaks) if breaks is None else breaks
+        breaks = breakpoints.parse(settings.breaks) if breaks is None else breaks
         loaded = load_pipeline(settings)
         plan = compilation.resolve(settings, device=loaded.device, purpose=purpose)
         return cls(loaded, breaks, plan, settings.output_dir)
@@ -93,7 +95,7 @@ class Runtime:
         request = gen.check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     height=height, width=width, seed=seed, info=self.info)
         if self.breaks:
-            debug.validate(self.breaks, self.pipe, request.steps)
+            breakpoints.validate(self.breaks, self.pipe, request.steps)
         return request
 
     # --- 2. generate ----------------------------------------------------------------------------------
@@ -138,7 +140,7 @@ class Runtime:
             return result
         finally:
             if self.harness is not None:
-                self.harness = debug.arm(self.pipe, self.breaks, self.out_dir)
+                self.harness = breakpoints.arm(self.pipe, self.breaks, self.out_dir)
 
     # --- 3. save / encode -----------------------------------------------------------------------------
 
@@ -151,7 +153,7 @@ class Runtime:
 def precheck(settings: Settings, **fields) -> gen.GenerationRequest:
     """Check a request *before* loading, with what the model's name and local files tell (no download):
     bad input is refused before a minute of loading. `Runtime.check` checks again once loaded."""
-    from . import hub
+    from sd35.weights import hub
 
     info = models.info_for(settings.model, hub.find_local(settings))
     return gen.check_request(info=info, **{k: fields.get(k) for k in (

@@ -19,14 +19,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..settings import Settings
-from . import notify, openapi, page
-from .images import ImageStore
-from .limits import BodyLimitMiddleware, CutOffMiddleware
-from .metrics import Metrics
-from .routes import error, router
-from .worker import Worker
+from sd35 import __version__
+from sd35.settings import Settings
+from sd35.service import notify, openapi, page
+from sd35.service.images import ImageStore
+from sd35.service.limits import BodyLimitMiddleware, CutOffMiddleware
+from sd35.service.metrics import Metrics
+from sd35.service.routes import error, router
+from sd35.service.worker import Worker
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sd35.access")  # one line per request: who, what, how long
@@ -59,7 +59,7 @@ class GuardMiddleware:
     """
 
     def __init__(self, app, settings: Settings, metrics: Metrics, keys=None):
-        from ..apikeys import KeyRing
+        from sd35.service.auth import KeyRing
 
         self.app, self.settings, self.metrics = app, settings, metrics
         self.keys = keys if keys is not None else KeyRing([], None)
@@ -149,7 +149,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
     app.openapi = lambda: app.openapi_schema or setattr(app, "openapi_schema", openapi.build(app)) \
         or app.openapi_schema
 
-    from ..apikeys import load as load_keys
+    from sd35.service.auth import load as load_keys
 
     app.state.keys = load_keys(settings)
     # The last added runs first: the guard (auth, content type, ids, metrics, access log), the body limits,

@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .. import generate as gen
+from sd35.inference import generate as gen
 
 # Fractions of the model's recommended steps (Stability AI's defaults: 28 Large, 40 Medium, 4 Turbo).
 QUALITY_FRACTION = {"low": 0.5, "medium": 0.75, "high": 1.0}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from .schemas import error_body
+from sd35.service.schemas import error_body
 
 NO_BODY_METHODS = {"GET", "HEAD", "OPTIONS"}
 

@@ -21,7 +21,7 @@ from importlib import resources
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from .. import generate as gen
+from sd35.inference import generate as gen
 
 router = APIRouter(include_in_schema=False)
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from ray import serve
 
-from ..settings import Settings, load_settings
+from sd35.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 APP_NAME = "sd35"
@@ -65,7 +65,7 @@ async def wait_ready(worker, timeout: float) -> None:
 
 def replica_app(settings: Settings):
     """`create_app` with its lifespan extended: startup completes only when the model is warm."""
-    from .app import create_app
+    from sd35.service.app import create_app
 
     app = create_app(settings)
     worker = app.state.worker
@@ -87,7 +87,7 @@ class SD35:
     """One replica: the FastAPI app and its GPU worker (built in the replica, not pickled from the driver)."""
 
     def __init__(self, overrides: dict | None = None):
-        from .. import logs
+        from sd35 import logs
 
         logs.configure(False)  # our log lines (the access log too) to the replica's stderr: Ray's worker-*.err
         self.settings = Settings(**(overrides or {}))
@@ -161,7 +161,7 @@ def app(args: dict):
 
 def collect_env(settings_env_file: str | None = None) -> dict[str, str]:
     """SD35_* and HF_* variables of this process and of the .env file, for the replicas' runtime_env."""
-    from ..settings import dotenv_values
+    from sd35.settings import dotenv_values
 
     env: dict[str, str] = dotenv_values(settings_env_file)
     env.update(os.environ)
@@ -172,7 +172,7 @@ def up(settings: Settings, address: str | None = None) -> str:
     """Deploy to a running Ray cluster (RAY_ADDRESS, default `auto`); returns the base URL once warm."""
     import ray
 
-    from .server import preflight
+    from sd35.service.server import preflight
 
     preflight(settings)  # API keys, precision, the port: the same refusals as `sd35 serve`
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace="sd35", log_to_driver=False)
@@ -180,7 +180,7 @@ def up(settings: Settings, address: str | None = None) -> str:
     try:
         serve.run(build(settings, collect_env()), name=APP_NAME, route_prefix="/")
     except Exception as exc:  # noqa: BLE001 - Serve gave up on the replicas (a failed load, no resources)
-        from ..errors import Sd35Error
+        from sd35.errors import Sd35Error
 
         raise Sd35Error(f"the app did not start on Ray Serve: {type(exc).__name__}: {str(exc).splitlines()[0]}",
                         "read the replica logs (/tmp/ray/session_latest/logs/serve/replica_sd35_*.log), run "
@@ -197,7 +197,7 @@ def down(address: str | None = None) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from ..errors import Sd35Error
+    from sd35.errors import Sd35Error
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if argv[:1] == ["up"]:

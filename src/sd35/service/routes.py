@@ -21,13 +21,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .. import generate as gen
-from ..errors import InputError, Sd35Error
-from ..models import expand_alias
-from . import images, page, stream
-from .schemas import (ErrorBody, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject, error_body,
-                      has_lone_surrogate)
-from .worker import Busy, Cancelled, NotReady, OutOfMemory, ShuttingDown
+from sd35.inference import generate as gen
+from sd35.errors import InputError, Sd35Error
+from sd35.models import expand_alias
+from sd35.service import images, page, stream
+from sd35.service.schemas import ErrorBody, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject, error_body, has_lone_surrogate
+from sd35.service.worker import Busy, Cancelled, NotReady, OutOfMemory, ShuttingDown
 
 log = logging.getLogger(__name__)
 router = APIRouter()

@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 import socket
 
-from .. import hardware, precision
-from ..errors import InputError, Sd35Error
-from ..net import is_loopback
-from ..settings import Settings
+from sd35 import hardware, precision
+from sd35.errors import InputError, Sd35Error
+from sd35.net import is_loopback
+from sd35.settings import Settings
 
 log = logging.getLogger(__name__)
 ANSWER_MARGIN = 5.0  # seconds after the grace for the 503s of stopped jobs to be written
@@ -30,10 +30,10 @@ KEEP_ALIVE = 5  # seconds an idle keep-alive connection is kept
 
 def preflight(settings: Settings) -> None:
     """Everything that can be refused before binding a port or loading a model."""
-    from .. import apikeys
-    from ..listeners import other_login_accounts
+    from sd35.service import auth
+    from sd35.net import other_login_accounts
 
-    keys = apikeys.load(settings)  # a broken keys file fails here, before anything binds
+    keys = auth.load(settings)  # a broken keys file fails here, before anything binds
     if not keys and not settings.allow_no_key:
         if not is_loopback(settings.host):
             raise InputError(
@@ -79,10 +79,10 @@ def serve(settings: Settings) -> int:
     """Run the service until SIGTERM/SIGINT. Returns the process exit code."""
     import uvicorn
 
-    from .app import create_app
+    from sd35.service.app import create_app
 
     preflight(settings)
-    from .limits import header_timeout_protocol
+    from sd35.service.limits import header_timeout_protocol
 
     app = create_app(settings)
     worker = app.state.worker

@@ -21,9 +21,9 @@ import time
 
 from starlette.concurrency import run_in_threadpool
 
-from .. import preview
-from . import images
-from .worker import ShuttingDown
+from sd35.inference import preview
+from sd35.service import images
+from sd35.service.worker import ShuttingDown
 
 
 def event(name: str, data: dict) -> bytes:

@@ -25,11 +25,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .. import generate as gen
-from ..errors import Sd35Error
-from ..runtime import Runtime
-from ..settings import Settings
-from . import images, notify
+from sd35.inference import generate as gen
+from sd35.errors import Sd35Error
+from sd35.runtime import Runtime
+from sd35.settings import Settings
+from sd35.service import images, notify
 
 log = logging.getLogger(__name__)
 

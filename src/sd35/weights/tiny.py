@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import models
+from sd35 import models
 
 TINY_NOTICE = (
     "Made with the embedded tiny SD3.5-shaped model: random weights for exercising code, not a picture."
@@ -78,7 +78,7 @@ def build(target: Path) -> Path:
 
     from diffusers.utils import logging as dlogging
 
-    from . import logs
+    from sd35 import logs
 
     logs.quiet()
     dlogging.disable_progress_bar()

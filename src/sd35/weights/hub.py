@@ -22,9 +22,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import ModelError
-from .models import MODELS, expand_alias, lookup
-from .settings import Settings, secret
+from sd35.errors import ModelError
+from sd35.models import MODELS, expand_alias, lookup
+from sd35.settings import Settings, secret
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def resolve(settings: Settings, *, with_t5: bool = True) -> ModelSource:
         raise ModelError("no model was given.", "set SD35_MODEL or pass --model (e.g. tiny, medium, large).")
     kind = classify(model)
     if kind == "tiny":
-        from . import tiny
+        from sd35.weights import tiny
 
         path = tiny.ensure(settings.cache_dir)
         return ModelSource(model, "tiny", path, notice=tiny.TINY_NOTICE)
@@ -135,7 +135,7 @@ def find_local(settings: Settings) -> Path | None:
     model = expand_alias(settings.model)
     kind = classify(model)
     if kind == "tiny":
-        from . import tiny
+        from sd35.weights import tiny
 
         folder = tiny.tiny_dir(settings.cache_dir)
         return folder if (folder / "model_index.json").is_file() else None
@@ -152,7 +152,7 @@ def find_local(settings: Settings) -> Path | None:
 
 def _quantized_store(model: str, settings: Settings) -> Path | None:
     """`model` as the name of a pre-quantized folder in the store (quantized.py), if there is one."""
-    from . import quantized
+    from sd35.weights import quantized
 
     return quantized.find(model, settings)
 

@@ -57,8 +57,8 @@ class Context:
     def hardware(self):
         """The detected hardware, or None (with `hw_error` set) when the device setting cannot be met."""
         if self._hw is None and self._hw_error is None:
-            from .errors import Sd35Error
-            from .hardware import detect
+            from sd35.errors import Sd35Error
+            from sd35.hardware import detect
 
             try:
                 self._hw = detect(self.settings.device if self.settings else "auto")
@@ -68,25 +68,25 @@ class Context:
 
     @property
     def model(self) -> str:
-        from .models import expand_alias
+        from sd35.models import expand_alias
 
         return expand_alias(self.settings.model) if self.settings else "tiny"
 
     @property
     def known(self):
-        from .models import lookup
+        from sd35.models import lookup
 
         return lookup(self.model)
 
     @property
     def kind(self) -> str:
-        from .hub import classify
+        from sd35.weights.hub import classify
 
         return classify(self.model)
 
 
 def _env_file() -> str:
-    from .settings import find_env_file
+    from sd35.settings import find_env_file
 
     return find_env_file()
 
@@ -133,7 +133,7 @@ def check_python(ctx: Context) -> Check:
 
 @check
 def check_packages(ctx: Context) -> Check:
-    from .workspace import read_pins
+    from sd35.ops.workspace import read_pins
 
     pins = read_pins(ctx.root / "constraints.txt")
     if not pins:
@@ -193,7 +193,7 @@ def _nvidia_smi_header() -> str | None:
 
 def _cuda_build_fix(ctx: Context, major: int) -> str:
     """How to install torch's CUDA `major` build at the pinned version, for a fix column."""
-    from .torch_cuda import read_cuda_lines, wheel_tag
+    from sd35.ops.cuda import read_cuda_lines, wheel_tag
 
     line = read_cuda_lines(ctx.root / "constraints.txt").get(major)
     if line is None:
@@ -211,7 +211,7 @@ def check_torch_build(ctx: Context) -> Check:
     if cuda is None:
         gpus = _nvidia_smi()
         if gpus:
-            from .torch_cuda import parse_version
+            from sd35.ops.cuda import parse_version
 
             blackwell = any((parse_version(g["compute_cap"]) or (0, 0)) >= (10, 0) for g in gpus)
             return Check("torch build", FAIL, f"torch {torch.__version__} is a CPU build on a machine with "
@@ -226,7 +226,7 @@ def check_cuda_driver(ctx: Context) -> Check:
     """torch's CUDA line against the newest CUDA the driver runs (nvidia-smi's header, else its branch)."""
     import torch
 
-    from .torch_cuda import DRIVER_FLOOR, driver_cuda_from_header, driver_cuda_from_version, parse_version
+    from sd35.ops.cuda import DRIVER_FLOOR, driver_cuda_from_header, driver_cuda_from_version, parse_version
 
     built = parse_version(torch.version.cuda)
     gpus = _nvidia_smi()
@@ -257,7 +257,7 @@ def _gpu_capabilities() -> list[tuple[str, tuple[int, int]]]:
     """(label, compute capability) per GPU: from nvidia-smi (works when torch cannot start CUDA), else torch."""
     import torch
 
-    from .torch_cuda import parse_version
+    from sd35.ops.cuda import parse_version
 
     gpus = [(f"cuda:{g['index']} {g['name']}", parse_version(g["compute_cap"])) for g in _nvidia_smi() or []]
     if gpus and all(cap for _, cap in gpus):
@@ -273,7 +273,7 @@ def check_gpu_arch(ctx: Context) -> Check:
     """Each GPU's compute capability against the architectures torch's build has kernels for."""
     import torch
 
-    from .torch_cuda import arch_in_build
+    from sd35.ops.cuda import arch_in_build
 
     gpus = _gpu_capabilities() if torch.version.cuda else []
     if not gpus:
@@ -343,8 +343,8 @@ def check_gpu(ctx: Context) -> Check:
 
 @check
 def check_precision(ctx: Context) -> Check:
-    from .errors import Sd35Error
-    from .precision import resolve
+    from sd35.errors import Sd35Error
+    from sd35.precision import resolve
 
     hw = ctx.hardware()
     if hw is None or ctx.settings is None:
@@ -358,8 +358,8 @@ def check_precision(ctx: Context) -> Check:
 
 
 def _plan(ctx: Context):
-    from .errors import Sd35Error
-    from .precision import resolve
+    from sd35.errors import Sd35Error
+    from sd35.precision import resolve
 
     hw = ctx.hardware()
     if hw is None or ctx.settings is None:
@@ -372,7 +372,7 @@ def _plan(ctx: Context):
 
 def _model_folder(ctx: Context) -> Path | None:
     """A local folder holding the configured model's configs, when there is one (no download)."""
-    from .hub import find_local
+    from sd35.weights.hub import find_local
 
     return find_local(ctx.settings) if ctx.settings else None
 
@@ -382,7 +382,7 @@ def fmt_bytes(n: float) -> str:
 
 
 def _estimate(ctx: Context) -> dict | None:
-    from . import sizing
+    from sd35.weights import sizing
 
     plan = _plan(ctx)
     if plan is None:
@@ -398,7 +398,7 @@ def _estimate(ctx: Context) -> dict | None:
 
 @check
 def check_fits(ctx: Context) -> Check:
-    from .sizing import ACTIVATION_HEADROOM_BYTES
+    from sd35.weights.sizing import ACTIVATION_HEADROOM_BYTES
 
     hw = ctx.hardware()
     if _plan(ctx) is None:
@@ -409,8 +409,8 @@ def check_fits(ctx: Context) -> Check:
     gb = 1e9
     # Activations scale with the batch: the largest a request may ask for (SD35_MAX_IMAGES), at the model's
     # default size; the VAE decodes one image at a time when a batch would not fit (generate.decode_mode).
-    from .models import info_for
-    from .sizing import batch_activation_bytes
+    from sd35.models import info_for
+    from sd35.weights.sizing import batch_activation_bytes
 
     batch = max(1, int(getattr(ctx.settings, "max_images", 1) or 1))
     info = info_for(ctx.model, _model_folder(ctx))
@@ -422,7 +422,7 @@ def check_fits(ctx: Context) -> Check:
             f"{fmt_bytes(est['text_encoder'] + est['text_encoder_2'] + est['vae'])}"
     if hw is None or not hw.is_cuda:
         return Check("fits in memory", SKIP, f"no GPU; the pipeline's weights are {fmt_bytes(est['total'])} ({parts})")
-    from .hardware import free_memory
+    from sd35.hardware import free_memory
 
     free = free_memory(hw.device)
     have = free if free is not None else hw.total_memory_bytes
@@ -445,8 +445,8 @@ def check_fits(ctx: Context) -> Check:
 @check
 def check_transformer_file(ctx: Context) -> Check:
     """SD35_TRANSFORMER: what the file is (read from its header), and whether it fits the model's folder."""
-    from .errors import ModelError
-    from .singlefile import check_matches, inspect
+    from sd35.errors import ModelError
+    from sd35.weights.singlefile import check_matches, inspect
 
     path = getattr(ctx.settings, "transformer", None) if ctx.settings else None
     if not path:
@@ -486,9 +486,9 @@ def _service_instances(ctx: Context) -> tuple[int, str]:
 
 def host_load_bytes(ctx: Context) -> tuple[int, str] | None:
     """Peak host RAM of one load of the configured model, and how it loads (quantized.py, load.py step 3)."""
-    from . import sizing
-    from .precision import PrecisionPlan
-    from .quantized import QUANT_MODES, read_record
+    from sd35.weights import sizing
+    from sd35.precision import PrecisionPlan
+    from sd35.weights.quantized import QUANT_MODES, read_record
 
     plan = _plan(ctx)
     est = _estimate(ctx)
@@ -573,7 +573,7 @@ def check_hub_access(ctx: Context) -> Check:
                      "the cached copy is used")
     from huggingface_hub import HfApi
 
-    from .hub import hub_error
+    from sd35.weights.hub import hub_error
 
     token = _token(ctx)
     try:
@@ -591,7 +591,7 @@ def check_hub_access(ctx: Context) -> Check:
 
 @check
 def check_hub_cache(ctx: Context) -> Check:
-    from .cache import inspect_permissions
+    from sd35.ops.cache import inspect_permissions
 
     cache = Path(ctx.settings.hf_hub_cache).expanduser()
     if not cache.exists():
@@ -623,8 +623,8 @@ def check_hub_cache(ctx: Context) -> Check:
 
 @check
 def check_model(ctx: Context) -> Check:
-    from .errors import ModelError
-    from .hub import check_local, find_lfs_pointers, find_local, revision_for
+    from sd35.errors import ModelError
+    from sd35.weights.hub import check_local, find_lfs_pointers, find_local, revision_for
 
     s = ctx.settings
     if ctx.kind == "tiny":
@@ -637,7 +637,7 @@ def check_model(ctx: Context) -> Check:
         return Check("model", OK, f"local diffusers folder {Path(ctx.model).expanduser()}")
     stored = find_local(s) if ctx.kind == "invalid" else None
     if stored is not None:  # a name in the pre-quantized store
-        from .quantized import read_record
+        from sd35.weights.quantized import read_record
 
         try:
             rec = read_record(stored) or {}
@@ -667,9 +667,9 @@ def check_model(ctx: Context) -> Check:
 
 @check
 def check_disk(ctx: Context) -> Check:
-    from . import sizing
-    from .hardware import detect
-    from .precision import resolve
+    from sd35.weights import sizing
+    from sd35.hardware import detect
+    from sd35.precision import resolve
 
     cache = Path(ctx.settings.hf_hub_cache).expanduser()
     probe = next((p for p in [cache, *cache.parents] if p.exists()), Path("/"))
@@ -698,7 +698,7 @@ def check_dotenv(ctx: Context) -> Check:
         return Check(".env", OK, "no .env: defaults and the environment apply",
                      None) if not example.is_file() else Check(
             ".env", OK, "no .env: defaults and the environment apply (cp .env.example .env to configure)")
-    from .settings import dotenv_keys as env_keys
+    from sd35.settings import dotenv_keys as env_keys
 
     known = set(env_keys(example, include_commented=True))
     unknown = [k for k in env_keys(ctx.env_file) if known and k not in known]
@@ -720,7 +720,7 @@ def check_debugpy(ctx: Context) -> Check:
     except importlib.metadata.PackageNotFoundError:
         return Check("debugpy", WARN, "debugpy is not installed: the VS Code launch targets need it",
                      "run `make setup`")
-    from .net import port_free
+    from sd35.net import port_free
 
     if not port_free(ctx.debugpy_port):
         return Check("debugpy", WARN, f"debugpy {version}; port {ctx.debugpy_port} is already in use (fine if it is "
@@ -733,7 +733,7 @@ def check_debugpy(ctx: Context) -> Check:
 @check
 def check_api_port(ctx: Context) -> Check:
     port = ctx.api_port or (ctx.settings.port if ctx.settings else 8000)
-    from .net import port_free
+    from sd35.net import port_free
 
     if not port_free(port):
         return Check("api port", WARN, f"port {port} is in use (another sd35 serve, or another program)",
@@ -758,17 +758,17 @@ def _answers_without_key(port: int, host: str) -> bool:
 @check
 def check_listeners(ctx: Context) -> Check:
     """Every TCP port of ours another account could use: 127.0.0.1 is open to every local account."""
-    from . import listeners
+    from sd35 import net
 
-    if listeners.tcp_listeners() is None:
+    if net.tcp_listeners() is None:
         return Check("listeners", SKIP, "no /proc/net/tcp here: cannot list listening ports")
-    others = listeners.other_login_accounts()
+    others = net.other_login_accounts()
     api_port = ctx.settings.port if ctx.settings else ctx.api_port
     lab_port = ctx.settings.lab_port if ctx.settings else 8888
     bad: list[tuple[str, str, str]] = []  # (status, finding, fix)
     checked = 0
-    procs = listeners.processes_by_inode()
-    for x in listeners.ours():
+    procs = net.processes_by_inode()
+    for x in net.ours():
         proc = procs.get(x.inode)
         pid, cmd = proc if proc else (None, "")
         who = f"{x} (pid {pid}: {cmd[:80]})" if pid else str(x)

@@ -66,7 +66,7 @@ def _record(cap: AttentionCapture, attn, hidden_states, encoder_hidden_states) -
 @contextmanager
 def capture(pipe, block: int, step: int):
     """`with capture(pipe, block=K, step=S) as cap: generate…` then `cap.token_map(...)`."""
-    from .hooks import proxy_processor
+    from sd35.debugging.hooks import proxy_processor
 
     n = len(pipe.transformer.transformer_blocks)
     if not 0 <= block < n:

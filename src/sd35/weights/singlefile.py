@@ -34,7 +34,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ModelError
+from sd35.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def _header(path: Path) -> tuple[dict, dict]:
     """(tensors {name: {dtype, shape, data_offsets}}, __metadata__) of a safetensors file, checked whole."""
     import struct
 
-    from .cache import safetensors_truncated
-    from .hub import is_lfs_pointer
+    from sd35.ops.cache import safetensors_truncated
+    from sd35.weights.hub import is_lfs_pointer
 
     if not path.is_file():
         raise ModelError(f"transformer file {path} does not exist.", "check SD35_TRANSFORMER / --transformer.")
@@ -213,7 +213,7 @@ def inspect(path: Path) -> FileInfo:
 
 
 def _arch(num_layers: int, hidden: int, dual: list[int]) -> str:
-    from .models import ARCHS
+    from sd35.models import ARCHS
 
     for name, cfg in ARCHS.items():
         if (cfg["num_layers"] == num_layers and cfg["caption_projection_dim"] == hidden
@@ -247,7 +247,7 @@ def load_transformer(path: Path, folder: Path, mode: str):
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
     from safetensors import safe_open
 
-    from . import precision
+    from sd35 import precision
 
     info = inspect(path)
     config = check_matches(info, folder)

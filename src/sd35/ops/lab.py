@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from sd35.errors import InputError
 
 SOCKET_NAME = "sd35-lab.sock"
 TOKEN_NAME = "sd35-lab.token"
@@ -88,7 +88,7 @@ class Plan:
 
 def plan(settings, root: Path, *, tcp: bool, interactive: bool) -> Plan:
     """Everything `sd35 lab` will run, decided before anything starts."""
-    from .net import port_free
+    from sd35.net import port_free
 
     token = settings.lab_token.get_secret_value() if settings.lab_token else secrets.token_urlsafe(24)
     host = socket.gethostname()

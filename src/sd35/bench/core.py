@@ -17,7 +17,7 @@ import gc
 import time
 from pathlib import Path
 
-from .models import ARCHS  # the published transformer architectures (and the tiny one), from the registry
+from sd35.models import ARCHS  # the published transformer architectures (and the tiny one), from the registry
 
 GOAL_FP8_WEIGHT_RATIO = 0.52
 
@@ -37,7 +37,7 @@ def build_transformer(arch: str, seed: int = 0):
         for b in model.buffers():
             b.normal_(0.0, 0.02, generator=gen)
         # The position table is not a weight: as in every real checkpoint, the sin-cos table of the config.
-        from .quantized import computed_pos_embed
+        from sd35.weights.quantized import computed_pos_embed
 
         table = computed_pos_embed(model)
         if table is not None:
@@ -46,7 +46,7 @@ def build_transformer(arch: str, seed: int = 0):
 
 
 def _measure(model) -> dict:
-    from .precision import linear_coverage, weight_bytes
+    from sd35.precision import linear_coverage, weight_bytes
 
     return {**weight_bytes(model), **linear_coverage(model)}
 
@@ -55,7 +55,7 @@ def memory(arch: str) -> dict:
     """Weight bytes of `arch` in bf16, fp8-weight, fp8 and diffusers' layerwise FP8 casting."""
     import torch
 
-    from . import precision
+    from sd35 import precision
 
     rows: dict[str, dict] = {}
     t0 = time.perf_counter()
@@ -141,8 +141,8 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
-    from . import generate as gen
-    from .runtime import Runtime
+    from sd35.inference import generate as gen
+    from sd35.runtime import Runtime
 
     # 1. A real `sd35 serve` process with the same settings, on loopback.
     with socket.socket() as s:
@@ -249,28 +249,28 @@ def break_overhead(settings, *, runs: int = 20, steps: int = 4, size: int = 128,
     SD35_BREAK=nan instead (a finiteness check on every module's output, every step, nothing non-finite)."""
     import statistics
 
-    from . import debug
-    from . import generate as gen
-    from .runtime import Runtime
+    from sd35.debugging import breakpoints
+    from sd35.inference import generate as gen
+    from sd35.runtime import Runtime
 
     rt = Runtime.load(settings, breaks=[])
     n = len(rt.pipe.transformer.transformer_blocks)
     never = 10**9
     spec = ",".join([f"transformer@{never}", f"scheduler@{never}"] + [f"block.{k}@{never}" for k in range(n)]
                     + [f"attn.{k}@{never}" for k in range(n)])
-    breaks = debug.parse("nan" if nan else spec)
+    breaks = breakpoints.parse("nan" if nan else spec)
     req = gen.GenerationRequest("benchmark prompt", steps=steps, guidance=4.5, height=size, width=size, seed=0)
     rt.generate(req)  # warm-up
     plain, armed = [], []
     for _ in range(runs):
         plain.append(rt.generate(req).timings["denoise"] / steps)
-        harness = debug.arm(rt.pipe, breaks)
+        harness = breakpoints.arm(rt.pipe, breaks)
         armed.append(rt.generate(req).timings["denoise"] / steps)
         harness.disarm()
     p, a = statistics.median(plain), statistics.median(armed)
     return {"model": settings.model, "device": rt.device, "precision": rt.loaded.plan.transformer,
             "break": "nan" if nan else "every block/attn/transformer/scheduler at a step that never comes",
-            "wrappers_armed": sum(map(debug.watched, rt.pipe.transformer.modules())) if nan else len(breaks),
+            "wrappers_armed": sum(map(breakpoints.watched, rt.pipe.transformer.modules())) if nan else len(breaks),
             "steps": steps, "size": f"{size}x{size}", "runs": runs,
             "step_ms_plain_median": round(p * 1000, 3), "step_ms_armed_median": round(a * 1000, 3),
             "overhead": round((a - p) / p, 4), "goal_overhead_max": None if nan else 0.01}
@@ -286,7 +286,7 @@ def summary_time(repeats: int = 5) -> list[dict]:
 
     import torch
 
-    from . import debug
+    from sd35.debugging import breakpoints
 
     cases = [("2×4096×1536 float32", lambda: torch.randn(2, 4096, 1536)),
              ("2×4096×1536 bfloat16", lambda: torch.randn(2, 4096, 1536, dtype=torch.bfloat16)),
@@ -297,12 +297,12 @@ def summary_time(repeats: int = 5) -> list[dict]:
         t = make()
         first, cached = [], []
         for _ in range(repeats):
-            debug.new_stop()
+            breakpoints.new_stop()
             t0 = time.perf_counter()
-            text = debug.tensor_summary(t)
+            text = breakpoints.tensor_summary(t)
             first.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            debug.tensor_summary(t)
+            breakpoints.tensor_summary(t)
             cached.append(time.perf_counter() - t0)
         rows.append({"tensor": name, "elements": t.numel(), "first_ms": round(statistics.median(first) * 1000, 2),
                      "cached_ms": round(statistics.median(cached) * 1000, 4), "summary": text})
@@ -364,7 +364,8 @@ def load_child(mode: str, folder: str) -> dict:
     import torchao.quantization  # noqa: F401
     from diffusers import SD3Transformer2DModel, TorchAoConfig  # noqa: F401
 
-    from . import precision, quantized
+    from sd35 import precision
+    from sd35.weights import quantized
 
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -400,7 +401,7 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
 
     import torch
 
-    from . import quantized
+    from sd35.weights import quantized
 
     # 1. The two folders on disk: bf16 (as published) and pre-quantized (as `sd35 cache quantize` writes it).
     t0 = time.perf_counter()
@@ -500,7 +501,8 @@ def speed(arch: str = "large", size: int = 1024, *, device: str | None = None, m
 
     import torch
 
-    from . import compilation, precision
+    from sd35.inference import compilation
+    from sd35 import precision
 
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     note = None

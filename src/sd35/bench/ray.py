@@ -18,7 +18,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..settings import Settings
+from sd35.settings import Settings
 
 
 def _free_port() -> int:
@@ -76,7 +76,7 @@ def compare(settings: Settings, *, replicas: tuple[int, ...] = (1, 2), requests:
     from ray import serve
     from ray._private import ray_constants
 
-    from . import ray_app
+    from sd35.service import ray_app
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import precision
+from sd35 import precision
 
-from .models import CLIP_G, CLIP_L, T5_XXL, VAE  # the published component configs (models.py)
+from sd35.models import CLIP_G, CLIP_L, T5_XXL, VAE  # the published component configs (models.py)
 
 # Room for activations, the CUDA context and the allocator's slack at 1024x1024, batch 1. An estimate:
 # measured peaks go in docs/benchmarks.md.

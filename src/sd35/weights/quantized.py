@@ -39,11 +39,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import precision
-from .errors import InputError, ModelError
-from .models import QUANT_RECORD as RECORD
-from .models import lookup
-from .settings import Settings
+from sd35 import precision
+from sd35.errors import InputError, ModelError
+from sd35.models import QUANT_RECORD as RECORD
+from sd35.models import lookup
+from sd35.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ def versions() -> dict[str, str]:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
-            from . import __version__
+            from sd35 import __version__
 
             out[pkg] = __version__ if pkg == "sd35" else "?"
     return out

@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .hub import repo_folder  # the cache layout (models--org--name/…) lives in hub
+from sd35.weights.hub import repo_folder  # the cache layout (models--org--name/…) lives in hub
 
 
 @dataclass
@@ -101,7 +101,7 @@ def init(path: Path, group: str | None = None) -> InitResult:
     import shutil
     import subprocess
 
-    from .errors import InputError, Sd35Error
+    from sd35.errors import InputError, Sd35Error
 
     path = Path(path).expanduser().resolve()
     gid = -1
@@ -166,7 +166,7 @@ def safetensors_truncated(path: Path) -> str | None:
 
 def _repos(cache: Path, model: str | None) -> list[Path]:
     if model:
-        from .models import expand_alias
+        from sd35.models import expand_alias
 
         folder = repo_folder(cache, expand_alias(model))
         return [folder] if folder.is_dir() else []
@@ -175,7 +175,7 @@ def _repos(cache: Path, model: str | None) -> list[Path]:
 
 def verify(cache: Path, model: str | None = None) -> list[Problem]:
     """Everything in the cache (or one model's part of it) that would break a load or lock a user out."""
-    from .hub import WEIGHT_SUFFIXES, is_lfs_pointer
+    from sd35.weights.hub import WEIGHT_SUFFIXES, is_lfs_pointer
 
     cache = Path(cache).expanduser()
     problems: list[Problem] = []
@@ -209,8 +209,8 @@ def verify(cache: Path, model: str | None = None) -> list[Problem]:
 
 def verify_quantized(settings, name: str | None = None) -> list[Problem]:
     """The same checks for the pre-quantized store (quantized.py): records, LFS stubs, truncated files."""
-    from .hub import is_lfs_pointer
-    from .quantized import listing, read_record, store_dir
+    from sd35.weights.hub import is_lfs_pointer
+    from sd35.weights.quantized import listing, read_record, store_dir
 
     problems: list[Problem] = []
     fix = "re-create it: delete the folder, then `sd35 cache quantize --model SOURCE --precision MODE`"

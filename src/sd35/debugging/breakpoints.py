@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from sd35.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ class _Tools:
     harness: "Harness"
 
     def bind(self, where, name, module, inputs, output, call, args, kwargs):
-        from . import atstop
+        from sd35.debugging import atstop
 
         h = self.harness
         known = None if output is NOT_YET else output
@@ -356,7 +356,7 @@ class Harness:
             return label, named, harness._fire(label, named)
 
         if attr == "processor":  # an attention processor object: see hooks.ProcessorProxy
-            from .hooks import proxy_processor
+            from sd35.debugging.hooks import proxy_processor
 
             def intercept(processor, call_args, kwargs):
                 if matches():
@@ -509,6 +509,6 @@ def listen(address: str | None, *, wait: bool = False, allow_remote: bool = Fals
            allow_listen: bool = False) -> tuple[str, int] | None:
     """SD35_DEBUGPY before the model loads: connect out to VS Code's listening debugger (the default), or
     listen on explicit opt-in. The policy is in `sd35.attach`."""
-    from .attach import start
+    from sd35.debugging.attach import start
 
     return start(address, wait=wait, allow_remote=allow_remote, allow_listen=allow_listen)

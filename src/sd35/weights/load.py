@@ -28,9 +28,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from . import hardware, hub, precision, quantized, singlefile
-from .errors import ModelError
-from .settings import Settings
+from sd35 import hardware, precision
+from sd35.weights import hub, quantized, singlefile
+from sd35.errors import ModelError
+from sd35.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def load(settings: Settings) -> LoadedPipeline:
     """Load the pipeline described by `settings` (see the module docstring for the steps)."""
     import torch
 
-    from . import logs
+    from sd35 import logs
 
     started = time.perf_counter()
 

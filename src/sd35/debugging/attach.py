@@ -8,7 +8,7 @@ VS Code listens (launch.json "Attach: running service" has `"listen": {"host": "
 
 The reverse direction has its own trap: another account can bind 127.0.0.1:5678 before VS Code does,
 and a process that connects to it hands itself over. So before connecting we read /proc/net/tcp and
-refuse a loopback port whose listener is not ours (`listeners.owner`).
+refuse a loopback port whose listener is not ours (`net.owner`).
 
 A listening debuggee stays possible, only on explicit opt-in: `SD35_DEBUGPY=listen:HOST:PORT` with
 `SD35_DEBUGPY_ALLOW_LISTEN=1`, and a warning at start (for a single-user container, say).
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .errors import InputError
+from sd35.errors import InputError
 
 log = logging.getLogger("sd35.debug")
 MODES = ("connect", "listen")
@@ -53,12 +53,12 @@ def _debugpy():
 
 def _check_listener_is_ours(host: str, port: int) -> None:
     """Refuse to hand this process to a loopback listener another account owns (or to nobody)."""
-    from . import listeners
+    from sd35 import net
 
-    if listeners.tcp_listeners() is None:
+    if net.tcp_listeners() is None:
         log.warning("cannot read /proc/net/tcp: not checking who listens on %s:%s before connecting", host, port)
         return
-    uid = listeners.owner(host, port)
+    uid = net.owner(host, port)
     if uid is None:
         raise InputError(
             f"SD35_DEBUGPY={host}:{port}: no debugger is listening there (this process connects to VS Code, not "
@@ -76,7 +76,7 @@ def _check_listener_is_ours(host: str, port: int) -> None:
 def start(address: str | None, *, wait: bool = False, allow_remote: bool = False,
           allow_listen: bool = False) -> tuple[str, int] | None:
     """Connect to (or, on opt-in, listen for) a debugger before the model loads. Returns the endpoint."""
-    from .net import is_loopback
+    from sd35.net import is_loopback
 
     if not address:
         return None

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import generate as gen
-from .runtime import Runtime
+from sd35.inference import generate as gen
+from sd35.runtime import Runtime
 
 
 @dataclass
@@ -136,8 +136,8 @@ def per_block(settings, *, prompt: str, seed: int, steps: int | None = None, ste
     run the same request through both, and report each block's error at one step (default: the middle one).
     Returns the JSON document: {"model", "device", "reference", "candidate", "step", "steps", "seed",
     "blocks": [{block, image_rel_err, image_cosine, text_rel_err, text_cosine}, …], "image": {…}}."""
-    from .errors import InputError
-    from .runtime import precheck
+    from sd35.errors import InputError
+    from sd35.runtime import precheck
 
     if settings.precision == "bf16":
         raise InputError("--precision bf16 would compare bf16 with itself.",

@@ -22,10 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
-from .errors import InputError
-from .load import LoadedPipeline
-from .models import ModelInfo
+from sd35 import __version__
+from sd35.errors import InputError
+from sd35.weights.load import LoadedPipeline
+from sd35.models import ModelInfo
 
 MAX_STEPS = 500
 MAX_SEED = 2**63 - 1
@@ -217,7 +217,7 @@ def run(
         timings["denoise"] = time.perf_counter() - t
 
         # 3. Decode with the VAE: one image at a time, or in tiles, when the batch would not fit.
-        from .hardware import free_memory
+        from sd35.hardware import free_memory
 
         mode = decode_mode(free_memory(str(exec_device)), num_images, request.height, request.width)
         t = time.perf_counter()

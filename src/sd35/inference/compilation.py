@@ -39,7 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from sd35.errors import InputError
 
 log = logging.getLogger(__name__)
 

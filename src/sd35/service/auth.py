@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from sd35.errors import InputError
 
 DEFAULT_FILE = Path("/etc/sd35/api-keys")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -174,7 +174,7 @@ class KeyRing:
 
 def load(settings) -> KeyRing:
     """The keys the service accepts: the keys file (when present) plus SD35_API_KEY as "default"."""
-    from .settings import secret
+    from sd35.settings import secret
 
     path = Path(settings.api_keys_file) if settings.api_keys_file else DEFAULT_FILE
     entries: list[Entry] = []
