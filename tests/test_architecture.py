@@ -1,5 +1,6 @@
 """The package's shape, checked from its source: one owner per concept, no import cycle, data flowing one
-way (settings → models / hardware / precision → load → runtime → CLI | service | notebooks | bench)."""
+way (settings → models / hardware / precision → weights → inference → debugging → runtime → service | ops →
+bench → cli), every module placed in a layer, modules and functions small."""
 
 from __future__ import annotations
 
@@ -86,25 +87,64 @@ def test_no_import_cycle_in_sd35():
     assert cycle is None, "import cycle: " + " → ".join(cycle)
 
 
-def test_data_flows_one_way():
+# The layers, lowest first. A module may import its own layer and the layers below it, never above; the
+# packages of one layer do not import each other. Every module under src/sd35 must be placed here, so a new
+# module gets a layer on purpose.
+LAYERS = [
+    ("base", {"sd35", "sd35.settings", "sd35.errors", "sd35.logs", "sd35.models", "sd35.net"}),
+    ("hardware", {"sd35.hardware"}),
+    ("precision", {"sd35.precision"}),
+    ("weights", {"sd35.weights"}),
+    ("inference", {"sd35.inference"}),
+    ("debugging", {"sd35.debugging"}),
+    ("runtime", {"sd35.runtime"}),
+    ("service/ops", {"sd35.service", "sd35.ops"}),
+    ("bench", {"sd35.bench"}),
+    ("cli", {"sd35.cli"}),
+    ("entry point", {"sd35.__main__"}),
+]
+
+
+def _place(module: str) -> tuple[int, str]:
+    """(layer index, the package or module of that layer `module` belongs to)."""
+    for i, (_, members) in enumerate(LAYERS):
+        for m in members:
+            if module == m or (m != "sd35" and module.startswith(m + ".")):
+                return i, m
+    raise AssertionError(f"{module} has no layer: add it to LAYERS in tests/test_architecture.py")
+
+
+def test_every_module_has_a_layer_and_imports_only_downwards():
     g = graph()
-    top = {"sd35.cli", "sd35.service", "sd35.bench", "sd35.doctor"}
-    lower = ["sd35.settings", "sd35.models", "sd35.hardware", "sd35.precision", "sd35.hub", "sd35.tiny",
-             "sd35.load", "sd35.generate", "sd35.runtime", "sd35.debug", "sd35.net", "sd35.workspace"]
-    for mod in lower:
-        reached = _reaches(g, mod)
-        bad = {m for m in reached if any(m == t or m.startswith(t + ".") for t in top)}
-        assert not bad, f"{mod} reaches up into {sorted(bad)}"
-    # The first layer depends on nothing of ours but settings/errors/models.
-    for mod in ("sd35.settings", "sd35.models", "sd35.net", "sd35.workspace", "sd35.errors"):
-        assert _reaches(g, mod) <= {"sd35.settings", "sd35.errors", "sd35.models"}, (mod, _reaches(g, mod))
-    assert "sd35.runtime" not in _reaches(g, "sd35.load")
+    for mod, deps in sorted(g.items()):
+        layer, owner = _place(mod)
+        for dep in deps:
+            dep_layer, dep_owner = _place(dep)
+            assert dep_layer <= layer, (f"{mod} ({LAYERS[layer][0]}) imports {dep} ({LAYERS[dep_layer][0]}): "
+                                        "a lower layer reaches up")
+            assert dep_layer < layer or dep_owner == owner or dep_owner == "sd35", (
+                f"{mod} imports {dep}: packages of one layer ({LAYERS[layer][0]}) stay independent")
+    assert _reaches(g, "sd35.settings") <= {"sd35.errors", "sd35"}, _reaches(g, "sd35.settings")
     # Only the entry point imports the CLI.
-    assert {m for m, deps in g.items() if "sd35.cli" in deps} <= {"sd35.__main__"}
+    assert {m for m, deps in g.items() if any(_place(d)[1] == "sd35.cli" for d in deps)
+            and _place(m)[1] != "sd35.cli"} <= {"sd35.__main__"}
+
+
+def test_modules_and_functions_stay_small():
+    """No module over ~400 lines; no function over ~80 lines unless it reads as numbered steps (`# 1.`)."""
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        lines = text.splitlines()
+        assert len(lines) <= 420, f"{path.relative_to(SRC)}: {len(lines)} lines (split it by job)"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                body = "\n".join(lines[node.lineno - 1:node.end_lineno])
+                assert re.search(r"#\s*1\.", body), (f"{path.relative_to(SRC)}:{node.lineno} {node.name} is "
+                                                     f"{node.end_lineno - node.lineno + 1} lines without numbered steps")
 
 
 def test_cli_and_worker_generate_through_the_runtime():
-    for path in (SRC / "cli.py", SRC / "service" / "worker.py"):
+    for path in (SRC / "cli" / "generate.py", SRC / "service" / "worker.py"):
         text = path.read_text()
         assert "gen.run(" not in text and "generate.run(" not in text, f"{path.name} bypasses the runtime"
         assert "Runtime" in text
@@ -118,7 +158,7 @@ def test_model_facts_live_only_in_the_registry():
     arch_numbers = re.compile(r"\b(num_layers|caption_projection_dim|pos_embed_max_size|joint_attention_dim|"
                               r"d_ff|num_hidden_layers|block_out_channels)\b\W{1,4}\d")
     for path in SRC.rglob("*.py"):
-        if path.name == "models.py":
+        if path == SRC / "models.py":
             continue
         text = path.read_text()
         assert not repo_id.search(text), f"{path.relative_to(SRC)} names an SD3.5 repo id: use sd35.models"
@@ -127,8 +167,9 @@ def test_model_facts_live_only_in_the_registry():
 
 def test_doctor_exports_nothing_others_import():
     g = graph()
-    users = {m for m, deps in g.items() if "sd35.doctor" in deps}
-    assert users <= {"sd35.cli"}, users
+    users = {m for m, deps in g.items() if any(d.startswith("sd35.ops.doctor") for d in deps)
+             and not m.startswith("sd35.ops.doctor")}
+    assert users <= {"sd35.cli.doctor"}, users
 
 
 def test_dotenv_is_read_in_one_place():

@@ -1,0 +1,220 @@
+"""`sd35 bench …`: one command per benchmark (results belong in docs/benchmarks.md, with the machine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sd35.cli.common import Json, Model, Precision, handle_errors, out, settings
+from sd35.errors import InputError
+
+app = typer.Typer(help="Benchmarks (results belong in docs/benchmarks.md).", no_args_is_help=True)
+
+
+def _bench_start(arch: str | None = None, *, quiet: bool = False) -> None:
+    """Every `sd35 bench` command: our logs only (warnings only with `quiet`, so timings print clean), and
+    `--arch` checked against the registry's architectures."""
+    import logging
+
+    from sd35 import logs
+    from sd35.models import ARCHS
+
+    logs.configure(False)
+    if quiet:
+        logging.getLogger("sd35").setLevel(logging.WARNING)
+    if arch is not None and arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(ARCHS)}.")
+
+
+@app.command("memory")
+@handle_errors
+def bench_memory(
+    arch: str = typer.Option("medium", "--arch", help="medium | large (the published transformer configs) | tiny"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Weight bytes of the SD3.5 transformer per precision mode (random weights, built on the CPU)."""
+    from sd35.bench import core as bench
+
+    _bench_start(arch)
+    report = bench.memory(arch)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    out.print(bench.memory_table(report))
+
+
+@app.command("load")
+@handle_errors
+def bench_load(
+    arch: str = typer.Option("medium", "--arch", help="medium | large (the published transformer configs) | tiny"),
+    work_dir: Optional[Path] = typer.Option(None, "--dir", help="where the two copies are written (default: the "
+                                            "system temp folder; medium needs ~7.5 GB, large ~12 GB)"),
+    as_json: Json = False,
+) -> None:
+    """Load one random-weight transformer three ways, each in its own process: bf16 then quantize (today),
+    lean (quantized as read), pre-quantized (FP8 from disk). Seconds, peak host RSS, bytes on disk."""
+    from sd35.bench import core as bench
+
+    _bench_start(arch)
+    if work_dir is not None and not work_dir.is_dir():
+        raise InputError(f"--dir {work_dir} is not a folder.", "create it or pass another one.")
+    report = bench.load_modes(arch, work_dir)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    for mode, r in report["modes"].items():
+        out.print(f"{mode:14} {r['seconds']:7.1f} s  RSS peak {r['rss_peak_bytes'] / 1e9:6.2f} GB  "
+                  f"disk {r['disk_bytes'] / 1e9:6.2f} GB", highlight=False)
+    out.print(f"pre-quantized vs today: {report['prequantized_vs_bf16_quantize']} · goals {report['goal']}",
+              highlight=False)
+
+
+@app.command("serve")
+@handle_errors
+def bench_serve(
+    requests: int = typer.Option(20, "--requests", help="sequential requests per path"),
+    steps: int = typer.Option(4, "--steps"),
+    size: int = typer.Option(128, "--size", help="square image side"),
+    burst: int = typer.Option(16, "--burst", help="concurrent requests in the burst"),
+    queue_size: int = typer.Option(4, "--queue-size"),
+    model: Model = None,
+    precision: Precision = None,
+    ray: bool = typer.Option(False, "--ray", help="1 vs 2 Ray Serve replicas side by side (a loopback Ray here; "
+                             "--requests generations from --burst closed-loop clients)"),
+    as_json: Json = False,
+) -> None:
+    """Service overhead vs a direct pipeline call (goal <= 5 %), and a burst against a bounded queue."""
+    from sd35.bench import core as bench
+
+    _bench_start(quiet=True)
+    if ray:
+        _bench_serve_ray(settings(model=model, precision=precision, queue_size=queue_size), requests, burst, steps,
+                         size, as_json)
+        return
+    report = bench.serve_overhead(settings(model=model, precision=precision), requests=requests, steps=steps,
+                                  size=size, burst=burst, queue_size=queue_size)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    b = report["burst"]
+    out.print(f"{report['model']} {report['precision']} on {report['device']}, {report['steps']} steps "
+              f"{report['size']}, {report['requests']} sequential requests each:\n"
+              f"  direct  mean {report['direct_mean_s'] * 1000:.1f} ms  p50 {report['direct_p50_s'] * 1000:.1f} ms\n"
+              f"  HTTP    mean {report['http_mean_s'] * 1000:.1f} ms  p50 {report['http_p50_s'] * 1000:.1f} ms\n"
+              f"  overhead {report['overhead_mean'] * 100:+.1f} % (mean), {report['overhead_p50'] * 100:+.1f} % (p50); "
+              f"goal <= 5 %\n"
+              f"burst of {b['concurrent']} against queue {b['queue_size']}: {b['status_counts']} in {b['seconds']} s, "
+              f"{b['images_per_s']} images/s, served p50 {b['served_p50_s']} s p95 {b['served_p95_s']} s",
+              highlight=False)
+
+
+def _bench_serve_ray(settings, requests: int, concurrency: int, steps: int, size: int, as_json: bool) -> None:
+    try:
+        from sd35.bench import ray
+    except ImportError as exc:
+        raise InputError(f"sd35 bench serve --ray needs Ray Serve ({exc})",
+                         "install the ray extra: make setup (or pip install -c constraints.txt -e '.[ray]')") from None
+    report = ray.compare(settings, requests=requests, concurrency=concurrency, steps=steps, size=size)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out.print(f"{report['model']} on {report['device']}, {report['steps']} steps {report['size']}, "
+              f"{report['requests']} requests from {report['concurrency']} clients:", highlight=False)
+    for r in report["runs"]:
+        out.print(f"  {r['replicas']} replica(s): {r['images_per_s']:.3f} images/s  p50 {r['p50_s']} s  "
+                  f"p95 {r['p95_s']} s  refused {r['refused']}  (ready in {r['ready_s']} s)  "
+                  f"x{report['speedup'][str(r['replicas'])]}", highlight=False)
+    if report["note"]:
+        out.print(f"  note: {report['note']}", highlight=False)
+
+
+@app.command("speed")
+@handle_errors
+def bench_speed(
+    arch: str = typer.Option("large", "--arch", help="medium | large (published configs) | tiny"),
+    size: int = typer.Option(1024, "--size", help="square image side"),
+    modes: str = typer.Option("bf16,fp8-weight,fp8", "--modes", help="comma-separated precision modes"),
+    eager_only: bool = typer.Option(False, "--eager-only", help="skip the compiled runs"),
+    repeats: int = typer.Option(10, "--repeats"),
+    cache_check: bool = typer.Option(False, "--cache-check", help="also time a cold vs a warm compile cache in two "
+                                     "`sd35 generate --compile blocks` processes (the configured model)"),
+    as_json: Json = False,
+) -> None:
+    """Transformer step latency and peak GPU memory per precision mode, eager and compiled (random weights)."""
+    from sd35.bench import core as bench
+    from sd35.settings import PRECISIONS
+
+    _bench_start(arch, quiet=True)
+    wanted = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in wanted if m not in PRECISIONS or m == "auto"]
+    if bad or not wanted:
+        raise InputError(f"unknown mode(s) {', '.join(bad) or modes!r}.", "use --modes bf16,fp8-weight,fp8.")
+    if size % 16 or not 64 <= size <= 4096:
+        raise InputError(f"--size {size} must be a multiple of 16 from 64 to 4096.", "pass --size 1024.")
+    report = bench.speed(arch, size, modes=wanted, compiled=not eager_only, repeats=repeats)
+    if cache_check:
+        report["compile_cache"] = bench.compile_cache(settings())
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out.print(f"{report['arch']} at {report['size']}² on {report['device_name']} ({report['device']}), "
+              f"median of {report['repeats']} steps" + (f"\n[yellow]{report['note']}[/]" if report["note"] else ""),
+              highlight=False)
+    for mode, row in report["modes"].items():
+        if "note" in row:
+            out.print(f"  {mode:11} {row['note']}", highlight=False)
+            continue
+        parts = [f"{kind} {r['step_ms_median']:.1f} ms" + (f" ({r['ratio_vs_bf16']:.2f}× bf16)" if "ratio_vs_bf16" in r
+                 else "") + (f", peak {r['peak_gpu_bytes'] / 1e9:.2f} GB" if "peak_gpu_bytes" in r else "")
+                 + (f", first call {r['first_call_s']:.1f} s" if "first_call_s" in r else "")
+                 for kind, r in row.items()]
+        out.print(f"  {mode:11} " + " · ".join(parts), highlight=False)
+    if "compile_cache" in report:
+        c = report["compile_cache"]
+        out.print(f"  compile cache: cold {c['cold']['seconds']} s, warm {c['warm']['seconds']} s → {c['ratio']}× "
+                  f"(goal ≤ {c['goal_ratio_max']})", highlight=False)
+
+
+@app.command("break")
+@handle_errors
+def bench_break(
+    runs: int = typer.Option(20, "--runs"),
+    steps: int = typer.Option(4, "--steps"),
+    model: Model = None,
+    nan: bool = typer.Option(False, "--nan", help="measure SD35_BREAK=nan (finiteness checks) instead"),
+    as_json: Json = False,
+) -> None:
+    """Cost of armed SD35_BREAK hooks that do not match, per denoising step (goal <= 1 %); --nan: of the NaN watch."""
+    from sd35.bench import core as bench
+
+    _bench_start(quiet=True)
+    r = bench.break_overhead(settings(model=model), runs=runs, steps=steps, nan=nan)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    what = "modules watched for NaN/Inf" if nan else "wrappers armed"
+    goal = "" if nan else " (goal <= 1 %)"
+    out.print(f"{r['model']} {r['precision']} on {r['device']}: {r['wrappers_armed']} {what}, "
+              f"step {r['step_ms_plain_median']} ms plain vs {r['step_ms_armed_median']} ms armed "
+              f"(median of {r['runs']}): overhead {r['overhead'] * 100:+.2f} %{goal}", highlight=False)
+
+
+@app.command("summary")
+@handle_errors
+def bench_summary(
+    repeats: int = typer.Option(5, "--repeats"),
+    as_json: Json = False,
+) -> None:
+    """Time of a debugger tensor summary for large CPU tensors (sampled over 2^20 elements; cached per stop)."""
+    from sd35.bench import core as bench
+
+    rows = bench.summary_time(repeats)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        out.print(f"{r['tensor']}: {r['first_ms']} ms, cached {r['cached_ms']} ms (median of {repeats})\n"
+                  f"  {r['summary']}", highlight=False)

@@ -1,0 +1,129 @@
+"""`sd35 generate` (images + sidecars) and `sd35 fidelity` (FP8 vs bf16 on the same prompt and seed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sd35.cli.common import (Compile, Device, Model, Precision, Revision, T5, Transformer, Verbose, err,
+                                 handle_errors, listen_for_debugger, out, settings)
+from sd35.errors import InputError
+
+MAX_CLI_IMAGES = 16
+
+
+@handle_errors
+def generate(
+    prompt: str = typer.Option("a photo of an astronaut riding a horse on the moon", "--prompt", "-p"),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt"),
+    model: Model = None,
+    revision: Revision = None,
+    precision: Precision = None,
+    t5: T5 = None,
+    device: Device = None,
+    offload: Optional[str] = typer.Option(None, "--offload", help="none | model | sequential [SD35_OFFLOAD]"),
+    compile_mode: Compile = None,
+    transformer: Transformer = None,
+    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the model's, read from its "
+                                        "configs)"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
+    height: Optional[int] = typer.Option(None, "--height", help="multiple of 16"),
+    width: Optional[int] = typer.Option(None, "--width", help="multiple of 16"),
+    seed: Optional[str] = typer.Option(None, "--seed", help="integer; random when omitted (recorded); image i of -n "
+                                       "gets seed+i"),
+    n: int = typer.Option(1, "-n", "--n", help="number of images (each reproducible alone with its own seed)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder [SD35_OUTPUT_DIR]"),
+    breaks: Optional[str] = typer.Option(None, "--break", help="stop inside diffusers: block.K@STEP, attn.K@STEP, "
+                                         "scheduler@STEP, transformer@STEP, vae.decode, nan [SD35_BREAK]"),
+    verbose: Verbose = False,
+) -> None:
+    """Generate images; write <out>/<timestamp>-<seed>.png and a .json sidecar beside each."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sd35 import logs
+    from sd35.debugging import breakpoints
+    from sd35.runtime import Runtime, precheck
+
+    # 1. Flags → settings; bad input is refused before the model loads (and nothing is written).
+    logs.configure(verbose)
+    s = settings(model=model, revision=revision, precision=precision, t5=t5, device=device, offload=offload,
+                 output_dir=out_dir, breaks=breaks, compile=compile_mode, transformer=transformer)
+    if not 1 <= n <= MAX_CLI_IMAGES:
+        raise InputError(f"-n {n} is out of range.", f"pass -n from 1 to {MAX_CLI_IMAGES}.", param="n")
+    fields = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
+                  width=width, seed=seed)
+    break_list = breakpoints.parse(s.breaks)
+    draft = precheck(s, **fields)
+    # 2. The debugger (when asked), then the model, then the request against the loaded model's limits.
+    listen_for_debugger(s)
+    rt = Runtime.load(s, breaks=break_list)
+    request = rt.check(**{**fields, "seed": draft.seed})
+    # 3. Generate with a progress bar, then save PNG + sidecar per image.
+    with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as progress:
+        task = progress.add_task("denoise", total=request.steps)
+        result = rt.generate(request, n=n, on_step=lambda i, total: progress.update(task, completed=i))
+    written = rt.save(result, s.output_dir)
+    for png, js in written:
+        print(png, js, sep="\n")  # plain stdout: paths are for scripts
+    t = result.timings
+    err.print(f"load {rt.loaded.load_seconds:.1f}s · encode {t['encode']:.2f}s · denoise {t['denoise']:.2f}s · "
+              f"decode {t['decode']:.2f}s · {rt.loaded.plan.transformer} on {rt.device} · "
+              f"compile {rt.compile.mode}{f' ({rt.compile.seconds:.1f}s)' if rt.compile.seconds else ''} · "
+              f"seed{'s' if n > 1 else ''} {', '.join(map(str, result.seeds))}", highlight=False)
+    if rt.loaded.source.notice:
+        err.print(f"[yellow]note:[/] {rt.loaded.source.notice}", highlight=False)
+
+
+@handle_errors
+def fidelity(
+    per_block: bool = typer.Option(False, "--per-block", help="each transformer block's error (the table/JSON)"),
+    as_json: bool = typer.Option(False, "--json", help='print {"blocks": [...], "image": {...}, ...} as JSON'),
+    model: Model = None,
+    precision: Optional[str] = typer.Option(None, "--precision", help="the candidate: auto | fp8-weight | fp8 "
+                                            "[SD35_PRECISION]"),
+    device: Device = None,
+    prompt: str = typer.Option("a bowl of ramen, studio photo", "--prompt", "-p"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the model's)"),
+    step: Optional[int] = typer.Option(None, "--step", help="the step whose block outputs are compared (default: "
+                                       "middle)"),
+) -> None:
+    """FP8 vs bf16 on the same prompt and seed: per-block error (relative L2, cosine) and the final image."""
+    from sd35 import logs
+    from sd35.bench import fidelity as fid
+
+    logs.configure(False)
+    r = fid.per_block(settings(model=model, precision=precision, device=device), prompt=prompt, seed=seed,
+                      steps=steps, step=step)
+    if as_json:
+        print(json.dumps(r if per_block else {k: v for k, v in r.items() if k != "blocks"}, indent=2))
+        return
+    if per_block:
+        out.print(_block_table(r))
+        if r["blocks"]:
+            worst = max(r["blocks"], key=lambda b: b["image_rel_err"])
+            out.print(f"worst block: {worst['block']} (image rel. err {worst['image_rel_err']:.5f})", highlight=False)
+    i = r["image"]
+    out.print(f"final image: rel. err {i['rel_err']:.4f}, PSNR {_f(i['psnr_db'], '.1f')} dB, SSIM {i['ssim']:.4f}",
+              highlight=False)
+
+
+def _f(x, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _block_table(r: dict):
+    from rich.table import Table
+
+    table = Table(title=f"{r['candidate']} vs {r['reference']}, {r['model']} on {r['device']}, "
+                        f"block outputs at step {r['step']} of {r['steps']} (seed {r['seed']})")
+    for col in ("block", "image rel. err", "image cosine", "text rel. err", "text cosine"):
+        table.add_column(col, justify="right")
+    for b in r["blocks"]:
+        table.add_row(str(b["block"]), _f(b["image_rel_err"], ".5f"), _f(b["image_cosine"], ".6f"),
+                      _f(b["text_rel_err"], ".5f"), _f(b["text_cosine"], ".6f"))
+    return table
