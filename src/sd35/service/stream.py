@@ -8,7 +8,7 @@
     data: {"type": ..., "b64_json": ..., "size", ..., "usage": {...}}
 
 Partial images are previews of the first image of the batch at evenly spaced denoising steps, made by
-`sd35.preview` (a linear latent→RGB projection, no VAE) in the worker thread at the step boundary and
+`sd35.inference.preview` (a linear latent→RGB projection, no VAE) in the worker thread at the step boundary and
 handed to the event loop. An error after the stream started is an `event: error` with OpenAI's error
 body, which both SDKs raise as an APIError. A client that disconnects cancels its job at the next step.
 """
