@@ -3,10 +3,11 @@
 Why this shape: an edit is a generation request with an input image (+ mask, strength). The prompt is
 encoded and the latents decoded exactly as for a generation (generate.run); only the denoising differs, so
 only that phase calls diffusers' StableDiffusion3Img2ImgPipeline / StableDiffusion3InpaintPipeline. Those
-pipelines are built with `from_pipe` on the loaded pipeline: the same transformer, VAE, encoders and
-scheduler objects — no second copy of the weights, whatever the precision, compiled or not, with the
-debugger's hooks and LoRA adapters (all put on those modules) in effect. `from_pipe` casts every module
-to its `dtype` (float32 when not given), so it is given the pipeline's own dtype: a no-op cast.
+pipelines are built as `from_pipe` builds them, from the loaded pipeline's components: the same
+transformer, VAE, encoders and scheduler objects — no second copy of the weights, whatever the precision,
+compiled or not, with the debugger's hooks and LoRA adapters (all put on those modules) in effect.
+(`from_pipe` itself ends with `.to(dtype)` on every shared module — float32 unless told — which would
+upcast bf16 in place and which torchao's FP8 tensors refuse; so its first half only.)
 
 Inpainting keeps the source pixels outside the mask: the VAE round trip would change them, so the
 result is composited back onto the input with a feathered edge that lies *inside* the mask (as A1111 and
@@ -101,15 +102,20 @@ def pipeline(pipe, mode: str):
     """The img2img or inpaint pipeline over `pipe`'s own components (cached on it: built once)."""
     cache = pipe.__dict__.setdefault("_sd35_edit_pipes", {})
     if mode not in cache:
+        import inspect
+
         from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
 
         cls = StableDiffusion3Img2ImgPipeline if mode == "img2img" else StableDiffusion3InpaintPipeline
-        cache[mode] = cls.from_pipe(pipe, dtype=pipe.transformer.dtype)
+        wanted = inspect.signature(cls.__init__).parameters
+        # = cls.from_pipe(pipe) without its closing `.to(dtype)`: that cast would reach the shared modules
+        # (float32 by default; torchao's FP8 tensors refuse it).
+        cache[mode] = cls(**{k: v for k, v in pipe.components.items() if k in wanted})
         cache[mode].set_progress_bar_config(disable=True)
     edit_pipe = cache[mode]
     # Components replaced on the loaded pipeline since (a compiled transformer, a new scheduler) follow.
     for name, component in pipe.components.items():
-        if getattr(edit_pipe, name, None) is not component and name in edit_pipe.components:
+        if name in edit_pipe.components and getattr(edit_pipe, name, None) is not component:
             setattr(edit_pipe, name, component)
     return edit_pipe
 
