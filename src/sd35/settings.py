@@ -119,7 +119,8 @@ class Settings(BaseSettings):
     max_images: int = Field(default=4, ge=1, le=16, description="Images per batch; `n` up to 10 runs in batches.")
     max_steps: int = Field(default=100, ge=1, le=500)
     max_prompt_chars: int = Field(default=32000, ge=1, le=32000, description="Hard cap before the tokenizers.")
-    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_body_bytes: int = Field(default=40 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 "
+                                "(40 MiB: a 2048² RGBA PNG and its mask, both incompressible, fit).")
     body_timeout: float = Field(default=30.0, gt=0, description="Seconds a client may take to send its body.")
     header_timeout: float = Field(default=15.0, gt=0, description="Seconds a connection may take to send headers.")
     image_url_ttl: float = Field(default=600.0, gt=0, description="Seconds `response_format: url` links last.")
