@@ -13,6 +13,7 @@ from fakehub import FakeHub
 from helpers import run_cli
 
 from sd35.ops import doctor
+from sd35.ops.doctor import storage
 from sd35.weights import tiny
 from sd35.hardware import Hardware
 from sd35.settings import Settings
@@ -174,7 +175,7 @@ def test_disk_against_model_size(monkeypatch, free, status):
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: usage(free * 2, free, free))
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: usage(free * 2, free, free))
     c = by_name(doctor.run(ctx_for(model="large")), "disk")
     assert c.status == status and "needs ≈ 28 GB" in c.finding
 

@@ -164,19 +164,20 @@ def test_store_name_resolves_only_with_a_record(tmp_path):
 
 def test_doctor_host_ram_per_load_path_and_instances(store, tiny_cache, monkeypatch):
     from sd35.ops import doctor
+    from sd35.ops.doctor import memory
 
     def ctx(**kw):
         return doctor.Context(settings=Settings(device="cpu", precision="fp8-weight", cache_dir=tiny_cache, **kw))
 
-    stored, how = doctor.host_load_bytes(ctx(model=str(store)))
+    stored, how = memory.host_load_bytes(ctx(model=str(store)))
     assert "pre-quantized" in how
-    staged, how = doctor.host_load_bytes(ctx(model="tiny", lean_load=False))
+    staged, how = memory.host_load_bytes(ctx(model="tiny", lean_load=False))
     assert "bf16 pipeline" in how and staged > stored
-    assert "lean" in doctor.host_load_bytes(ctx(model="tiny"))[1]
-    c = doctor.check_host_ram(ctx(model=str(store), instances=3))
+    assert "lean" in memory.host_load_bytes(ctx(model="tiny"))[1]
+    c = memory.check_host_ram(ctx(model=str(store), instances=3))
     assert c.status == doctor.OK and "× 3 (SD35_INSTANCES)" in c.finding and "MemAvailable" in c.finding
-    monkeypatch.setattr(doctor, "_meminfo_available", lambda: stored * 2)
-    c = doctor.check_host_ram(ctx(model="tiny", lean_load=False, instances=3))
+    monkeypatch.setattr(memory, "_meminfo_available", lambda: stored * 2)
+    c = memory.check_host_ram(ctx(model="tiny", lean_load=False, instances=3))
     assert c.status == doctor.FAIL and "sd35 cache quantize --model tiny" in c.fix
 
 
