@@ -1,7 +1,8 @@
 """Doctor checks of storage: the Hub cache's permissions and the free disk under it.
 
-Why together: both look at HF_HUB_CACHE; a shared cache must stay group-writable with setgid dirs
-(`sd35.ops.cache`), and the disk must hold the model's published (bf16) checkpoint.
+Why together: both look at where weights live; a shared cache must stay group-writable with setgid dirs
+(`sd35.ops.cache`), and the disk must hold the model's published (bf16) checkpoint. The embedded tiny model
+is the exception: a few MB, built in SD35_CACHE_DIR, never downloaded into HF_HUB_CACHE.
 """
 
 from __future__ import annotations
@@ -44,15 +45,29 @@ def check_hub_cache(ctx: Context) -> Check:
                  "other users will hit PermissionError on blobs/ and .locks/", report.fix())
 
 
+TINY_DISK_BYTES = 50e6  # the tiny build is ~3 MB; room for it and a rebuild beside it
+
+
+def _free_under(folder: Path) -> tuple[Path, int]:
+    probe = next((p for p in [folder, *folder.parents] if p.exists()), Path("/"))
+    return probe, shutil.disk_usage(probe).free
+
+
 def check_disk(ctx: Context) -> Check:
     from sd35.weights import sizing
     from sd35.hardware import detect
     from sd35.precision import resolve
 
-    cache = Path(ctx.settings.hf_hub_cache).expanduser()
-    probe = next((p for p in [cache, *cache.parents] if p.exists()), Path("/"))
-    free = shutil.disk_usage(probe).free
     gb = 1e9
+    if ctx.known is not None and ctx.known.repo_id is None:  # the embedded tiny model: built locally
+        probe, free = _free_under(Path(ctx.settings.cache_dir).expanduser())
+        if free < TINY_DISK_BYTES:
+            return Check("disk", FAIL, f"the tiny model is built in SD35_CACHE_DIR and needs a few MB; "
+                         f"{free / 1e6:.0f} MB free under {probe}", "free some space or set SD35_CACHE_DIR elsewhere")
+        return Check("disk", OK, f"{free / gb:.0f} GB free under {probe}; the tiny model (built in SD35_CACHE_DIR, "
+                     "not downloaded) needs a few MB")
+    cache = Path(ctx.settings.hf_hub_cache).expanduser()
+    probe, free = _free_under(cache)
     if ctx.known is None or ctx.model_folder() is not None:
         return Check("disk", OK if free > 5 * gb else WARN, f"{free / gb:.0f} GB free under {probe}",
                      None if free > 5 * gb else "free some space under HF_HUB_CACHE")
