@@ -336,17 +336,17 @@ def cache_quantize(
 ) -> None:
     """Write a pre-quantized FP8 copy of a model (transformer + T5 as FP8 data + scales) that loads with
     no bf16 copy in host or GPU memory; the team loads it with --model <name> or its path."""
-    from sd35.weights import hub, quantized
+    from sd35.weights import hub, store
     from sd35 import logs
 
     logs.configure(False)
     settings = _settings(model=model, revision=revision)
-    target = quantized.check_request(settings, precision, t5, out)  # refuse before downloading or reading
+    target = store.check_request(settings, precision, t5, out)  # refuse before downloading or reading
     source = hub.resolve(settings, with_t5=True)
-    folder = quantized.quantize(settings, source, precision, t5, target)
+    folder = store.quantize(settings, source, precision, t5, target)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     err.print(f"{settings.model} → {folder} ({precision}, {size / 1e9:.2f} GB); load it with "
-              f"--model {folder.name if folder.parent == quantized.store_dir(settings) else folder}", highlight=False)
+              f"--model {folder.name if folder.parent == store.store_dir(settings) else folder}", highlight=False)
     print(folder)
 
 
@@ -378,11 +378,11 @@ def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
 
     from sd35.ops import cache
 
-    from sd35.weights import quantized
+    from sd35.weights import store
 
     settings = _settings()
     rows = cache.listing(settings.hf_hub_cache)
-    stored = quantized.listing(settings)
+    stored = store.listing(settings)
     if as_json:
         print(json.dumps(rows + [{"repo_id": r["name"], "type": "sd35-quantized", **r} for r in stored], indent=2))
         return
@@ -394,7 +394,7 @@ def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
                       f"{r['size_on_disk'] / 1e9:.2f} GB")
     out.print(table if rows else f"no models in {settings.hf_hub_cache}")
     if stored:
-        q = Table(title=f"pre-quantized: {quantized.store_dir(settings)} (load with --model NAME)")
+        q = Table(title=f"pre-quantized: {store.store_dir(settings)} (load with --model NAME)")
         for col in ("name", "precision", "t5", "source", "size"):
             q.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
         for r in stored:

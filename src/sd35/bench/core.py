@@ -37,7 +37,7 @@ def build_transformer(arch: str, seed: int = 0):
         for b in model.buffers():
             b.normal_(0.0, 0.02, generator=gen)
         # The position table is not a weight: as in every real checkpoint, the sin-cos table of the config.
-        from sd35.weights.quantized import computed_pos_embed
+        from sd35.weights.fp8io import computed_pos_embed
 
         table = computed_pos_embed(model)
         if table is not None:
@@ -365,7 +365,7 @@ def load_child(mode: str, folder: str) -> dict:
     from diffusers import SD3Transformer2DModel, TorchAoConfig  # noqa: F401
 
     from sd35 import precision
-    from sd35.weights import quantized
+    from sd35.weights import lean
 
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -375,9 +375,9 @@ def load_child(mode: str, folder: str) -> dict:
         model = SD3Transformer2DModel.from_pretrained(Path(folder) / "transformer", torch_dtype=torch.bfloat16)
         precision.apply(model, "fp8-weight", device="cpu")
     elif mode == "lean":
-        model = quantized.load_transformer(folder, quantize=True)
+        model = lean.load_transformer(folder, quantize=True)
     elif mode == "prequantized":
-        model = quantized.load_transformer(folder, quantize=False)
+        model = lean.load_transformer(folder, quantize=False)
     else:
         raise ValueError(mode)
     seconds = time.perf_counter() - t1
@@ -401,7 +401,7 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
 
     import torch
 
-    from sd35.weights import quantized
+    from sd35.weights import fp8io, lean, store
 
     # 1. The two folders on disk: bf16 (as published) and pre-quantized (as `sd35 cache quantize` writes it).
     t0 = time.perf_counter()
@@ -413,9 +413,9 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
         del model
         gc.collect()
         stored = root / "prequantized"
-        q = quantized.load_transformer(bf16, quantize=True)
-        pos_embed = quantized.store_transformer(q, stored)  # what `sd35 cache quantize` writes for it
-        (stored / quantized.RECORD).write_text(_json.dumps({"pos_embed": pos_embed}))
+        q = lean.load_transformer(bf16, quantize=True)
+        pos_embed = fp8io.store_transformer(q, stored)  # what `sd35 cache quantize` writes for it
+        (stored / store.RECORD).write_text(_json.dumps({"pos_embed": pos_embed}))
         del q
         gc.collect()
         prep = time.perf_counter() - t0
@@ -427,7 +427,7 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
             _evict(folder)
             env = {**os.environ, "PYTHONWARNINGS": "ignore"}
             t = time.perf_counter()
-            r = subprocess.run([sys.executable, "-m", "sd35.bench", "load-child", mode, str(folder)],
+            r = subprocess.run([sys.executable, "-m", "sd35.bench.core", "load-child", mode, str(folder)],
                                capture_output=True, text=True, env=env)
             wall = time.perf_counter() - t
             if r.returncode != 0:
@@ -451,7 +451,7 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
     return {"arch": arch, "linear_parameters": base["fp8_linear_params"] + base["bf16_linear_params"],
             "modes": rows, "prequantized_vs_bf16_quantize": ratios, "goal": {**LOAD_GOALS, "met": met},
             "prepare_seconds": round(prep, 1), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "versions": quantized.versions(),
+            "versions": store.versions(),
             "notes": "seconds: the load itself (imports excluded, in import_seconds); rss_peak_bytes: the child "
                      "process's VmHWM (imports included, ~0.4 GB, the same for every mode); files evicted from the "
                      "page cache before each mode."}
@@ -595,7 +595,7 @@ def compile_cache(settings, *, steps: int = 1) -> dict:
     return {"model": settings.model, "cold": runs[0], "warm": runs[1], "ratio": round(warm / cold, 3),
             "goal_ratio_max": 0.4}
 
-if __name__ == "__main__":  # `python -m sd35.bench load-child MODE FOLDER` (used by load_modes)
+if __name__ == "__main__":  # `python -m sd35.bench.core load-child MODE FOLDER` (used by load_modes)
     import json as _json
     import logging
     import sys
@@ -606,4 +606,4 @@ if __name__ == "__main__":  # `python -m sd35.bench load-child MODE FOLDER` (use
     if len(sys.argv) == 4 and sys.argv[1] == "load-child":
         print(_json.dumps(load_child(sys.argv[2], sys.argv[3])))
     else:
-        sys.exit("usage: python -m sd35.bench load-child MODE FOLDER")
+        sys.exit("usage: python -m sd35.bench.core load-child MODE FOLDER")
