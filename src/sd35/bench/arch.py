@@ -27,7 +27,7 @@ def build_transformer(arch: str, seed: int = 0):
         for b in model.buffers():
             b.normal_(0.0, 0.02, generator=gen)
         # The position table is not a weight: as in every real checkpoint, the sin-cos table of the config.
-        from sd35.weights.quantized import computed_pos_embed
+        from sd35.weights.fp8io import computed_pos_embed
 
         table = computed_pos_embed(model)
         if table is not None:

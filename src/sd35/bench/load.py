@@ -33,16 +33,16 @@ def _bf16_quantize(folder: Path):
 
 def _lean(folder: Path):
     """SD35_LEAN_LOAD=1: each shard quantized as it is read."""
-    from sd35.weights import quantized
+    from sd35.weights import lean
 
-    return quantized.load_transformer(folder, quantize=True)
+    return lean.load_transformer(folder, quantize=True)
 
 
 def _prequantized(folder: Path):
     """FP8 data + scales as `sd35 cache quantize` stores them."""
-    from sd35.weights import quantized
+    from sd35.weights import lean
 
-    return quantized.load_transformer(folder, quantize=False)
+    return lean.load_transformer(folder, quantize=False)
 
 
 # path name -> (the folder it reads: "bf16" as published | "prequantized" as stored, its loader).
@@ -97,7 +97,7 @@ def load_child(mode: str, folder: str) -> dict:
     from diffusers import SD3Transformer2DModel, TorchAoConfig  # noqa: F401
 
     from sd35 import precision
-    from sd35.weights import quantized  # noqa: F401
+    from sd35.weights import lean  # noqa: F401
 
     t_import = time.perf_counter() - t0
     if mode not in LOAD_PATHS:
@@ -115,7 +115,7 @@ def _prepare(arch: str, root: Path) -> dict[str, Path]:
     """The folders on disk: bf16 (as published) and pre-quantized (as `sd35 cache quantize` writes it)."""
     import json
 
-    from sd35.weights import quantized
+    from sd35.weights import fp8io, lean, store
 
     bf16 = root / "bf16"
     model = build_transformer(arch)
@@ -123,9 +123,9 @@ def _prepare(arch: str, root: Path) -> dict[str, Path]:
     del model
     gc.collect()
     stored = root / "prequantized"
-    q = quantized.load_transformer(bf16, quantize=True)
-    pos_embed = quantized.store_transformer(q, stored)
-    (stored / quantized.RECORD).write_text(json.dumps({"pos_embed": pos_embed}))
+    q = lean.load_transformer(bf16, quantize=True)
+    pos_embed = fp8io.store_transformer(q, stored)
+    (stored / store.RECORD).write_text(json.dumps({"pos_embed": pos_embed}))
     del q
     gc.collect()
     return {"bf16": bf16, "prequantized": stored}
@@ -162,7 +162,7 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
 
     import torch
 
-    from sd35.weights import quantized
+    from sd35.weights import store
 
     t0 = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix=f"sd35-bench-load-{arch}-", dir=work_dir))
@@ -185,7 +185,7 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
     return {"arch": arch, "linear_parameters": base["fp8_linear_params"] + base["bf16_linear_params"],
             "modes": rows, "prequantized_vs_bf16_quantize": ratios, "goal": {**LOAD_GOALS, "met": met},
             "prepare_seconds": round(prep, 1), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "versions": quantized.versions(),
+            "versions": store.versions(),
             "notes": "seconds: the load itself (imports excluded, in import_seconds); rss_peak_bytes: the child "
                      "process's VmHWM (imports included, ~0.4 GB, the same for every mode); files evicted from the "
                      "page cache before each mode."}

@@ -99,10 +99,11 @@ def _service_instances(ctx: Context) -> tuple[int, str]:
 
 
 def host_load_bytes(ctx: Context) -> tuple[int, str] | None:
-    """Peak host RAM of one load of the configured model, and how it loads (quantized.py, load.py step 3)."""
+    """Peak host RAM of one load of the configured model, and how it loads (weights/lean.py, load.py step 3)."""
     from sd35.weights import sizing
     from sd35.precision import PrecisionPlan
-    from sd35.weights.quantized import QUANT_MODES, read_record
+    from sd35.weights.fp8io import QUANT_MODES
+    from sd35.weights.store import read_record
 
     plan = ctx.plan()
     est = _estimate(ctx)

@@ -46,7 +46,7 @@ def check_model(ctx: Context) -> Check:
         return Check("model", OK, f"local diffusers folder {Path(ctx.model).expanduser()}")
     stored = find_local(s) if ctx.kind == "invalid" else None
     if stored is not None:  # a name in the pre-quantized store
-        from sd35.weights.quantized import read_record
+        from sd35.weights.store import read_record
 
         try:
             rec = read_record(stored) or {}
