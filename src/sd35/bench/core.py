@@ -249,7 +249,7 @@ def break_overhead(settings, *, runs: int = 20, steps: int = 4, size: int = 128,
     SD35_BREAK=nan instead (a finiteness check on every module's output, every step, nothing non-finite)."""
     import statistics
 
-    from sd35.debugging import breakpoints
+    from sd35.debugging import breakpoints, nanwatch
     from sd35.inference import generate as gen
     from sd35.runtime import Runtime
 
@@ -270,7 +270,7 @@ def break_overhead(settings, *, runs: int = 20, steps: int = 4, size: int = 128,
     p, a = statistics.median(plain), statistics.median(armed)
     return {"model": settings.model, "device": rt.device, "precision": rt.loaded.plan.transformer,
             "break": "nan" if nan else "every block/attn/transformer/scheduler at a step that never comes",
-            "wrappers_armed": sum(map(breakpoints.watched, rt.pipe.transformer.modules())) if nan else len(breaks),
+            "wrappers_armed": sum(map(nanwatch.watched, rt.pipe.transformer.modules())) if nan else len(breaks),
             "steps": steps, "size": f"{size}x{size}", "runs": runs,
             "step_ms_plain_median": round(p * 1000, 3), "step_ms_armed_median": round(a * 1000, 3),
             "overhead": round((a - p) / p, 4), "goal_overhead_max": None if nan else 0.01}
@@ -286,7 +286,7 @@ def summary_time(repeats: int = 5) -> list[dict]:
 
     import torch
 
-    from sd35.debugging import breakpoints
+    from sd35.debugging import summaries
 
     cases = [("2×4096×1536 float32", lambda: torch.randn(2, 4096, 1536)),
              ("2×4096×1536 bfloat16", lambda: torch.randn(2, 4096, 1536, dtype=torch.bfloat16)),
@@ -297,12 +297,12 @@ def summary_time(repeats: int = 5) -> list[dict]:
         t = make()
         first, cached = [], []
         for _ in range(repeats):
-            breakpoints.new_stop()
+            summaries.new_stop()
             t0 = time.perf_counter()
-            text = breakpoints.tensor_summary(t)
+            text = summaries.tensor_summary(t)
             first.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            breakpoints.tensor_summary(t)
+            summaries.tensor_summary(t)
             cached.append(time.perf_counter() - t0)
         rows.append({"tensor": name, "elements": t.numel(), "first_ms": round(statistics.median(first) * 1000, 2),
                      "cached_ms": round(statistics.median(cached) * 1000, 4), "summary": text})
