@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from fakehub import FakeHub
-from helpers import run_cli
+from helpers import free_port, run_cli
 
 from sd35.ops import doctor
 from sd35.ops.doctor import storage
@@ -311,12 +311,7 @@ def test_listeners_flags_a_listening_debuggee_and_a_keyless_api(tmp_path):
 
     if net.tcp_listeners() is None:
         pytest.skip("no /proc/net/tcp on this system")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dbg = s.getsockname()[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        api = s.getsockname()[1]
+    dbg, api = free_port(), free_port()
     debuggee = subprocess.Popen([sys.executable, "-c", f"import debugpy, time; debugpy.listen(('127.0.0.1', {dbg})); "
                                  "print('up', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     keyless = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(api),

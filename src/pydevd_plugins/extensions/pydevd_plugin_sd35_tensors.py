@@ -23,7 +23,7 @@ from _pydevd_bundle.pydevd_extension_api import StrPresentationProvider, TypeRes
 
 def _summary(t):
     try:
-        from sd35.debugging.breakpoints import tensor_summary
+        from sd35.debugging.summaries import tensor_summary
     except Exception:  # noqa: BLE001 - outside the workspace: a minimal summary without stats
         return f"{type(t).__name__}[{'×'.join(map(str, t.shape))}] {t.dtype} {t.device}"
     return tensor_summary(t)
@@ -31,7 +31,7 @@ def _summary(t):
 
 def _container_summary(v):
     try:
-        from sd35.debugging.breakpoints import container_summary
+        from sd35.debugging.summaries import container_summary
     except Exception:  # noqa: BLE001 - outside the workspace: pydevd's default display
         return None
     try:

@@ -15,7 +15,7 @@ def break_overhead(settings, *, runs: int = 20, steps: int = 4, size: int = 128,
     SD35_BREAK=nan instead (a finiteness check on every module's output, every step, nothing non-finite)."""
     import statistics
 
-    from sd35.debugging import breakpoints
+    from sd35.debugging import breakpoints, nanwatch
     from sd35.inference import generate as gen
     from sd35.runtime import Runtime
 
@@ -36,7 +36,7 @@ def break_overhead(settings, *, runs: int = 20, steps: int = 4, size: int = 128,
     p, a = statistics.median(plain), statistics.median(armed)
     return {"model": settings.model, "device": rt.device, "precision": rt.loaded.plan.transformer,
             "break": "nan" if nan else "every block/attn/transformer/scheduler at a step that never comes",
-            "wrappers_armed": sum(map(breakpoints.watched, rt.pipe.transformer.modules())) if nan else len(breaks),
+            "wrappers_armed": sum(map(nanwatch.watched, rt.pipe.transformer.modules())) if nan else len(breaks),
             "steps": steps, "size": f"{size}x{size}", "runs": runs,
             "step_ms_plain_median": round(p * 1000, 3), "step_ms_armed_median": round(a * 1000, 3),
             "overhead": round((a - p) / p, 4), "goal_overhead_max": None if nan else 0.01}

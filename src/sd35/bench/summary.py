@@ -23,19 +23,19 @@ def summary_time(repeats: int = 5) -> list[dict]:
     import statistics
     import time
 
-    from sd35.debugging import breakpoints
+    from sd35.debugging import summaries
 
     rows = []
     for name, make in _cases():
         t = make()
         first, cached = [], []
         for _ in range(repeats):
-            breakpoints.new_stop()
+            summaries.new_stop()
             t0 = time.perf_counter()
-            text = breakpoints.tensor_summary(t)
+            text = summaries.tensor_summary(t)
             first.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            breakpoints.tensor_summary(t)
+            summaries.tensor_summary(t)
             cached.append(time.perf_counter() - t0)
         rows.append({"tensor": name, "elements": t.numel(), "first_ms": round(statistics.median(first) * 1000, 2),
                      "cached_ms": round(statistics.median(cached) * 1000, 4), "summary": text})
