@@ -10,7 +10,7 @@ A dict, list or tuple that holds tensors (the harness's `inputs`, `args`, `kwarg
 shows as `dict[3] {hidden_states: Tensor[2×4096×1536] bfloat16 cuda:0, …}` instead of pydevd's default
 `str(container)`, which formats every tensor in it (a ~480-character wall, and a copy to the host per
 tensor). Containers without tensors keep pydevd's default display (the provider answers None). Summaries
-are computed once per stop (`sd35.debug.tensor_summary` caches them) and sampled for large tensors.
+are computed once per stop (`sd35.debugging.summaries.tensor_summary` caches them) and sampled for large tensors.
 
 pydevd finds it because `pydevd_plugins.extensions` is a namespace package and this module's name starts
 with `pydevd_plugin` (see debugpy's bundled pydevd_plugins/extensions/README.md).

@@ -125,7 +125,7 @@ def _stop_here(where: str, module, inputs: dict, summary: dict, call, args: tupl
 
 @dataclass
 class _Tools:
-    """Builds the stop frame's `sd35_dump` and `compare_bf16` (see sd35.atstop)."""
+    """Builds the stop frame's `sd35_dump` and `compare_bf16` (see sd35.debugging.atstop)."""
 
     harness: "Harness"
 
@@ -297,12 +297,12 @@ def arm(pipe, breaks: list[Break], out_dir: Path | str | None = None) -> Harness
     return h
 
 
-# --- SD35_DEBUGPY: attach VS Code to a running process (sd35/attach.py) -------------------------------------
+# --- SD35_DEBUGPY: attach VS Code to a running process (debugging/attach.py) -------------------------------------
 
 def listen(address: str | None, *, wait: bool = False, allow_remote: bool = False,
            allow_listen: bool = False) -> tuple[str, int] | None:
     """SD35_DEBUGPY before the model loads: connect out to VS Code's listening debugger (the default), or
-    listen on explicit opt-in. The policy is in `sd35.attach`."""
+    listen on explicit opt-in. The policy is in `sd35.debugging.attach`."""
     from sd35.debugging.attach import start
 
     return start(address, wait=wait, allow_remote=allow_remote, allow_listen=allow_listen)
