@@ -10,12 +10,25 @@ from pathlib import Path
 import pytest
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sd35_cmd(*args: str) -> list[str]:
+    """The command line of the installed `sd35` console script (`python -m sd35` without it), then `args`."""
+    exe = Path(sys.executable).with_name("sd35")
+    return ([str(exe)] if exe.exists() else [sys.executable, "-m", "sd35"]) + list(args)
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 300):
     """Run the installed `sd35` console script as a user would."""
-    exe = Path(sys.executable).with_name("sd35")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "sd35"]
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, env=full_env, cwd=cwd,
+    return subprocess.run(sd35_cmd(*args), capture_output=True, text=True, env=full_env, cwd=cwd,
                           timeout=timeout)
 
 

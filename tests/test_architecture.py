@@ -176,3 +176,23 @@ def test_dotenv_is_read_in_one_place():
     readers = [p.relative_to(SRC) for p in SRC.rglob("*.py")
                if re.search(r"\bdotenv\b", p.read_text()) and p.name != "settings.py"]
     assert not readers, f".env read outside settings.py: {readers}"
+
+
+def test_readme_layout_tree_names_every_module():
+    """The README's layout tree is the map a newcomer reads: one line per module, each folder named, and
+    nothing named there that no longer exists."""
+    readme = (SRC.parents[1] / "README.md").read_text()
+    tree = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    src_part = tree[tree.index("src/sd35/"):tree.index("src/pydevd_plugins/")]
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC)
+        if path.name == "__init__.py" and rel.parent.name != "cli":
+            continue
+        if rel.parts[:2] == ("ops", "doctor"):  # the doctor's check groups share one line
+            assert path.stem in src_part, f"README layout: the doctor line does not name {path.stem}"
+            continue
+        assert re.search(rf"\b{re.escape(path.name)}\b", src_part), f"README layout does not name {rel}"
+        if len(rel.parts) > 1:
+            assert f"{rel.parts[0]}/" in src_part, f"README layout does not name the folder {rel.parts[0]}/"
+    for name in re.findall(r"([\w]+\.py)\b", src_part):
+        assert any(p.name == name for p in SRC.rglob(name)), f"README layout names {name}, which does not exist"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from dap import ROOT, VSCODE_ONLY, DapClient, launch_config
-from helpers import load_jsonc, run_cli
+from helpers import free_port, load_jsonc, run_cli, sd35_cmd
 
-from sd35.debugging import breakpoints
+from sd35.debugging import breakpoints, summaries
 from sd35.errors import InputError
 
 SCHEMAS = ROOT.parent / "shared" / "schemas"
@@ -110,17 +110,17 @@ def test_tensor_summary_never_prints_values_and_handles_fp8():
     import torch
 
     t = torch.tensor([[1.0, float("nan")], [float("inf"), -2.0]])
-    s = breakpoints.tensor_summary(t)
+    s = summaries.tensor_summary(t)
     assert s.startswith("Tensor[2×2] float32 cpu") and "min -2 max 1" in s and "nan 1 inf 1" in s
     f8 = torch.randn(4, 4).to(torch.float8_e4m3fn)
-    assert "float8_e4m3fn" in breakpoints.tensor_summary(f8) and "std" in breakpoints.tensor_summary(f8)
+    assert "float8_e4m3fn" in summaries.tensor_summary(f8) and "std" in summaries.tensor_summary(f8)
     from torchao.quantization import Float8WeightOnlyConfig, quantize_
 
     lin = torch.nn.Sequential(torch.nn.Linear(32, 16)).to(torch.bfloat16)
     quantize_(lin, Float8WeightOnlyConfig())
-    qs = breakpoints.tensor_summary(lin[0].weight)
+    qs = summaries.tensor_summary(lin[0].weight)
     assert "Float8Tensor" in qs and "float8_e4m3fn data" in qs and "mean" in qs
-    assert "meta" in breakpoints.tensor_summary(torch.empty(3, device="meta"))
+    assert "meta" in summaries.tensor_summary(torch.empty(3, device="meta"))
 
 
 def test_debugpy_address_policy():
@@ -276,28 +276,21 @@ def test_breakpoint_in_diffusers_is_not_hit_with_justmycode_true(dap, tmp_path):
     assert len(list((tmp_path / "out").glob("*.png"))) == 1  # the run went through
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_attach_to_running_service_and_hit_a_breakpoint_during_a_request(tmp_path):
     import subprocess
 
-    api, dbg = _free_port(), _free_port()
+    api, dbg = free_port(), free_port()
     # SD35_WARMUP=0: attached from the start, the warm-up generation would stop at the breakpoint first.
     env = {**os.environ, "SD35_DEBUGPY": f"127.0.0.1:{dbg}", "SD35_DEVICE": "cpu", "TORCHDYNAMO_DISABLE": "1",
            "SD35_WARMUP": "0", "SD35_ALLOW_NO_KEY": "1"}
-    exe = Path(sys.executable).with_name("sd35")
     procs = []
 
     def start_service():
         # VS Code's adapter listens first (the attach request with "listen"); the service then connects out.
         wait_listening(dbg)
-        procs.append(subprocess.Popen([str(exe), "serve", "--port", str(api)], env=env,
+        procs.append(subprocess.Popen(sd35_cmd("serve", "--port", str(api)), env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
 
     dap = DapClient(log_dir=tmp_path / "debugpy-logs")
@@ -388,22 +381,22 @@ def test_large_tensor_summaries_are_sampled_and_cached_per_stop(monkeypatch):
     import torch
 
     t = torch.randn(2, 1024, 1536)  # 3.1 M elements > SAMPLE_ELEMENTS
-    breakpoints.new_stop()
-    s = breakpoints.tensor_summary(t)
-    assert f"stats of {breakpoints.SAMPLE_ELEMENTS:,} sampled" in s and "in sample" in s and " std " in s
-    assert "sampled" not in breakpoints.tensor_summary(torch.randn(64, 64))
-    nc = breakpoints.tensor_summary(t.transpose(0, 2))  # not contiguous: a random gather, not a copy of it all
+    summaries.new_stop()
+    s = summaries.tensor_summary(t)
+    assert f"stats of {summaries.SAMPLE_ELEMENTS:,} sampled" in s and "in sample" in s and " std " in s
+    assert "sampled" not in summaries.tensor_summary(torch.randn(64, 64))
+    nc = summaries.tensor_summary(t.transpose(0, 2))  # not contiguous: a random gather, not a copy of it all
     assert nc.startswith("Tensor[1536×1024×2]") and "sampled" in nc
     calls = []
-    real = breakpoints._tensor_summary
-    monkeypatch.setattr(debug, "_tensor_summary", lambda x: calls.append(1) or real(x))
-    assert breakpoints.tensor_summary(t) == s and calls == []  # cached within the stop
+    real = summaries._tensor_summary
+    monkeypatch.setattr(summaries, "_tensor_summary", lambda x: calls.append(1) or real(x))
+    assert summaries.tensor_summary(t) == s and calls == []  # cached within the stop
     t.mul_(2)  # changed in place: recomputed
-    assert breakpoints.tensor_summary(t) != s and len(calls) == 1
-    breakpoints.tensor_summary(t)
+    assert summaries.tensor_summary(t) != s and len(calls) == 1
+    summaries.tensor_summary(t)
     assert len(calls) == 1
-    breakpoints.new_stop()  # a new stop: computed again
-    breakpoints.tensor_summary(t)
+    summaries.new_stop()  # a new stop: computed again
+    summaries.tensor_summary(t)
     assert len(calls) == 2
 
 
@@ -412,12 +405,12 @@ def test_container_summaries_show_shapes_not_values():
 
     inputs = {"hidden_states": torch.randn(2, 64, 64, dtype=torch.bfloat16), "temb": torch.randn(2, 64),
               "joint_attention_kwargs": None, "pair": (torch.zeros(3), 1)}
-    s = breakpoints.container_summary(inputs)
+    s = summaries.container_summary(inputs)
     assert s.startswith("dict[4] {hidden_states: Tensor[2×64×64] bfloat16 cpu, temb: Tensor[2×64] float32 cpu")
     assert "pair: (Tensor[3] float32 cpu, 1)" in s and "tensor(" not in s and len(s) < 200
-    assert breakpoints.container_summary((torch.ones(1),)) == "tuple[1] (Tensor[1] float32 cpu)"
-    assert breakpoints.container_summary({"a": 1, "b": [2, 3]}) is None  # no tensors: the debugger's default display
-    assert breakpoints.container_summary([0] * 10 + [torch.ones(2)] * 30).endswith("… 24 more]")
+    assert summaries.container_summary((torch.ones(1),)) == "tuple[1] (Tensor[1] float32 cpu)"
+    assert summaries.container_summary({"a": 1, "b": [2, 3]}) is None  # no tensors: the debugger's default display
+    assert summaries.container_summary([0] * 10 + [torch.ones(2)] * 30).endswith("… 24 more]")
 
 
 @pytest.fixture(scope="module")

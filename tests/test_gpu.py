@@ -7,7 +7,7 @@ import torch
 from helpers import requires_fp8, requires_gpu
 from torch import nn
 
-from sd35.bench import core as bench
+from sd35.bench.arch import build_transformer
 from sd35 import precision
 from sd35.inference import generate as gen
 from sd35.weights.load import load
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.slow
 def test_quantizing_never_holds_the_full_bf16_transformer_on_the_gpu():
     """precision.apply(device=cuda) moves one Linear at a time: the GPU peak stays near the FP8 size."""
-    model = bench.build_transformer("medium")  # bf16 on the CPU, 4.5 GB
+    model = build_transformer("medium")  # bf16 on the CPU, 4.5 GB
     largest = max(m.weight.numel() * 2 for m in model.modules() if isinstance(m, nn.Linear))
     bf16 = sum(p.numel() * 2 for p in model.parameters())
     torch.cuda.empty_cache()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from fakehub import COMMIT, FakeHub, plant_cached_model
-from helpers import run_cli
+from helpers import free_port, run_cli
 
 from sd35.weights import hub, tiny
 from sd35.errors import ModelError
@@ -164,11 +164,7 @@ def test_cli_gated_repo_error(hub_cache, tmp_path):
 
 
 def _unreachable_endpoint() -> str:
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on: connection refused at once
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"  # a port nothing listens on: connection refused at once
 
 
 def test_hub_unreachable_not_cached_names_the_way_out(hub_cache):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port, sd35_cmd
+
 from sd35.service import auth
 from sd35 import net
 from sd35.errors import InputError
@@ -112,16 +114,6 @@ def base_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SD35_", "HF_"))}
     return {**env, "SD35_CACHE_DIR": os.environ["SD35_CACHE_DIR"], "SD35_DEVICE": "cpu", "SD35_WARMUP": "0",
             "HF_HUB_OFFLINE": "1", **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sd35(*args) -> list[str]:
-    return [str(Path(sys.executable).with_name("sd35")), *args]
 
 
 OWNER_KEY = "owner-" + os.urandom(8).hex()
@@ -223,7 +215,7 @@ def test_debugger_refuses_a_port_the_other_account_holds(other, tmp_path):
         cwd="/", stdout=subprocess.PIPE, text=True)
     try:
         assert trap.stdout.readline().strip() == "ready"
-        r = subprocess.run(sd35("generate", "--out", str(tmp_path / "o"), "--steps", "1"), capture_output=True,
+        r = subprocess.run(sd35_cmd("generate", "--out", str(tmp_path / "o"), "--steps", "1"), capture_output=True,
                            text=True, env=base_env(SD35_DEBUGPY=f"127.0.0.1:{port}"), timeout=90)
         assert r.returncode == 2 and f"held by another account (uid {other.pw_uid})" in r.stderr, r.stderr
         assert not (tmp_path / "o").exists()
@@ -236,7 +228,7 @@ def test_debugger_refuses_a_port_the_other_account_holds(other, tmp_path):
 @needs_other
 @pytest.mark.timeout(60)
 def test_keyless_service_is_refused_on_a_multi_user_host(other):
-    r = subprocess.run(sd35("serve", "--port", str(free_port())), capture_output=True, text=True,
+    r = subprocess.run(sd35_cmd("serve", "--port", str(free_port())), capture_output=True, text=True,
                        env=base_env(SD35_API_KEYS_FILE=""), timeout=60)
     assert r.returncode == 2, r.stderr
     assert "other accounts can log in" in r.stderr and OTHER in r.stderr and "sd35 keys add" in r.stderr
@@ -253,7 +245,7 @@ def test_other_account_against_a_keyed_service_under_the_debugger(other, tmp_pat
     from dap import DapClient, launch_config
 
     keys = tmp_path / "api-keys"
-    added = subprocess.run(sd35("keys", "add", OTHER, "--file", str(keys)), capture_output=True, text=True,
+    added = subprocess.run(sd35_cmd("keys", "add", OTHER, "--file", str(keys)), capture_output=True, text=True,
                            env=base_env())
     assert added.returncode == 0, added.stderr
     other_key = added.stdout.strip()
@@ -267,7 +259,7 @@ def test_other_account_against_a_keyed_service_under_the_debugger(other, tmp_pat
         while net.owner("127.0.0.1", dbg) != os.getuid():
             assert time.time() < deadline
             time.sleep(0.1)
-        procs.append(subprocess.Popen(sd35("serve", "--port", str(api)), stdout=subprocess.DEVNULL,
+        procs.append(subprocess.Popen(sd35_cmd("serve", "--port", str(api)), stdout=subprocess.DEVNULL,
                                       stderr=log.open("w"), env=base_env(SD35_API_KEYS_FILE=str(keys),
                                                                         SD35_API_KEY=OWNER_KEY,
                                                                         SD35_DEBUGPY=f"127.0.0.1:{dbg}")))
@@ -335,7 +327,7 @@ def test_other_account_cannot_reach_jupyterlab_or_see_its_token(other, tmp_path)
     token = "lab-token-" + os.urandom(8).hex()
     env = base_env(XDG_RUNTIME_DIR=str(rt), SD35_LAB_TOKEN=token, JUPYTER_RUNTIME_DIR=str(tmp_path / "jrt"),
                    JUPYTER_CONFIG_DIR=str(tmp_path / "jcfg"), JUPYTER_DATA_DIR=str(tmp_path / "jdata"))
-    proc = subprocess.Popen(sd35("lab"), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(sd35_cmd("lab"), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sock = rt / "sd35-lab.sock"
     try:
         deadline = time.time() + 120

@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import free_port, sd35_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -58,12 +58,6 @@ def test_notebook_runs_top_to_bottom_on_the_tiny_model(path, tmp_path, monkeypat
         or path.name.startswith("01"), "the notebook should draw its plots"
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "tiny" in text and "random weights" in text  # it loaded through the settings, and says what it is
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _status(url: str) -> int:
@@ -146,9 +140,8 @@ def stop(proc) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_lab_listens_on_a_private_socket_and_keeps_the_token_off_argv_and_logs(tmp_path):
-    exe = Path(sys.executable).with_name("sd35")
     env = lab_env(tmp_path, token=None)  # a random token: only the 0600 token file has it
-    proc = subprocess.Popen([str(exe), "lab"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(sd35_cmd("lab"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     sock = Path(env["XDG_RUNTIME_DIR"]) / "sd35-lab.sock"
     token_file = sock.with_name("sd35-lab.token")
@@ -180,9 +173,8 @@ def test_lab_listens_on_a_private_socket_and_keeps_the_token_off_argv_and_logs(t
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_lab_tcp_only_when_asked(tmp_path):
-    port = _free_port()
-    exe = Path(sys.executable).with_name("sd35")
-    proc = subprocess.Popen([str(exe), "lab", "--tcp", "--port", str(port)], cwd=ROOT, env=lab_env(tmp_path),
+    port = free_port()
+    proc = subprocess.Popen(sd35_cmd("lab", "--tcp", "--port", str(port)), cwd=ROOT, env=lab_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_service import KEY, InProcessServer, call, free_port
+from helpers import free_port
+from test_service import KEY, InProcessServer, call
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"

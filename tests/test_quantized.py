@@ -11,20 +11,20 @@ import torch
 from helpers import run_cli
 
 from sd35 import models, precision
-from sd35.weights import quantized, tiny
+from sd35.weights import fp8io, lean, retarget, store, tiny
 from sd35.errors import InputError, ModelError
 from sd35.settings import Settings
 
 
 @pytest.fixture(scope="session")
-def store(tiny_cache, tmp_path_factory) -> Path:
+def prequantized(tiny_cache, tmp_path_factory) -> Path:
     """One pre-quantized tiny (fp8-weight, T5 FP8) per session, in a store of its own."""
     from sd35.weights import hub
 
     root = tmp_path_factory.mktemp("sd35-quantized")
     settings = Settings(model="tiny", cache_dir=tiny_cache, quantized_dir=root)
-    target = quantized.check_request(settings, "fp8-weight")
-    return quantized.quantize(settings, hub.resolve(settings), "fp8-weight", "auto", target)
+    target = store.check_request(settings, "fp8-weight")
+    return store.quantize(settings, hub.resolve(settings), "fp8-weight", "auto", target)
 
 
 def _image(**kw) -> np.ndarray:
@@ -35,17 +35,17 @@ def _image(**kw) -> np.ndarray:
     return rt, np.asarray(result.images[0])
 
 
-def test_store_layout_and_record(store, tiny_cache):
-    assert store.name == "tiny-fp8-weight" and store.parent.name.startswith("sd35-quantized")
-    record = json.loads((store / "sd35_quant.json").read_text())
-    assert record["format"] == quantized.FORMAT and record["precision"] == "fp8-weight" and record["t5"] == "fp8-weight"
+def test_store_layout_and_record(prequantized, tiny_cache):
+    assert prequantized.name == "tiny-fp8-weight" and prequantized.parent.name.startswith("sd35-quantized")
+    record = json.loads((prequantized / "sd35_quant.json").read_text())
+    assert record["format"] == store.FORMAT and record["precision"] == "fp8-weight" and record["t5"] == "fp8-weight"
     assert record["source"]["alias"] == "tiny" and record["source"]["path"] == str(tiny.tiny_dir(tiny_cache))
     assert set(record["kept_bf16"]["transformer"]) == set(precision.KEEP_BF16)
     assert {"torch", "torchao", "diffusers", "transformers"} <= set(record["versions"])
     # FP8 data + per-row fp32 scales on disk, KEEP_BF16 layers in bf16
     from safetensors import safe_open
 
-    with safe_open(store / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
+    with safe_open(prequantized / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
         keys = set(f.keys())
         q = f.get_tensor("transformer_blocks.0.attn.to_q._weight_qdata")
         s = f.get_tensor("transformer_blocks.0.attn.to_q._weight_scale")
@@ -54,23 +54,23 @@ def test_store_layout_and_record(store, tiny_cache):
     assert "transformer_blocks.0.attn.to_q.weight" not in keys
     # the sin-cos position table is a function of the config: recomputed at load, not stored (it was checked
     # bit-identical to the source's when the store was made; the fidelity tests compare the images)
-    assert record["pos_embed"] == "recomputed" and quantized.POS_EMBED not in keys
-    with safe_open(store / "text_encoder_3" / "model.safetensors", "pt") as f:
+    assert record["pos_embed"] == "recomputed" and fp8io.POS_EMBED not in keys
+    with safe_open(prequantized / "text_encoder_3" / "model.safetensors", "pt") as f:
         assert any(k.endswith("._weight_qdata") for k in f.keys())
     # the transformer's bytes on disk: about half of the bf16 source's
     src = tiny.tiny_dir(tiny_cache) / "transformer" / "diffusion_pytorch_model.safetensors"
-    dst = store / "transformer" / "diffusion_pytorch_model.safetensors"
+    dst = prequantized / "transformer" / "diffusion_pytorch_model.safetensors"
     assert dst.stat().st_size < 0.55 * src.stat().st_size  # the Medium figure is in docs/benchmarks.md
     # what we wrote is readable by the team (save_pretrained writes 0600)
     assert dst.stat().st_mode & 0o044 == 0o044
-    assert models.describe_folder(store).family == "tiny"
+    assert models.describe_folder(prequantized).family == "tiny"
 
 
-def test_lean_and_stored_transformers_equal_the_on_the_fly_one(store, tiny_cache):
+def test_lean_and_stored_transformers_equal_the_on_the_fly_one(prequantized, tiny_cache):
     folder = tiny.tiny_dir(tiny_cache)
-    ref = quantized.load_transformer(folder, quantize=False)
+    ref = lean.load_transformer(folder, quantize=False)
     precision.apply(ref, "fp8-weight", device="cpu")
-    for model in (quantized.load_transformer(folder, quantize=True), quantized.load_transformer(store, quantize=False)):
+    for model in (lean.load_transformer(folder, quantize=True), lean.load_transformer(prequantized, quantize=False)):
         assert precision.linear_coverage(model) == precision.linear_coverage(ref)
         a, b = ref.state_dict(), model.state_dict()
         assert a.keys() == b.keys()
@@ -83,33 +83,33 @@ def test_lean_and_stored_transformers_equal_the_on_the_fly_one(store, tiny_cache
 
 
 @pytest.mark.slow
-def test_prequantized_lean_and_todays_path_give_the_same_image(store, tiny_cache, monkeypatch):
-    monkeypatch.setenv("SD35_QUANTIZED_DIR", str(store.parent))
+def test_prequantized_lean_and_todays_path_give_the_same_image(prequantized, tiny_cache, monkeypatch):
+    monkeypatch.setenv("SD35_QUANTIZED_DIR", str(prequantized.parent))
     rt_today, today = _image(model="tiny", lean_load=False)
     rt_lean, lean = _image(model="tiny")
-    rt_store, stored = _image(model=store.name)  # by name in the store
+    rt_store, stored = _image(model=prequantized.name)  # by name in the store
     assert (rt_today.loaded.load_path, rt_lean.loaded.load_path, rt_store.loaded.load_path) == (
         "bf16-quantize", "lean", "prequantized")
     assert rt_store.loaded.source.kind == "quantized" and rt_store.info.family == "tiny"
     assert rt_store.loaded.weight_bytes["transformer"] == rt_today.loaded.weight_bytes["transformer"]
     assert np.array_equal(today, lean) and np.array_equal(today, stored)
-    _, by_path = _image(model=str(store))  # by path
+    _, by_path = _image(model=str(prequantized))  # by path
     assert np.array_equal(today, by_path)
 
 
-def test_retarget_wraps_the_same_bytes_for_fp8_and_back(store):
-    t = quantized.load_transformer(store, quantize=False)
+def test_retarget_wraps_the_same_bytes_for_fp8_and_back(prequantized):
+    t = lean.load_transformer(prequantized, quantize=False)
     w0 = t.transformer_blocks[0].attn.to_q.weight
     assert w0.act_quant_kwargs is None
-    assert quantized.retarget(t, "fp8") > 0
+    assert retarget.retarget(t, "fp8") > 0
     w1 = t.transformer_blocks[0].attn.to_q.weight
     assert w1.act_quant_kwargs is not None and w1.qdata.data_ptr() == w0.qdata.data_ptr()
-    quantized.retarget(t, "fp8-weight")
+    retarget.retarget(t, "fp8-weight")
     assert t.transformer_blocks[0].attn.to_q.weight.act_quant_kwargs is None
 
 
-def test_bf16_from_a_prequantized_folder_is_refused(store):
-    r = run_cli("generate", "--model", str(store), "--precision", "bf16", "--steps", "1", "--out", "out")
+def test_bf16_from_a_prequantized_folder_is_refused(prequantized):
+    r = run_cli("generate", "--model", str(prequantized), "--precision", "bf16", "--steps", "1", "--out", "out")
     assert r.returncode == 2 and "pre-quantized FP8" in r.stderr and "--model tiny" in r.stderr
     assert not Path("out").exists()
 
@@ -117,9 +117,9 @@ def test_bf16_from_a_prequantized_folder_is_refused(store):
 def test_quantize_refuses_bad_requests_before_reading(tmp_path):
     settings = Settings(model="tiny", quantized_dir=tmp_path / "q")
     with pytest.raises(InputError, match="cannot be stored"):
-        quantized.check_request(settings, "bf16")
+        store.check_request(settings, "bf16")
     with pytest.raises(InputError, match="not storable"):
-        quantized.check_request(settings, "fp8-weight", t5="off")
+        store.check_request(settings, "fp8-weight", t5="off")
     (tmp_path / "q" / "tiny-fp8-weight").mkdir(parents=True)
     (tmp_path / "q" / "tiny-fp8-weight" / "x").write_text("")
     r = run_cli("cache", "quantize", "--model", "tiny", env={"SD35_QUANTIZED_DIR": str(tmp_path / "q")})
@@ -128,8 +128,8 @@ def test_quantize_refuses_bad_requests_before_reading(tmp_path):
     assert r.returncode == 2 and "cannot be stored" in r.stderr and not (tmp_path / "o").exists()
 
 
-def test_cache_ls_and_verify_know_the_store(store, tmp_path):
-    env = {"SD35_QUANTIZED_DIR": str(store.parent)}
+def test_cache_ls_and_verify_know_the_store(prequantized, tmp_path):
+    env = {"SD35_QUANTIZED_DIR": str(prequantized.parent)}
     r = run_cli("cache", "ls", "--json", env=env)
     rows = json.loads(r.stdout)
     assert any(row.get("type") == "sd35-quantized" and row["name"] == "tiny-fp8-weight" for row in rows)
@@ -138,7 +138,7 @@ def test_cache_ls_and_verify_know_the_store(store, tmp_path):
     import shutil
 
     bad_root = tmp_path / "q"
-    shutil.copytree(store, bad_root / "broken", copy_function=shutil.copyfile)
+    shutil.copytree(prequantized, bad_root / "broken", copy_function=shutil.copyfile)
     f = bad_root / "broken" / "transformer" / "diffusion_pytorch_model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
     r = run_cli("cache", "verify", env={"SD35_QUANTIZED_DIR": str(bad_root)})
@@ -149,34 +149,35 @@ def test_store_name_resolves_only_with_a_record(tmp_path):
     settings = Settings(quantized_dir=tmp_path)
     (tmp_path / "medium-fp8").mkdir()
     (tmp_path / "medium-fp8" / "model_index.json").write_text("{}")
-    assert quantized.find("medium-fp8", settings) is None  # no record: not ours
-    (tmp_path / "medium-fp8" / "sd35_quant.json").write_text(json.dumps({"format": quantized.FORMAT,
+    assert store.find("medium-fp8", settings) is None  # no record: not ours
+    (tmp_path / "medium-fp8" / "sd35_quant.json").write_text(json.dumps({"format": store.FORMAT,
                                                                          "source": {"alias": "medium"}}))
-    assert quantized.find("medium-fp8", settings) == tmp_path / "medium-fp8"
+    assert store.find("medium-fp8", settings) == tmp_path / "medium-fp8"
     assert models.family_of(tmp_path / "medium-fp8")[0] == "sd3.5-medium"
-    assert quantized.find("../etc", settings) is None
+    assert store.find("../etc", settings) is None
     assert Settings().quantized_dir is None
-    assert quantized.store_dir(Settings(hf_hub_cache=tmp_path / "hub")) == tmp_path / "hub" / "sd35-quantized"
+    assert store.store_dir(Settings(hf_hub_cache=tmp_path / "hub")) == tmp_path / "hub" / "sd35-quantized"
     with pytest.raises(ModelError):
         (tmp_path / "medium-fp8" / "sd35_quant.json").write_text("{")
-        quantized.read_record(tmp_path / "medium-fp8")
+        store.read_record(tmp_path / "medium-fp8")
 
 
-def test_doctor_host_ram_per_load_path_and_instances(store, tiny_cache, monkeypatch):
+def test_doctor_host_ram_per_load_path_and_instances(prequantized, tiny_cache, monkeypatch):
     from sd35.ops import doctor
+    from sd35.ops.doctor import memory
 
     def ctx(**kw):
         return doctor.Context(settings=Settings(device="cpu", precision="fp8-weight", cache_dir=tiny_cache, **kw))
 
-    stored, how = doctor.host_load_bytes(ctx(model=str(store)))
+    stored, how = memory.host_load_bytes(ctx(model=str(prequantized)))
     assert "pre-quantized" in how
-    staged, how = doctor.host_load_bytes(ctx(model="tiny", lean_load=False))
+    staged, how = memory.host_load_bytes(ctx(model="tiny", lean_load=False))
     assert "bf16 pipeline" in how and staged > stored
-    assert "lean" in doctor.host_load_bytes(ctx(model="tiny"))[1]
-    c = doctor.check_host_ram(ctx(model=str(store), instances=3))
+    assert "lean" in memory.host_load_bytes(ctx(model="tiny"))[1]
+    c = memory.check_host_ram(ctx(model=str(prequantized), instances=3))
     assert c.status == doctor.OK and "× 3 (SD35_INSTANCES)" in c.finding and "MemAvailable" in c.finding
-    monkeypatch.setattr(doctor, "_meminfo_available", lambda: stored * 2)
-    c = doctor.check_host_ram(ctx(model="tiny", lean_load=False, instances=3))
+    monkeypatch.setattr(memory, "_meminfo_available", lambda: stored * 2)
+    c = memory.check_host_ram(ctx(model="tiny", lean_load=False, instances=3))
     assert c.status == doctor.FAIL and "sd35 cache quantize --model tiny" in c.fix
 
 
@@ -207,4 +208,4 @@ def test_position_table_is_recomputed_bit_identically_in_bands():
     ref = get_2d_sincos_pos_embed(pe.proj.out_channels, pe.pos_embed_max_size, base_size=pe.base_size,
                                   interpolation_scale=pe.interpolation_scale, output_type="pt")
     for rows in (1, 7, 16, 1000):
-        assert torch.equal(quantized.computed_pos_embed(model, rows), ref.float().unsqueeze(0).to(torch.bfloat16))
+        assert torch.equal(fp8io.computed_pos_embed(model, rows), ref.float().unsqueeze(0).to(torch.bfloat16))

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_service import KEY, free_port
+from helpers import free_port
+from test_service import KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 ray = pytest.importorskip("ray", reason="ray is not installed (the `ray` extra: pip install -e '.[ray]')")

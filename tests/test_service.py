@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,16 +20,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from helpers import read_in_background
+from helpers import free_port, read_in_background, sd35_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(url: str, method: str = "GET", body=None, headers=None, key: str | None = KEY, timeout: float = 60):
@@ -279,11 +272,6 @@ def test_timeout_gives_504_and_frees_the_worker(service):
 
 
 # --- the real process: preflight, SIGTERM drain, sd_notify ------------------------------------------------
-
-def sd35_cmd() -> list[str]:
-    exe = Path(sys.executable).with_name("sd35")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "sd35"]
-
 
 def test_refuses_public_bind_without_key():
     r = subprocess.run(sd35_cmd() + ["serve", "--host", "0.0.0.0", "--port", str(free_port())],

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import read_in_background, requires_gpu
-from test_service import KEY, InProcessServer, call, free_port, sd35_cmd
+from helpers import free_port, read_in_background, requires_gpu, sd35_cmd
+from test_service import KEY, InProcessServer, call
 
 ROOT = Path(__file__).resolve().parents[1]
 

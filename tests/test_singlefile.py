@@ -15,7 +15,7 @@ import torch
 from helpers import run_cli
 
 from sd35 import precision
-from sd35.weights import quantized, singlefile, tiny
+from sd35.weights import lean, singlefile, tiny
 from sd35.errors import ModelError
 from sd35.settings import Settings
 
@@ -25,7 +25,7 @@ LAYOUTS = {"plain": ("plain", False), "scaled_fp8": ("scaled_fp8", False), "comf
 
 @pytest.fixture(scope="session")
 def sai(tiny_cache):
-    t = quantized.load_transformer(tiny.tiny_dir(tiny_cache), quantize=False)
+    t = lean.load_transformer(tiny.tiny_dir(tiny_cache), quantize=False)
     n, dual = t.config.num_layers, list(t.config.dual_attention_layers)
     return cf.to_sai(t.state_dict(), n, dual), n, dual
 
@@ -46,7 +46,7 @@ def _reference_folder(tiny_cache, meaning, n, dual, target: Path) -> Path:
     """The tiny pipeline with the file's weights (dequantized) as a diffusers transformer."""
     src = tiny.tiny_dir(tiny_cache)
     shutil.copytree(src, target, ignore=shutil.ignore_patterns("transformer"))
-    model = quantized.load_transformer(src, quantize=False)
+    model = lean.load_transformer(src, quantize=False)
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in cf.from_sai(meaning, n, dual).items()}, strict=True)
     model.save_pretrained(target / "transformer", safe_serialization=True)
     return target

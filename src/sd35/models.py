@@ -238,7 +238,7 @@ def _name_hints(folder: Path) -> str:
     return " ".join(hints)
 
 
-# A pre-quantized folder's record (written by quantized.py); it names the model the folder was made from.
+# A pre-quantized folder's record (written by weights/store.py); it names the model the folder was made from.
 QUANT_RECORD = "sd35_quant.json"
 
 

@@ -10,7 +10,7 @@ A dict, list or tuple that holds tensors (the harness's `inputs`, `args`, `kwarg
 shows as `dict[3] {hidden_states: Tensor[2×4096×1536] bfloat16 cuda:0, …}` instead of pydevd's default
 `str(container)`, which formats every tensor in it (a ~480-character wall, and a copy to the host per
 tensor). Containers without tensors keep pydevd's default display (the provider answers None). Summaries
-are computed once per stop (`sd35.debug.tensor_summary` caches them) and sampled for large tensors.
+are computed once per stop (`sd35.debugging.summaries.tensor_summary` caches them) and sampled for large tensors.
 
 pydevd finds it because `pydevd_plugins.extensions` is a namespace package and this module's name starts
 with `pydevd_plugin` (see debugpy's bundled pydevd_plugins/extensions/README.md).
@@ -23,7 +23,7 @@ from _pydevd_bundle.pydevd_extension_api import StrPresentationProvider, TypeRes
 
 def _summary(t):
     try:
-        from sd35.debugging.breakpoints import tensor_summary
+        from sd35.debugging.summaries import tensor_summary
     except Exception:  # noqa: BLE001 - outside the workspace: a minimal summary without stats
         return f"{type(t).__name__}[{'×'.join(map(str, t.shape))}] {t.dtype} {t.device}"
     return tensor_summary(t)
@@ -31,7 +31,7 @@ def _summary(t):
 
 def _container_summary(v):
     try:
-        from sd35.debugging.breakpoints import container_summary
+        from sd35.debugging.summaries import container_summary
     except Exception:  # noqa: BLE001 - outside the workspace: pydevd's default display
         return None
     try:

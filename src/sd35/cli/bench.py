@@ -36,14 +36,14 @@ def bench_memory(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Weight bytes of the SD3.5 transformer per precision mode (random weights, built on the CPU)."""
-    from sd35.bench import core as bench
+    from sd35.bench import memory
 
     _bench_start(arch)
-    report = bench.memory(arch)
+    report = memory.memory(arch)
     if as_json:
         out.print_json(json.dumps(report))
         return
-    out.print(bench.memory_table(report))
+    out.print(memory.memory_table(report))
 
 
 @app.command("load")
@@ -56,12 +56,12 @@ def bench_load(
 ) -> None:
     """Load one random-weight transformer three ways, each in its own process: bf16 then quantize (today),
     lean (quantized as read), pre-quantized (FP8 from disk). Seconds, peak host RSS, bytes on disk."""
-    from sd35.bench import core as bench
+    from sd35.bench import load
 
     _bench_start(arch)
     if work_dir is not None and not work_dir.is_dir():
         raise InputError(f"--dir {work_dir} is not a folder.", "create it or pass another one.")
-    report = bench.load_modes(arch, work_dir)
+    report = load.load_modes(arch, work_dir)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -87,14 +87,14 @@ def bench_serve(
     as_json: Json = False,
 ) -> None:
     """Service overhead vs a direct pipeline call (goal <= 5 %), and a burst against a bounded queue."""
-    from sd35.bench import core as bench
+    from sd35.bench import serve
 
     _bench_start(quiet=True)
     if ray:
         _bench_serve_ray(settings(model=model, precision=precision, queue_size=queue_size), requests, burst, steps,
                          size, as_json)
         return
-    report = bench.serve_overhead(settings(model=model, precision=precision), requests=requests, steps=steps,
+    report = serve.serve_overhead(settings(model=model, precision=precision), requests=requests, steps=steps,
                                   size=size, burst=burst, queue_size=queue_size)
     if as_json:
         print(json.dumps(report, indent=2))
@@ -144,7 +144,7 @@ def bench_speed(
     as_json: Json = False,
 ) -> None:
     """Transformer step latency and peak GPU memory per precision mode, eager and compiled (random weights)."""
-    from sd35.bench import core as bench
+    from sd35.bench import speed as speed_bench
     from sd35.settings import PRECISIONS
 
     _bench_start(arch, quiet=True)
@@ -154,9 +154,9 @@ def bench_speed(
         raise InputError(f"unknown mode(s) {', '.join(bad) or modes!r}.", "use --modes bf16,fp8-weight,fp8.")
     if size % 16 or not 64 <= size <= 4096:
         raise InputError(f"--size {size} must be a multiple of 16 from 64 to 4096.", "pass --size 1024.")
-    report = bench.speed(arch, size, modes=wanted, compiled=not eager_only, repeats=repeats)
+    report = speed_bench.speed(arch, size, modes=wanted, compiled=not eager_only, repeats=repeats)
     if cache_check:
-        report["compile_cache"] = bench.compile_cache(settings())
+        report["compile_cache"] = speed_bench.compile_cache(settings())
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -188,10 +188,10 @@ def bench_break(
     as_json: Json = False,
 ) -> None:
     """Cost of armed SD35_BREAK hooks that do not match, per denoising step (goal <= 1 %); --nan: of the NaN watch."""
-    from sd35.bench import core as bench
+    from sd35.bench import breaks
 
     _bench_start(quiet=True)
-    r = bench.break_overhead(settings(model=model), runs=runs, steps=steps, nan=nan)
+    r = breaks.break_overhead(settings(model=model), runs=runs, steps=steps, nan=nan)
     if as_json:
         print(json.dumps(r, indent=2))
         return
@@ -209,9 +209,9 @@ def bench_summary(
     as_json: Json = False,
 ) -> None:
     """Time of a debugger tensor summary for large CPU tensors (sampled over 2^20 elements; cached per stop)."""
-    from sd35.bench import core as bench
+    from sd35.bench import summary
 
-    rows = bench.summary_time(repeats)
+    rows = summary.summary_time(repeats)
     if as_json:
         print(json.dumps(rows, indent=2))
         return

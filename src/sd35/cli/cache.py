@@ -73,16 +73,16 @@ def cache_quantize(
     """Write a pre-quantized FP8 copy of a model (transformer + T5 as FP8 data + scales) that loads with
     no bf16 copy in host or GPU memory; the team loads it with --model <name> or its path."""
     from sd35 import logs
-    from sd35.weights import hub, quantized
+    from sd35.weights import hub, store
 
     logs.configure(False)
     s = settings(model=model, revision=revision)
-    target = quantized.check_request(s, precision, t5, out_dir)  # refuse before downloading or reading
+    target = store.check_request(s, precision, t5, out_dir)  # refuse before downloading or reading
     source = hub.resolve(s, with_t5=True)
-    folder = quantized.quantize(s, source, precision, t5, target)
+    folder = store.quantize(s, source, precision, t5, target)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     err.print(f"{s.model} → {folder} ({precision}, {size / 1e9:.2f} GB); load it with "
-              f"--model {folder.name if folder.parent == quantized.store_dir(s) else folder}", highlight=False)
+              f"--model {folder.name if folder.parent == store.store_dir(s) else folder}", highlight=False)
     print(folder)
 
 
@@ -112,11 +112,11 @@ def cache_ls(as_json: Json = False) -> None:
     from rich.table import Table
 
     from sd35.ops import cache
-    from sd35.weights import quantized
+    from sd35.weights import store
 
     s = settings()
     rows = cache.listing(s.hf_hub_cache)
-    stored = quantized.listing(s)
+    stored = store.listing(s)
     if as_json:
         print(json.dumps(rows + [{"repo_id": r["name"], "type": "sd35-quantized", **r} for r in stored], indent=2))
         return
@@ -128,7 +128,7 @@ def cache_ls(as_json: Json = False) -> None:
                       f"{r['size_on_disk'] / 1e9:.2f} GB")
     out.print(table if rows else f"no models in {s.hf_hub_cache}")
     if stored:
-        q = Table(title=f"pre-quantized: {quantized.store_dir(s)} (load with --model NAME)")
+        q = Table(title=f"pre-quantized: {store.store_dir(s)} (load with --model NAME)")
         for col in ("name", "precision", "t5", "source", "size"):
             q.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
         for r in stored:

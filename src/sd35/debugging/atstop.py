@@ -1,6 +1,6 @@
 """What the debugger's stop frame offers besides its locals: a dump to disk and a bf16 comparison.
 
-Why separate from `debug.py`: the harness decides *where* to stop; this module owns what you do once
+Why separate from `breakpoints.py`: the harness decides *where* to stop; this module owns what you do once
 stopped, and both tools are plain functions a notebook can call too.
 
 - `dump` writes the captured tensors (named inputs, and the output when the stop comes after the module

@@ -19,9 +19,8 @@ Without a debugger attached, a match is logged (with the tensor summaries) and t
 run never hangs. Nothing is wrapped when SD35_BREAK is empty; an armed wrapper that does not match
 costs one Python call and an integer comparison (measured in docs/benchmarks.md).
 
-Also here: `tensor_summary` and `container_summary` (used by the pydevd extension in
-`pydevd_plugins/extensions`, so the Variables pane shows shape/dtype/device/stats instead of printing
-tensors; sampled above 2^20 elements, cached per stop), and `listen` for
+Tensor summaries are in `summaries.py` (shared with the pydevd extension), the NaN watch's hooks in
+`nanwatch.py`; this module owns the grammar, the wrappers and the stop frame. Also here: `listen` for
 `SD35_DEBUGPY=127.0.0.1:5678`.
 """
 
@@ -34,6 +33,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sd35.debugging import nanwatch
+from sd35.debugging.summaries import new_stop, summarize
 from sd35.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -87,170 +88,6 @@ def validate(breaks: list[Break], pipe, steps: int | None = None) -> None:
                              f"pick a step below {steps}, or pass --steps {b.step + 1}.", param="break")
 
 
-# --- tensor summaries ----------------------------------------------------------------------------------
-
-SAMPLE_ELEMENTS = 1 << 20  # above this, statistics come from a fixed-size sample (said in the summary)
-_SUMMARIES: dict = {}  # (id, version, ptr, shape, dtype) -> (weakref to the tensor, summary): this stop's cache
-_STOPS = 0  # how many stops so far: a new stop clears the cache
-
-
-def new_stop() -> int:
-    """A new stop begins: summaries computed at the previous one are dropped (values may have changed)."""
-    global _STOPS
-    _STOPS += 1
-    _SUMMARIES.clear()
-    return _STOPS
-
-
-def _sample(x, n: int = SAMPLE_ELEMENTS):
-    """At most `n` elements of `x`, as a 1-D tensor on its device: a strided slice of a contiguous tensor (a
-    view, no copy), a seeded random gather otherwise (no copy of the whole tensor either)."""
-    import torch
-
-    total = x.numel()
-    if total <= n:
-        return x.reshape(-1)
-    if x.is_contiguous():
-        return x.view(-1)[:: -(-total // n)][:n]
-    g = torch.Generator(device=x.device).manual_seed(0)
-    flat = torch.randint(0, total, (n,), generator=g, device=x.device)
-    return x[torch.unravel_index(flat, x.shape)]
-
-
-def _key(t):
-    try:
-        return (id(t), t._version, t.data_ptr() if t.device.type != "meta" else 0, tuple(t.shape), t.dtype)
-    except Exception:  # noqa: BLE001 - tensor subclasses without storage: identity and shape only
-        return (id(t), None, None, tuple(t.shape), t.dtype)
-
-
-def tensor_summary(t) -> str:
-    """`Tensor[2×64×1536] bfloat16 cuda:0 · min … max … mean … std … · nan 0 inf 0`, computed on the
-    tensor's own device (only scalars come back to the host). Over SAMPLE_ELEMENTS elements the statistics
-    are those of a fixed-size sample, and the summary says so. Computed once per stop (cached)."""
-    key = _key(t)
-    hit = _SUMMARIES.get(key)
-    if hit is not None and hit[0]() is t:
-        return hit[1]
-    s = _tensor_summary(t)
-    try:
-        import weakref
-
-        _SUMMARIES[key] = (weakref.ref(t), s)  # a weak reference: the cache never keeps a GPU tensor alive
-    except TypeError:
-        pass
-    return s
-
-
-def _tensor_summary(t) -> str:
-    import torch
-
-    try:
-        shape = "×".join(str(s) for s in t.shape) or "scalar"
-        kind = type(t).__name__
-        inner = ""
-        if kind not in ("Tensor", "Parameter"):  # torchao's Float8Tensor and friends
-            qdata = getattr(t, "qdata", None)
-            if qdata is not None:
-                inner = f" [{kind}: {str(qdata.dtype).removeprefix('torch.')} data + scale {tuple(t.scale.shape)}]"
-        head = f"{kind}[{shape}] {str(t.dtype).removeprefix('torch.')} {t.device}{inner}"
-        if t.device.type == "meta" or t.numel() == 0:
-            return head
-        with torch.no_grad():
-            x = t.dequantize() if inner and hasattr(t, "dequantize") else t
-            if x.is_complex() or x.dtype == torch.bool:
-                return head
-            sampled = x.numel() > SAMPLE_ELEMENTS
-            x = _sample(x.detach()).float()
-            where = f" · stats of {x.numel():,} sampled" if sampled else ""
-            in_sample = " in sample" if sampled else ""
-            # two host syncs in all (a CUDA tensor's statistics come back together)
-            nan, inf = (int(c) for c in torch.stack([torch.isnan(x).sum(), torch.isinf(x).sum()]).tolist())
-            vals = x[torch.isfinite(x)] if (nan or inf) else x
-            if vals.numel() == 0:
-                return f"{head}{where} · nan {nan} inf {inf}{in_sample}"
-            mn, mx = torch.aminmax(vals)
-            std = vals.std() if vals.numel() > 1 else torch.zeros((), device=vals.device)
-            mn, mx, mean, std = torch.stack([mn, mx, vals.mean(), std]).tolist()
-            return (f"{head}{where} · min {mn:.4g} max {mx:.4g} mean {mean:.4g} "
-                    f"std {std:.4g} · nan {nan} inf {inf}{in_sample}")
-    except Exception as exc:  # noqa: BLE001 - a summary must never break the debugger
-        return f"{type(t).__name__} (summary failed: {exc})"
-
-
-def short(t) -> str:
-    """`Tensor[2×64×64] bfloat16 cpu`: shape, dtype and device only (no computation)."""
-    try:
-        return f"{type(t).__name__}[{'×'.join(str(s) for s in t.shape) or 'scalar'}] " \
-               f"{str(t.dtype).removeprefix('torch.')} {t.device}"
-    except Exception:  # noqa: BLE001
-        return type(t).__name__
-
-
-def holds_tensor(v, depth: int = 2, limit: int = 64) -> bool:
-    """Whether a dict/list/tuple holds a tensor among its first `limit` items, `depth` levels deep."""
-    torch = sys.modules.get("torch")
-    if torch is None or depth < 0:
-        return False
-    items = list(v.values())[:limit] if isinstance(v, dict) else list(v[:limit]) if isinstance(v, (list, tuple)) else ()
-    for item in items:
-        if isinstance(item, torch.Tensor):
-            return True
-        if isinstance(item, (dict, list, tuple)) and holds_tensor(item, depth - 1, limit):
-            return True
-    return False
-
-
-def container_summary(v, width: int = 400) -> str | None:
-    """`{hidden_states: Tensor[2×64×64] bfloat16 cpu, temb: Tensor[2×64] bfloat16 cpu, …}` for a dict, list or
-    tuple that holds tensors (None otherwise: the debugger shows it as usual). Shapes only, no values: each
-    tensor's statistics are one click away (the tensor's own summary)."""
-    if not isinstance(v, (dict, list, tuple)) or not holds_tensor(v):
-        return None
-
-    def one(x, depth=0):
-        torch = sys.modules["torch"]
-        if isinstance(x, torch.Tensor):
-            return short(x)
-        if isinstance(x, (dict, list, tuple)) and depth < 2 and holds_tensor(x, 1):
-            return _render(x, depth + 1)
-        r = repr(x) if not isinstance(x, (dict, list, tuple)) else f"{type(x).__name__}[{len(x)}]"
-        return r if len(r) <= 40 else r[:37] + "…"
-
-    def _render(c, depth):
-        if isinstance(c, dict):
-            parts, (op, cl) = [f"{k}: {one(x, depth)}" for k, x in list(c.items())[:16]], ("{", "}")
-        else:
-            parts = [one(x, depth) for x in c[:16]]
-            op, cl = ("[", "]") if isinstance(c, list) else ("(", ")")
-        more = f", … {len(c) - 16} more" if len(c) > 16 else ""
-        return f"{op}{', '.join(parts)}{more}{cl}"
-
-    text = _render(v, 0)
-    name = type(v).__name__
-    text = f"{name}[{len(v)}] {text}" if name in ("dict", "list", "tuple") else f"{name} {text}"
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def summarize(values: dict) -> dict[str, str]:
-    """Summaries of every tensor among `values` (one level into lists, tuples and dicts)."""
-    import torch
-
-    out = {}
-    for name, v in values.items():
-        if isinstance(v, torch.Tensor):
-            out[name] = tensor_summary(v)
-        elif isinstance(v, (list, tuple)):
-            for i, item in enumerate(v):
-                if isinstance(item, torch.Tensor):
-                    out[f"{name}[{i}]"] = tensor_summary(item)
-        elif isinstance(v, dict):
-            for k, item in v.items():
-                if isinstance(item, torch.Tensor):
-                    out[f"{name}[{k!r}]"] = tensor_summary(item)
-    return out
-
-
 # --- the harness ----------------------------------------------------------------------------------------
 
 def debugger_attached() -> bool:
@@ -288,7 +125,7 @@ def _stop_here(where: str, module, inputs: dict, summary: dict, call, args: tupl
 
 @dataclass
 class _Tools:
-    """Builds the stop frame's `sd35_dump` and `compare_bf16` (see sd35.atstop)."""
+    """Builds the stop frame's `sd35_dump` and `compare_bf16` (see sd35.debugging.atstop)."""
 
     harness: "Harness"
 
@@ -391,82 +228,39 @@ class Harness:
         self._undo.append(undo)
 
     def watch_nan(self, from_step: int) -> None:
-        """SD35_BREAK=nan[@STEP]: a forward hook on every module of the transformer checks that its output
-        is finite, from `from_step` on. PyTorch runs a module's forward hooks when its forward returns, so
-        inner modules report before the modules that contain them: the first non-finite output seen is the
-        innermost module where it appeared. It fires once per run (the NaN then spreads everywhere)."""
-        import torch
+        """SD35_BREAK=nan[@STEP]: the NaN watch (`nanwatch.watch`) from `from_step` on; its first finding is
+        logged, or stops in `_stop_here` when a debugger is attached."""
+        self._undo.extend(nanwatch.watch(self.pipe.transformer, from_step, self.step, self._nan_found))
 
-        transformer = self.pipe.transformer
-        harness, tools, state = self, _Tools(self), {"fired": False}
-
-        def non_finite(value) -> bool:
-            if isinstance(value, torch.Tensor):
-                return value.is_floating_point() and not bool(torch.isfinite(value).all())
-            if isinstance(value, (tuple, list)):
-                return any(non_finite(v) for v in value)
-            if isinstance(value, dict):
-                return any(non_finite(v) for v in value.values())
-            return False
-
-        def hook_for(qualname: str, module):
-            try:
-                params = list(inspect.signature(module.forward).parameters)
-            except (TypeError, ValueError):
-                params = []
-
-            def hook(mod, args, kwargs, output):
-                if state["fired"] or harness.step() < from_step or not non_finite(output):
-                    return None
-                state["fired"] = True
-                step = harness.step()
-                label = f"nan@{step}"
-                shown = qualname or "transformer"
-                named = dict(zip(params, args))
-                named.update(kwargs)
-                new_stop()
-                summary = summarize(named)
-                out = summarize({"output": output})
-                harness.hits.append(f"{label} {shown}")
-                upstream = non_finite(args) or non_finite(kwargs)
-                if not debugger_attached():
-                    log.warning("SD35_BREAK nan: first non-finite output at %s (%s), step %d: %s; inputs: %s%s "
-                                "(no debugger attached, continuing)", shown, type(mod).__name__, step,
-                                "; ".join(f"{k}={v}" for k, v in out.items()),
-                                "; ".join(f"{k}={v}" for k, v in summary.items()) or "no tensor inputs",
-                                " — its inputs already hold NaN/Inf: the cause is earlier (a step before "
-                                f"{step}? watch from an earlier step)" if upstream else "")
-                    return None
-                summary.update(out)
-                # Step Into re-runs the module's forward on the same inputs: watch the NaN appear.
-                return _stop_here(f"{label} {shown}", mod, named, summary, mod.forward, args, kwargs,
-                                  output=output, name=qualname, tools=tools)
-
-            return hook
-
-        for qualname, module in transformer.named_modules():
-            if watched(module):
-                handle = module.register_forward_hook(hook_for(qualname, module), with_kwargs=True)
-                self._undo.append(handle.remove)
+    def _nan_found(self, qualname: str, mod, named: dict, args: tuple, kwargs: dict, output):
+        """The first non-finite output: recorded, then logged (no debugger) or stopped at."""
+        step = self.step()
+        label, shown = f"nan@{step}", qualname or "transformer"
+        new_stop()
+        summary = summarize(named)
+        out = summarize({"output": output})
+        self.hits.append(f"{label} {shown}")
+        upstream = nanwatch.non_finite(args) or nanwatch.non_finite(kwargs)
+        if not debugger_attached():
+            log.warning("SD35_BREAK nan: first non-finite output at %s (%s), step %d: %s; inputs: %s%s "
+                        "(no debugger attached, continuing)", shown, type(mod).__name__, step,
+                        "; ".join(f"{k}={v}" for k, v in out.items()),
+                        "; ".join(f"{k}={v}" for k, v in summary.items()) or "no tensor inputs",
+                        " — its inputs already hold NaN/Inf: the cause is earlier (a step before "
+                        f"{step}? watch from an earlier step)" if upstream else "")
+            return None
+        summary.update(out)
+        # Step Into re-runs the module's forward on the same inputs: watch the NaN appear.
+        return _stop_here(f"{label} {shown}", mod, named, summary, mod.forward, args, kwargs,
+                          output=output, name=qualname, tools=_Tools(self))
 
     def watched_modules(self) -> list[str]:
-        return [n for n, m in self.pipe.transformer.named_modules() if watched(m)]
+        return nanwatch.watched_names(self.pipe.transformer)
 
     def disarm(self) -> None:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
-
-
-def watched(module) -> bool:
-    """Modules the NaN watch checks: blocks, attention, norms, linears, embedders — every module with weights
-    or a norm — not parameterless pass-throughs (Dropout, SiLU, GELU's activation, containers), which cannot
-    turn finite inputs into NaN/Inf and would only add a check per call."""
-    import torch
-
-    if isinstance(module, torch.nn.ModuleList):  # never called itself
-        return False
-    return "Norm" in type(module).__name__ or any(True for _ in module.parameters())
 
 
 def arm(pipe, breaks: list[Break], out_dir: Path | str | None = None) -> Harness | None:
@@ -506,12 +300,12 @@ def arm(pipe, breaks: list[Break], out_dir: Path | str | None = None) -> Harness
     return h
 
 
-# --- SD35_DEBUGPY: attach VS Code to a running process (sd35/attach.py) -------------------------------------
+# --- SD35_DEBUGPY: attach VS Code to a running process (debugging/attach.py) -------------------------------------
 
 def listen(address: str | None, *, wait: bool = False, allow_remote: bool = False,
            allow_listen: bool = False) -> tuple[str, int] | None:
     """SD35_DEBUGPY before the model loads: connect out to VS Code's listening debugger (the default), or
-    listen on explicit opt-in. The policy is in `sd35.attach`."""
+    listen on explicit opt-in. The policy is in `sd35.debugging.attach`."""
     from sd35.debugging.attach import start
 
     return start(address, wait=wait, allow_remote=allow_remote, allow_listen=allow_listen)

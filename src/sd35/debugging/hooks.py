@@ -4,7 +4,7 @@ Why a proxy object rather than a new processor class: `Attention.forward` reads 
 `__call__` signature to decide which keyword arguments to pass, and SD3.5's joint and dual attention
 share one processor instance between `attn` and `attn2`. The proxy is installed on one Attention
 module only, keeps the joint-processor signature, forwards attribute access to the original, and
-hands every call to `intercept(original, args, kwargs)`. Used by the debugger harness (`debug.py`) and
+hands every call to `intercept(original, args, kwargs)`. Used by the debugger harness (`breakpoints.py`) and
 the attention-map capture (`attention.py`).
 """
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sd35.weights.hub import repo_folder  # the cache layout (models--org--name/…) lives in hub
+from sd35.weights import safetensors_header
 
 
 @dataclass
@@ -142,28 +143,6 @@ class Problem:
     fix: str
 
 
-def safetensors_truncated(path: Path) -> str | None:
-    """Why a .safetensors file is cut short (header vs file size), or None when it is whole."""
-    import json
-    import struct
-
-    size = path.stat().st_size
-    if size < 8:
-        return f"{size} bytes, too small for a safetensors header"
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        if n > size - 8 or n > 100 << 20:
-            return f"header claims {n} bytes, file has {size}"
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError:
-            return "header is not valid JSON"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if size < 8 + n + end:
-        return f"{size} bytes on disk, {8 + n + end} expected"
-    return None
-
-
 def _repos(cache: Path, model: str | None) -> list[Path]:
     if model:
         from sd35.models import expand_alias
@@ -196,7 +175,7 @@ def verify(cache: Path, model: str | None = None) -> list[Problem]:
                 problems.append(Problem("lfs-stub", f, "a Git LFS pointer file, not weights", refetch.format(repo=repo)))
                 continue
             if f.suffix == ".safetensors":
-                why = safetensors_truncated(f)
+                why = safetensors_header.truncated(f)
                 if why:
                     problems.append(Problem("truncated", f, why, refetch.format(repo=repo)))
     if cache.is_dir() and is_shared(cache):
@@ -208,9 +187,9 @@ def verify(cache: Path, model: str | None = None) -> list[Problem]:
 
 
 def verify_quantized(settings, name: str | None = None) -> list[Problem]:
-    """The same checks for the pre-quantized store (quantized.py): records, LFS stubs, truncated files."""
+    """The same checks for the pre-quantized store (weights/store.py): records, LFS stubs, truncated files."""
     from sd35.weights.hub import is_lfs_pointer
-    from sd35.weights.quantized import listing, read_record, store_dir
+    from sd35.weights.store import listing, read_record, store_dir
 
     problems: list[Problem] = []
     fix = "re-create it: delete the folder, then `sd35 cache quantize --model SOURCE --precision MODE`"
@@ -225,7 +204,7 @@ def verify_quantized(settings, name: str | None = None) -> list[Problem]:
         for f in sorted(folder.rglob("*.safetensors")):
             if is_lfs_pointer(f):
                 problems.append(Problem("lfs-stub", f, "a Git LFS pointer file, not weights", fix))
-            elif why := safetensors_truncated(f):
+            elif why := safetensors_header.truncated(f):
                 problems.append(Problem("truncated", f, why, fix))
     for partial in sorted(store_dir(settings).glob(".*.partial-*")) if store_dir(settings).is_dir() else []:
         problems.append(Problem("incomplete-download", partial, "an interrupted `sd35 cache quantize` left it",

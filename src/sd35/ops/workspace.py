@@ -1,6 +1,6 @@
 """The workspace as files: where its root is and what `constraints.txt` pins.
 
-Why here and not in `doctor.py`: `sd35 lab` (the folder JupyterLab opens), `sd35 doctor` (installed vs
+Why here and not in `ops/doctor/`: `sd35 lab` (the folder JupyterLab opens), `sd35 doctor` (installed vs
 pinned versions) and the tests all need these answers; a checks module is no place for utilities
 others import.
 """

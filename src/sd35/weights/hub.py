@@ -151,10 +151,10 @@ def find_local(settings: Settings) -> Path | None:
 
 
 def _quantized_store(model: str, settings: Settings) -> Path | None:
-    """`model` as the name of a pre-quantized folder in the store (quantized.py), if there is one."""
-    from sd35.weights import quantized
+    """`model` as the name of a pre-quantized folder in the store (store.py), if there is one."""
+    from sd35.weights import store
 
-    return quantized.find(model, settings)
+    return store.find(model, settings)
 
 
 def check_local(requested: str, *, with_t5: bool = True) -> ModelSource:

@@ -9,7 +9,7 @@ The procedure, in order:
   2. Resolve the model to a local diffusers folder (tiny | local folder | Hub cache | pre-quantized store);
      with SD35_TRANSFORMER the transformer comes from one SAI/ComfyUI file instead (singlefile.py),
      checked from its header first and refused unless it has the folder's architecture.
-  3. Read the pipeline on the CPU, component by component (quantized.py):
+  3. Read the pipeline on the CPU, component by component (lean.py; store.py for pre-quantized folders):
      - a pre-quantized folder (`sd35 cache quantize`): transformer and T5 come off disk as FP8 data +
        scales, no bf16 copy anywhere;
      - a bf16 source in an FP8 mode (SD35_LEAN_LOAD=1, the default): transformer and T5 are quantized
@@ -17,7 +17,7 @@ The procedure, in order:
      - otherwise everything in bf16 (`StableDiffusion3Pipeline.from_pretrained`).
   4. Quantize what is still bf16 with torchao, moving one layer at a time to the device (the GPU never
      holds a full bf16 copy next to the FP8 one); FP8 weights read in step 3 are only rewrapped for
-     the mode (`quantized.retarget`: `fp8` adds dynamic activation quantization to the same bytes).
+     the mode (`retarget.retarget`: `fp8` adds dynamic activation quantization to the same bytes).
   5. Place the rest: onto the device, or accelerate's CPU offload for GPUs that cannot hold it all.
   6. Record what was loaded: source, precision with reasons, weight bytes per component, timing.
 """
@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 
 from sd35 import hardware, precision
-from sd35.weights import hub, quantized, singlefile
+from sd35.weights import hub, lean, retarget, singlefile, store
+from sd35.weights.fp8io import QUANT_MODES
 from sd35.errors import ModelError
 from sd35.settings import Settings
 
@@ -106,22 +107,22 @@ def load(settings: Settings) -> LoadedPipeline:
     dlogging.disable_progress_bar()
     tlogging.disable_progress_bar()
     extra = {} if with_t5 else {"text_encoder_3": None, "tokenizer_3": None}
-    record = quantized.read_record(source.path)
+    record = store.read_record(source.path)
     if record is not None:
-        quantized.check_plan(record, plan, source.path)
+        store.check_plan(record, plan, source.path)
         log.info("pre-quantized folder: %s from %s", record.get("precision"), record.get("source", {}))
-    fp8_t5_on_disk = record is not None and record.get("t5") in quantized.QUANT_MODES
-    lean = settings.lean_load and plan.transformer in quantized.QUANT_MODES
-    load_path = "prequantized" if record is not None else ("lean" if lean else "bf16-quantize")
+    fp8_t5_on_disk = record is not None and record.get("t5") in QUANT_MODES
+    lean_read = settings.lean_load and plan.transformer in QUANT_MODES
+    load_path = "prequantized" if record is not None else ("lean" if lean_read else "bf16-quantize")
     if file_info is not None:
         load_path = "single-file"
     try:
         if file_info is not None:
             extra["transformer"], _ = singlefile.load_transformer(settings.transformer, source.path, plan.transformer)
-        elif record is not None or lean:
-            extra["transformer"] = quantized.load_transformer(source.path, quantize=record is None)
-        if with_t5 and (fp8_t5_on_disk or (settings.lean_load and plan.t5 in quantized.QUANT_MODES)):
-            extra["text_encoder_3"] = quantized.load_t5(source.path, quantize=not fp8_t5_on_disk)
+        elif record is not None or lean_read:
+            extra["transformer"] = lean.load_transformer(source.path, quantize=record is None)
+        if with_t5 and (fp8_t5_on_disk or (settings.lean_load and plan.t5 in QUANT_MODES)):
+            extra["text_encoder_3"] = lean.load_t5(source.path, quantize=not fp8_t5_on_disk)
         pipe = StableDiffusion3Pipeline.from_pretrained(source.path, dtype=torch.bfloat16, **extra)
     except ModelError:
         raise
@@ -140,9 +141,9 @@ def load(settings: Settings) -> LoadedPipeline:
                                     (pipe.text_encoder_3 if with_t5 else None, plan.t5, "t5")):
         if module is None:
             continue
-        if quantized.is_fp8(module):
+        if retarget.is_fp8(module):
             if mode == "fp8":
-                quantized.retarget(module, mode)
+                retarget.retarget(module, mode)
         else:
             precision.apply(module, mode, device=target, component=component)
 

@@ -87,10 +87,8 @@ def _refuse(path: Path, found: str, fix: str | None = None) -> ModelError:
 
 def _header(path: Path) -> tuple[dict, dict]:
     """(tensors {name: {dtype, shape, data_offsets}}, __metadata__) of a safetensors file, checked whole."""
-    import struct
-
-    from sd35.ops.cache import safetensors_truncated
     from sd35.weights.hub import is_lfs_pointer
+    from sd35.weights.safetensors_header import read_header, truncated
 
     if not path.is_file():
         raise ModelError(f"transformer file {path} does not exist.", "check SD35_TRANSFORMER / --transformer.")
@@ -103,15 +101,12 @@ def _header(path: Path) -> tuple[dict, dict]:
         raise _refuse(path, "a GGUF file (llama.cpp/ComfyUI-GGUF quantization), not safetensors")
     if path.suffix not in (".safetensors", ".sft"):
         raise _refuse(path, f"a {path.suffix or 'suffix-less'} file, not .safetensors")
-    why = safetensors_truncated(path)
+    why = truncated(path)
     if why:
         raise ModelError(f"{path} is not a whole safetensors file ({why}): truncated or not safetensors.",
                          "download it again (compare its size with the source's).")
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    meta = header.pop("__metadata__", None) or {}
-    return header, meta
+    header = read_header(path)
+    return header.tensors, header.metadata
 
 
 def _diffusion_keys(header: dict) -> dict[str, dict]:

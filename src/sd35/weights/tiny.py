@@ -132,7 +132,7 @@ def build(target: Path) -> Path:
     pipe.to(torch.bfloat16)
     pipe.save_pretrained(target, safe_serialization=True)
     (target / "README.md").write_text(
-        f"# tiny-sd35 (spec {spec_digest()})\n\n{TINY_NOTICE}\nBuilt by `sd35.tiny.build`.\n"
+        f"# tiny-sd35 (spec {spec_digest()})\n\n{TINY_NOTICE}\nBuilt by `sd35.weights.tiny.build`.\n"
     )
     return target
 
