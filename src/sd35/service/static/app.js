@@ -504,6 +504,7 @@ $("form").addEventListener("keydown", (e) => {
   }
 });
 function saveKey() {
+  clearTimeout(keyTimer);
   const key = $("key").value.trim();
   if (key) sessionStorage.setItem(KEY_STORE, key); else sessionStorage.removeItem(KEY_STORE);
   state.card = null;
