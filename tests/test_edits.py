@@ -303,3 +303,34 @@ def test_openapi_describes_the_multipart_edit(api):
     assert form["properties"]["strength"]["anyOf"][0]["maximum"] == 1 and "image" in form["required"]
     assert {"200", "400", "413", "415", "429", "503"} <= set(op["responses"])
     assert "text/event-stream" in op["responses"]["200"]["content"]
+
+
+# --- on a GPU: every precision, compiled -----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp8-weight", "fp8"])
+def test_edits_on_cuda_compiled_in_every_precision(precision, tmp_path):
+    """img2img and inpainting through the compiled MMDiT, no second copy of the weights (GPU memory flat)."""
+    import torch
+
+    from helpers import has_cuda, has_fp8_gpu
+    from sd35.inference.compilation import CompilePlan
+    from sd35.runtime import Runtime
+    from sd35.settings import Settings
+    from sd35.weights.load import load
+
+    if not has_cuda() or (precision == "fp8" and not has_fp8_gpu()):
+        pytest.skip("needs a CUDA GPU (with FP8 tensor cores for fp8)")
+    rt = Runtime(load(Settings(device="cuda", precision=precision)), [],
+                 CompilePlan("blocks", "test", str(tmp_path / "cache")))
+    rt.generate(rt.check(prompt="a cube", steps=2, seed=0))
+    weights = torch.cuda.memory_allocated()
+    picture = inputs.read_image(encoded(gradient()))
+    mask = inputs.read_mask(encoded(hole_mask()))
+    for m in (None, mask):
+        result = rt.generate(rt.check(prompt="a cube", steps=4, seed=0, image=picture, mask=m), n=2)
+        assert len(result.images) == 2 and result.images[0].size == (128, 128)
+    assert torch.cuda.memory_allocated() - weights < 64 * 2**20  # the edit pipelines added no weights
+    outside = np.asarray(hole_mask())[..., 3] == 255
+    assert psnr(result.images[0], gradient(), outside) >= 40
