@@ -334,3 +334,49 @@ def test_edits_on_cuda_compiled_in_every_precision(precision, tmp_path):
     assert torch.cuda.memory_allocated() - weights < 64 * 2**20  # the edit pipelines added no weights
     outside = np.asarray(hole_mask())[..., 3] == 255
     assert psnr(result.images[0], gradient(), outside) >= 40
+
+
+@pytest.mark.slow
+def test_node_sdk_edit_plain_and_streamed(api, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import textwrap
+
+    from test_service_openai import NODE_DIR, NODE_OPENAI
+
+    if not shutil.which("node"):
+        pytest.skip("node is not installed")
+    if not (NODE_DIR / "node_modules" / "openai").exists():
+        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(NODE_DIR), NODE_OPENAI],
+                           capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            pytest.skip(f"npm could not install the openai SDK (offline?): {r.stderr[-300:]}")
+    (tmp_path / "in.png").write_bytes(PNG)
+    (tmp_path / "mask.png").write_bytes(MASK)
+    script = textwrap.dedent(f"""
+        const fs = require("fs");
+        const {{ OpenAI, toFile }} = require("openai");
+        const client = new OpenAI({{ baseURL: "{api.url}/v1", apiKey: "{KEY}", maxRetries: 0 }});
+        const file = (name) => toFile(fs.readFileSync("{tmp_path}/" + name), name, {{ type: "image/png" }});
+        (async () => {{
+          const out = {{}};
+          const r = await client.images.edit({{ image: await file("in.png"), mask: await file("mask.png"),
+                                               prompt: "node", steps: 2 }});
+          out.edit = [r.data.length, r.size, r.sd35.edit.mode];
+          const stream = await client.images.edit({{ image: await file("in.png"), prompt: "node", stream: true,
+                                                    partial_images: 1, steps: 4 }});
+          out.stream = [];
+          for await (const ev of stream) out.stream.push(ev.type);
+          try {{ await client.images.edit({{ image: await file("mask.png"), mask: await file("in.png"), prompt: "x" }}); }}
+          catch (e) {{ out.error = [e.status, e.error && e.error.param]; }}
+          console.log(JSON.stringify(out));
+        }})().catch((e) => {{ console.error(e); process.exit(1); }});
+    """)
+    r = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "NODE_PATH": str(NODE_DIR / "node_modules")})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["edit"] == [1, "144x96", "inpaint"]
+    assert out["stream"] == ["image_edit.partial_image", "image_edit.completed"]
+    assert out["error"] == [400, "mask"]

@@ -98,8 +98,9 @@ async def edit_image(request: Request):
     if not isinstance(parsed, tuple):
         return parsed
     files, fields = parsed
-    if request.app.state.worker.state != "ready":  # the generations route answers with the details
-        return await answer(ImageEditRequest.model_construct(prompt="-"), request)
+    worker = request.app.state.worker
+    if worker.state != "ready" or worker.shutdown_deadline is not None:  # 503s as for generations (the body
+        return await answer(ImageEditRequest.model_construct(prompt="-"), request)  # is not read before them)
     try:
         body = ImageEditRequest.model_validate(fields)
     except ValidationError as exc:  # the app's handler: 400 naming the field, as for JSON bodies
@@ -108,9 +109,7 @@ async def edit_image(request: Request):
         pictures, mask = await _pictures(files)
     except InputError as exc:
         return _bad(f"{exc.cause} {exc.fix}".strip(), exc.param)
-    edit = {"image": pictures[0], "mask": mask, "strength": body.strength}
-    response = await answer(body, request, edit)
-    return response
+    return await answer(body, request, {"image": pictures[0], "mask": mask, "strength": body.strength})
 
 
 def form_schema() -> dict:
