@@ -92,11 +92,11 @@ class Runtime:
     def check(self, *, prompt: str, negative_prompt: str | None = None, steps: int | None = None,
               guidance: float | None = None, height: int | None = None, width: int | None = None,
               seed: int | str | None = None, image: Picture | None = None, mask: Picture | None = None,
-              strength: float | None = None, max_pixels: int | None = None) -> gen.GenerationRequest:
+              strength: float | None = None) -> gen.GenerationRequest:
         """A request filled with this model's defaults and checked against its limits and the armed
         breakpoints; with `image` (+ `mask`, `strength`) an edit. Raises InputError (a flag or field, and the fix)."""
         if image is not None:  # an edit's size defaults to its input's, rounded to what the model takes
-            width, height = edit_size(self.info, image, width, height, max_pixels)
+            width, height = edit_size(self.info, image, width, height)
         request = gen.check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     height=height, width=width, seed=seed, info=self.info)
         if image is not None:
