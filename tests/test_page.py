@@ -360,3 +360,29 @@ def test_edit_mode_paints_a_mask_streams_the_edit_and_keeps_the_rest(page, tmp_p
     p.set_viewport_size({"width": 390, "height": 844})
     assert p.evaluate("document.documentElement.scrollWidth") <= 390
     assert page.js_errors() == []
+
+
+def test_edit_mask_paints_by_touch_and_the_eraser_takes_it_back(browser, api, tmp_path):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    try:
+        p = context.new_page()
+        p.goto(api.url + "/")
+        p.get_by_label("API key").fill(KEY)
+        expect(p.get_by_role("button", name="Generate")).to_be_enabled(timeout=10_000)
+        Image.new("RGB", (128, 96), (40, 90, 200)).save(tmp_path / "in.png")
+        p.get_by_label("Edit an image").check()
+        p.locator("#edit-file").set_input_files(str(tmp_path / "in.png"))
+        p.locator("#edit-canvas").wait_for()
+        box = p.locator("#edit-mask").bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        p.touchscreen.tap(x, y)  # a finger paints
+        assert p.evaluate("window.sd35Edit.masked()")
+        p.get_by_label("Eraser").check()
+        p.locator("#edit-size").fill("128")
+        p.touchscreen.tap(x, y)  # and the eraser takes it back: no mask = img2img
+        assert not p.evaluate("window.sd35Edit.masked()")
+        assert p.evaluate("document.documentElement.scrollWidth") <= 390
+    finally:
+        context.close()
