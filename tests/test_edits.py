@@ -251,6 +251,9 @@ def test_sdk_edit_inpaints_and_keeps_the_rest(client):
     keep = np.asarray(hole_mask(150, 100, (20, 20, 80, 80)).resize((144, 96), Image.Resampling.NEAREST))[..., 3] == 255
     assert psnr(out, source, keep) >= 40
     assert r.model_extra["sd35"]["edit"]["mode"] == "inpaint"
+    two = client.images.edit(image=[("a.png", PNG, "image/png"), ("b.png", PNG, "image/png")], prompt="a cat",
+                             extra_body={"steps": 1})
+    assert any("the first was edited" in note for note in two.model_extra["sd35"]["notes"])
 
 
 def test_sdk_edit_streams_image_edit_events(client):

@@ -109,7 +109,9 @@ async def edit_image(request: Request):
         pictures, mask = await _pictures(files)
     except InputError as exc:
         return _bad(f"{exc.cause} {exc.fix}".strip(), exc.param)
-    return await answer(body, request, {"image": pictures[0], "mask": mask, "strength": body.strength})
+    notes = () if len(pictures) == 1 else (f"{len(pictures)} images were sent; the first was edited (Stable "
+                                           "Diffusion 3.5 has no multi-image conditioning)",)
+    return await answer(body, request, {"image": pictures[0], "mask": mask, "strength": body.strength}, notes)
 
 
 def form_schema() -> dict:

@@ -274,9 +274,10 @@ async def create_image(body: ImageGenerationRequest, request: Request):
     return await answer(body, request)
 
 
-async def answer(body: ImageGenerationRequest, request: Request, edit: dict | None = None):
+async def answer(body: ImageGenerationRequest, request: Request, edit: dict | None = None,
+                 notes: tuple[str, ...] = ()):
     """Check, queue, wait or stream, respond: a generation, or with `edit` (image, mask, strength: the
-    Runtime.check fields) an edit (service/edits.py)."""
+    Runtime.check fields) an edit (service/edits.py), whose `notes` join the plan's."""
     state = request.app.state
     settings, worker = state.settings, state.worker
     if worker.shutdown_deadline is not None:
@@ -289,6 +290,7 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
     plan = await run_in_threadpool(_check, body, settings, worker.runtime, state.prompt_reader, edit)
     if isinstance(plan, JSONResponse):
         return plan
+    plan.notes.extend(notes)
     request.state.access = access = {"size": plan.size, "n": plan.n, "steps": plan.request.steps}  # access log
     started = time.monotonic()
     previews: asyncio.Queue = asyncio.Queue()
