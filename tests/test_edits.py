@@ -383,3 +383,12 @@ def test_node_sdk_edit_plain_and_streamed(api, tmp_path):
     assert out["edit"] == [1, "144x96", "inpaint"]
     assert out["stream"] == ["image_edit.partial_image", "image_edit.completed"]
     assert out["error"] == [400, "mask"]
+
+
+def test_the_default_body_limit_fits_a_2048_png_and_its_mask():
+    from sd35.settings import Settings
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (2048, 2048, 4), dtype=np.uint8))  # worst case
+    mask = hole_mask(2048, 2048, (0, 0, 1024, 2048))
+    body = len(encoded(noise, compress_level=1)) + len(encoded(mask)) + 4096  # + the form's own bytes
+    assert body <= Settings(_env_file=None).max_body_bytes
