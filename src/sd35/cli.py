@@ -657,6 +657,35 @@ def bench_summary(
                   f"  {r['summary']}", highlight=False)
 
 
+@bench_app.command("report")
+@handle_errors
+def bench_report(
+    out_dir: Path = typer.Option(Path("bench-report"), "--out", help="folder for index.html, the PNGs, report.json"),
+    sources: Optional[list[Path]] = typer.Option(None, "--from", help="a saved `sd35 bench … --json` (or a "
+                                                 "report.json) to render instead of running; repeatable"),
+    only: str = typer.Option(",".join(("speed", "memory", "load", "serve", "quality")), "--only",
+                             help="the benchmarks to run (without --from)"),
+    model: Optional[str] = typer.Option(None, "--model", help="serve and quality: [SD35_MODEL]"),
+    device: Optional[str] = typer.Option(None, "--device", help="[SD35_DEVICE]"),
+    prompt: str = typer.Option("a bowl of ramen, studio photo", "--prompt", "-p", help="the quality grid's prompt"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """The benchmarks as a page: DIR/index.html (no CDN, no JavaScript) + PNG charts + report.json."""
+    from sd35.bench import report
+
+    _bench_start(quiet=True)
+    wanted = [s.strip() for s in only.split(",") if s.strip()]
+    if not wanted or set(wanted) - set(report.SECTIONS):
+        raise InputError(f"--only {only!r}: unknown benchmark(s).", f"use a subset of {','.join(report.SECTIONS)}.")
+    settings = _settings(model=model, device=device)
+    if sources:
+        sections, head = report.read(sources, out_dir)
+    else:
+        sections, head = report.run(settings, out_dir, only=wanted, prompt=prompt, seed=seed), {}
+    page = report.write(out_dir, sections, head or report.header(settings, sections, sources))
+    err.print(f"wrote {page}", highlight=False)
+
+
 def main() -> None:
     try:
         app()
