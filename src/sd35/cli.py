@@ -671,8 +671,12 @@ def bench_report(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """The benchmarks as a page: DIR/index.html (no CDN, no JavaScript) + PNG charts + report.json."""
-    from sd35.bench import report
-
+    try:
+        from sd35.bench import report
+        import matplotlib  # noqa: F401 - the charts
+    except ImportError as exc:
+        raise InputError(f"sd35 bench report needs matplotlib ({exc}).",
+                         "install the lab extra: make setup (or pip install -c constraints.txt -e '.[lab]').") from None
     _bench_start(quiet=True)
     wanted = [s.strip() for s in only.split(",") if s.strip()]
     if not wanted or set(wanted) - set(report.SECTIONS):

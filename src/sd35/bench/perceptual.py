@@ -103,9 +103,14 @@ def find_weights(settings) -> Weights:
     if path is None:
         return Weights(None, "no AlexNet-LPIPS weights on this machine (looked in " + ", ".join(map(str, looked))
                        + "); never downloaded: copy alexnet-owt-7be5be79.pth there or set SD35_LPIPS_WEIGHTS")
-    state = _read(path)
-    if any(k.startswith("features.") for k in state):
+    try:
+        state = _read(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: say which and why, never guess
+        return Weights(None, f"{path} is not a readable torch state dict ({type(exc).__name__})")
+    if isinstance(state, dict) and any(k.startswith("features.") for k in state):
         state = _from_alexnet(state)
+    if not isinstance(state, dict) or not any(str(k).startswith("net.slice") for k in state):
+        return Weights(None, f"{path} is not an AlexNet-LPIPS state dict (no AlexNet trunk in it)")
     if not any(k.startswith("lin") for k in state):
         heads = next((p for p in (path.parent / HEADS_FILE, _package_heads()) if p and p.is_file()), None)
         if heads is None:

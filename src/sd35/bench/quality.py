@@ -36,9 +36,13 @@ def _candidate_settings(settings, mode: str):
     return settings.model_copy(update=update)
 
 
-def load_runtimes(settings) -> tuple[Runtime, dict[str, Runtime | str]]:
-    """The bf16 reference and each candidate, or for a candidate that cannot load here, the reason."""
-    reference = Runtime.load(settings.model_copy(update={"precision": "bf16", "t5": "bf16"}), breaks=[])
+def load_reference(settings) -> Runtime:
+    """The bf16 pipeline every candidate is compared with (T5 in bf16 on both sides: only the MMDiT differs)."""
+    return Runtime.load(settings.model_copy(update={"precision": "bf16", "t5": "bf16"}), breaks=[])
+
+
+def load_candidates(settings) -> dict[str, Runtime | str]:
+    """Each FP8 candidate loaded, or for one that cannot load here, the reason."""
     candidates: dict[str, Runtime | str] = {}
     for mode in CANDIDATES:
         try:
@@ -50,7 +54,7 @@ def load_runtimes(settings) -> tuple[Runtime, dict[str, Runtime | str]]:
             continue
         got = rt.loaded.plan.transformer
         candidates[mode] = rt if got == mode else f"{mode} resolved to {got} here ({rt.loaded.plan.transformer_reason})"
-    return reference, candidates
+    return candidates
 
 
 def diff_heatmap(a, b, amplify: float | None = None):
@@ -101,7 +105,7 @@ def compare_all(reference: Runtime, candidates: dict[str, Runtime | str], reques
 def run(settings, *, prompt: str = "a bowl of ramen, studio photo", seed: int = 0,
         steps: int | None = None) -> tuple[dict, dict]:
     """Load bf16 and the candidates as `settings` describe, compare them at the middle step."""
-    reference, candidates = load_runtimes(settings)
+    reference, candidates = load_reference(settings), load_candidates(settings)
     request = reference.check(prompt=prompt, steps=steps, seed=seed)
     return compare_all(reference, candidates, request, step=request.steps // 2, settings=settings)
 

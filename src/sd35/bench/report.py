@@ -78,9 +78,10 @@ def plan(device: str) -> dict:
     page says they are not GPU figures), the medium architecture at 1024² on a GPU."""
     if device.startswith("cuda"):
         return {"arch": "medium", "size": 1024, "repeats": 10, "compiled": True,
-                "serve": {"requests": 10, "burst": 8, "queue_size": 4, "levels": (1, 2, 4), "rounds": 2}}
+                "serve": {"requests": 10, "burst": 8, "queue_size": 4, "levels": (1, 2, 4), "rounds": 2, "size": 1024}}
     return {"arch": "tiny", "size": 128, "repeats": 3, "compiled": False,
-            "serve": {"requests": 2, "burst": 3, "queue_size": 2, "levels": (1, 2), "rounds": 1, "steps": 2}}
+            "serve": {"requests": 2, "burst": 3, "queue_size": 2, "levels": (1, 2), "rounds": 1, "steps": 2,
+                      "size": 128}}
 
 
 def run(settings, out: Path, *, only=SECTIONS, prompt: str = "a bowl of ramen, studio photo", seed: int = 0,
@@ -94,21 +95,33 @@ def run(settings, out: Path, *, only=SECTIONS, prompt: str = "a bowl of ramen, s
 
     p = plan(detect(settings.device).device)
     sections: dict = {}
+    clock = {"t": time.perf_counter()}
+
+    def took(name: str) -> None:  # each section records its own wall time (what a report run costs)
+        now = time.perf_counter()
+        sections[name]["report_seconds"] = round(now - clock["t"], 1)
+        clock["t"] = now
+
     if "speed" in only:
         sections["speed"] = speed.speed(p["arch"], p["size"], compiled=p["compiled"], repeats=p["repeats"])
         if not p["compiled"]:
             sections["speed"]["compiled_note"] = "compiled runs are GPU-only in a report (CPU inductor takes minutes)"
+        took("speed")
     if "memory" in only:
         sections["memory"] = memory.memory(p["arch"])
+        took("memory")
     if "load" in only:
         with tempfile.TemporaryDirectory(prefix="sd35-report-load-") as work:
             sections["load"] = load.load_modes(p["arch"], work)
+        took("load")
     if "serve" in only:
-        sections["serve"] = serve.serve_overhead(settings, size=128 if p["arch"] == "tiny" else 1024, **p["serve"])
+        sections["serve"] = serve.serve_overhead(settings, **p["serve"])
+        took("serve")
     if "quality" in only:
         report, images = quality.run(settings, prompt=prompt, seed=seed, steps=steps)
         quality.save_images(report, images, out)
         sections["quality"] = report
+        took("quality")
     return sections
 
 
