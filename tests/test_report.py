@@ -154,6 +154,7 @@ def report(tiny_cache, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # ~2 min of CPU; on a shared 2-core box the wall time can be 4x that
 def test_report_on_tiny_has_every_section_and_says_what_is_missing(report):
     out, doc = report
     s = doc["sections"]
@@ -172,6 +173,7 @@ def test_report_on_tiny_has_every_section_and_says_what_is_missing(report):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_report_numbers_on_the_page_are_the_json_numbers(report):
     out, doc = report
     page = _Cells()
@@ -187,6 +189,7 @@ def test_report_numbers_on_the_page_are_the_json_numbers(report):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_report_page_in_chromium_loads_every_image_and_fits_a_phone(report):
     try:
         from playwright.sync_api import sync_playwright
