@@ -222,11 +222,19 @@ def test_report_from_saved_json_and_refusing_other_json(tmp_path):
              "modes": {"bf16": {"eager": {"step_ms_median": 100.5, "step_ms_min": 99.0, "step_ms_max": 103.25,
                                           "peak_gpu_bytes": 20_000_000_000}},
                        "fp8": {"note": "not run here: x"}}}
+    fidelity = {"model": "large", "device": "cuda:0", "reference": "bf16", "candidate": "fp8", "step": 14,
+                "steps": 28, "seed": 0, "image": {"rel_err": 0.02, "ssim": 0.97, "psnr_db": 33.5},
+                "blocks": [{"block": i, "image_rel_err": 0.01 * i, "image_cosine": 0.99, "text_rel_err": None,
+                            "text_cosine": None} for i in range(3)]}
     (tmp_path / "speed.json").write_text(json.dumps(speed))
-    r = run_cli("bench", "report", "--out", str(tmp_path / "out"), "--from", str(tmp_path / "speed.json"))
+    (tmp_path / "fidelity.json").write_text(json.dumps(fidelity))
+    r = run_cli("bench", "report", "--out", str(tmp_path / "out"), "--from", str(tmp_path / "speed.json"),
+                "--from", str(tmp_path / "fidelity.json"))
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "out" / "index.html").read_text()
     assert 'data-path="speed/modes/bf16/eager/step_ms_max">103.25<' in text and "NVIDIA H100" in text
+    assert 'data-path="quality/columns/fp8/psnr_db">33.5<' in text and "not measured by sd35 fidelity" in text
+    assert (tmp_path / "out" / "per-block.png").is_file() and "rendered from speed.json, fidelity.json" in text
     assert "not in this report: run `sd35 bench load --json" in text
     (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
     r = run_cli("bench", "report", "--out", str(tmp_path / "o2"), "--from", str(tmp_path / "other.json"))

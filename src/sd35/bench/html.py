@@ -132,11 +132,12 @@ def _quality(doc: dict, charts: dict) -> str:
     return warn + intro + f'<div class="grid">{"".join(cards)}</div>' + _chart(charts, "per-block", "per-block error")
 
 
-TITLES = {"speed": ("Step time per precision × compile mode", "sd35 bench speed", _speed),
-          "memory": ("Memory per precision", "sd35 bench memory", _memory),
-          "load": ("Load time and peak RSS per load path", "sd35 bench load", _load),
-          "serve": ("Service latency against concurrency", "sd35 bench serve", _serve),
-          "quality": ("Quality: bf16 | fp8-weight | fp8", "sd35 fidelity / sd35 bench report", _quality)}
+TITLES = {"speed": ("Step time per precision × compile mode", "sd35 bench speed --json > speed.json", _speed),
+          "memory": ("Memory per precision", "sd35 bench memory --json > memory.json", _memory),
+          "load": ("Load time and peak RSS per load path", "sd35 bench load --json > load.json", _load),
+          "serve": ("Service latency against concurrency", "sd35 bench serve --json > serve.json", _serve),
+          "quality": ("Quality: bf16 | fp8-weight | fp8", "sd35 fidelity --per-block --json > quality.json",
+                      _quality)}
 
 
 def _header(h: dict) -> str:
@@ -155,7 +156,7 @@ def render(doc: dict, charts: dict[str, str]) -> str:
         if key in doc["sections"]:
             body.append(section(doc, charts))
         else:
-            body.append(_note(f"not in this report: run `{command} --json > {key}.json` and pass --from {key}.json"))
+            body.append(_note(f"not in this report: run `{command}` and pass --from {key}.json"))
     return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>sd35 benchmarks</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")

@@ -69,7 +69,7 @@ def read(paths: list[Path], out: Path) -> tuple[dict, dict]:
                 if f.resolve() != (out / f.name).resolve():
                     shutil.copy(f, out / f.name)
         else:
-            sections[kind] = _from_fidelity(doc) if kind == "fidelity" else doc
+            sections["quality" if kind == "fidelity" else kind] = _from_fidelity(doc) if kind == "fidelity" else doc
     return sections, header
 
 
