@@ -22,6 +22,7 @@ th:first-child, td:first-child, .kv td { text-align: left; }
 .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(150px, 1fr)); gap: 10px; }
 .grid figure { margin: 0; border: 1px solid #ddd; padding: 6px; }
 .grid figcaption { font-size: 0.8em; overflow-wrap: anywhere; }
+.grid img { width: 100%; image-rendering: pixelated; }
 code { overflow-wrap: anywhere; }
 """
 
