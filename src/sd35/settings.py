@@ -77,6 +77,9 @@ class Settings(BaseSettings):
         description="Where `sd35 cache quantize` writes and `--model NAME` finds pre-quantized folders; "
                     "default: sd35-quantized inside HF_HUB_CACHE.",
     )
+    lpips_weights: Path | None = Field(
+        default=None, description="AlexNet-LPIPS weights for `sd35 bench report` (a torchvision AlexNet checkpoint or "
+        "a full LPIPS state dict); default: the torch hub cache, then sd35-lpips inside HF_HUB_CACHE.")
     lean_load: bool = Field(
         default=True,
         description="Quantize the transformer/T5 of a bf16 source as its shards are read (host RAM: one FP8 "

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sd35.cli.common import Json, Model, Precision, handle_errors, out, settings
+from sd35.cli.common import Json, Model, Precision, err, handle_errors, out, settings
 from sd35.errors import InputError
 
 app = typer.Typer(help="Benchmarks (results belong in docs/benchmarks.md).", no_args_is_help=True)
@@ -218,3 +218,37 @@ def bench_summary(
     for r in rows:
         out.print(f"{r['tensor']}: {r['first_ms']} ms, cached {r['cached_ms']} ms (median of {repeats})\n"
                   f"  {r['summary']}", highlight=False)
+
+
+@app.command("report")
+@handle_errors
+def bench_report(
+    out_dir: Path = typer.Option(Path("bench-report"), "--out", help="folder for index.html, the PNGs, report.json"),
+    sources: Optional[list[Path]] = typer.Option(None, "--from", help="a saved `sd35 bench … --json` (or a "
+                                                 "report.json) to render instead of running; repeatable"),
+    only: str = typer.Option(",".join(("speed", "memory", "load", "serve", "quality")), "--only",
+                             help="the benchmarks to run (without --from)"),
+    model: Model = None,
+    device: Optional[str] = typer.Option(None, "--device", help="[SD35_DEVICE]"),
+    prompt: str = typer.Option("a bowl of ramen, studio photo", "--prompt", "-p", help="the quality grid's prompt"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """The benchmarks as a page: DIR/index.html (no CDN, no JavaScript) + PNG charts + report.json."""
+    try:
+        import matplotlib  # noqa: F401 - the charts
+
+        from sd35.bench import report
+    except ImportError as exc:
+        raise InputError(f"sd35 bench report needs matplotlib ({exc}).",
+                         "install the lab extra: make setup (or pip install -c constraints.txt -e '.[lab]').") from None
+    _bench_start(quiet=True)
+    wanted = [s.strip() for s in only.split(",") if s.strip()]
+    if not wanted or set(wanted) - set(report.SECTIONS):
+        raise InputError(f"--only {only!r}: unknown benchmark(s).", f"use a subset of {','.join(report.SECTIONS)}.")
+    s = settings(model=model, device=device)
+    if sources:
+        sections, head = report.read(sources, out_dir)
+    else:
+        sections, head = report.run(s, out_dir, only=wanted, prompt=prompt, seed=seed), {}
+    page = report.write(out_dir, sections, head or report.header(s, sections, sources))
+    err.print(f"wrote {page}", highlight=False)
