@@ -202,6 +202,7 @@ def test_strength_is_checked(rt):
     assert rt.check(prompt="x", image=picture, strength=0.5, steps=10).denoising_steps == 5
 
 
+@pytest.mark.slow  # three CLI processes, two of them load the model
 def test_cli_edit_and_its_refusals(tmp_path):
     gradient(150, 100).save(tmp_path / "in.png")
     hole_mask(150, 100, (10, 10, 60, 60)).save(tmp_path / "mask.png")
