@@ -313,9 +313,11 @@ def summary_time(repeats: int = 5) -> list[dict]:
 
 # --- sd35 bench load ----------------------------------------------------------------------------------------
 
-LOAD_MODES = ("bf16-quantize", "lean", "prequantized")
+LOAD_MODES = ("bf16-quantize", "lean", "prequantized", "diffusers-torchao", "diffusers-prequantized")
 # Issue #11's targets, pre-quantized vs today's path (bf16 from disk, then quantize).
 LOAD_GOALS = {"disk_ratio_max": 0.52, "rss_peak_ratio_max": 0.6, "seconds_ratio_max": 0.5}
+# Issue #30's targets, our pre-quantized load vs diffusers' own from_pretrained of the same files.
+PEER_GOALS = {"seconds_ratio_max": 1.0, "rss_peak_ratio_max": 0.85}
 
 
 def _folder_bytes(folder) -> int:
@@ -365,7 +367,7 @@ def load_child(mode: str, folder: str) -> dict:
     from diffusers import SD3Transformer2DModel, TorchAoConfig  # noqa: F401
 
     from sd35 import precision
-    from sd35.weights import lean
+    from sd35.weights import fp8io, lean
 
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -377,9 +379,9 @@ def load_child(mode: str, folder: str) -> dict:
     elif mode == "lean":
         model = lean.load_transformer(folder, quantize=True)
     elif mode == "prequantized":
-        model = lean.load_transformer(folder, quantize=False)
+        model = fp8io.load_transformer(folder)
     else:
-        raise ValueError(mode)
+        model = _diffusers_load(mode, folder)
     seconds = time.perf_counter() - t1
     cov = precision.linear_coverage(model)
     return {"seconds": round(seconds, 2), "import_seconds": round(t_import, 2),
@@ -387,10 +389,37 @@ def load_child(mode: str, folder: str) -> dict:
             "weight_bytes": precision.weight_bytes(model)["total"], **cov}
 
 
+def _diffusers_load(mode: str, folder: str):
+    """The peer rows (issue #30), diffusers' own loader on the same files: `diffusers-torchao` quantizes the
+    bf16 folder as it loads (TorchAoConfig, our KEEP_BF16 included), `diffusers-prequantized` is a stock
+    `from_pretrained` of the pre-quantized folder."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from sd35.weights.fp8io import transformer_config
+
+    kw = {"quantization_config": transformer_config()} if mode == "diffusers-torchao" else {}
+    if mode not in ("diffusers-torchao", "diffusers-prequantized"):
+        raise ValueError(mode)
+    return SD3Transformer2DModel.from_pretrained(Path(folder) / "transformer", torch_dtype=torch.bfloat16,
+                                                 use_safetensors=True, **kw)
+
+
+def _vs_diffusers(rows: dict) -> dict:
+    """Our pre-quantized load against diffusers' stock load of the same folder, with issue #30's goals."""
+    ours, peer = rows["prequantized"], rows["diffusers-prequantized"]
+    ratios = {"seconds_ratio": round(ours["seconds"] / peer["seconds"], 3),
+              "rss_peak_ratio": round(ours["rss_peak_bytes"] / peer["rss_peak_bytes"], 3)}
+    return {**ratios, "goal": {**PEER_GOALS, "met": {
+        "seconds": ratios["seconds_ratio"] <= PEER_GOALS["seconds_ratio_max"],
+        "rss_peak": ratios["rss_peak_ratio"] <= PEER_GOALS["rss_peak_ratio_max"]}}}
+
+
 def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
-    """Load one random-weight transformer of `arch` three ways, each in its own process:
+    """Load one random-weight transformer of `arch` five ways, each in its own process:
     `bf16-quantize` (today: bf16 from disk, then quantize), `lean` (quantized as the shards are read),
-    `prequantized` (FP8 data + scales from disk). Reports seconds, peak RSS and bytes read from disk."""
+    `prequantized` (FP8 data + scales mapped from disk), and diffusers' own loader on the same files
+    (`diffusers-torchao`, `diffusers-prequantized`). Reports seconds, peak RSS and bytes read from disk."""
     import json as _json
     import os
     import shutil
@@ -414,8 +443,7 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
         gc.collect()
         stored = root / "prequantized"
         q = lean.load_transformer(bf16, quantize=True)
-        pos_embed = fp8io.store_transformer(q, stored)  # what `sd35 cache quantize` writes for it
-        (stored / store.RECORD).write_text(_json.dumps({"pos_embed": pos_embed}))
+        fp8io.store_transformer(q, stored)  # what `sd35 cache quantize` writes for it
         del q
         gc.collect()
         prep = time.perf_counter() - t0
@@ -423,7 +451,7 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
         # 2. Each mode in a fresh process, files evicted from the page cache first.
         rows = {}
         for mode in LOAD_MODES:
-            folder = stored if mode == "prequantized" else bf16
+            folder = stored if mode.endswith("prequantized") else bf16
             _evict(folder)
             env = {**os.environ, "PYTHONWARNINGS": "ignore"}
             t = time.perf_counter()
@@ -445,11 +473,13 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
               "rss_peak_ratio": round(pre["rss_peak_bytes"] / base["rss_peak_bytes"], 3),
               "seconds_ratio": round(pre["seconds"] / base["seconds"], 3),
               "lean_rss_peak_ratio": round(rows["lean"]["rss_peak_bytes"] / base["rss_peak_bytes"], 3)}
+    peer = _vs_diffusers(rows)
     met = {"disk": ratios["disk_ratio"] <= LOAD_GOALS["disk_ratio_max"],
            "rss_peak": ratios["rss_peak_ratio"] <= LOAD_GOALS["rss_peak_ratio_max"],
            "seconds": ratios["seconds_ratio"] <= LOAD_GOALS["seconds_ratio_max"]}
     return {"arch": arch, "linear_parameters": base["fp8_linear_params"] + base["bf16_linear_params"],
             "modes": rows, "prequantized_vs_bf16_quantize": ratios, "goal": {**LOAD_GOALS, "met": met},
+            "prequantized_vs_diffusers": peer,
             "prepare_seconds": round(prep, 1), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "versions": store.versions(),
             "notes": "seconds: the load itself (imports excluded, in import_seconds); rss_peak_bytes: the child "
