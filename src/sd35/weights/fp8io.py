@@ -1,11 +1,14 @@
-"""The FP8 format on disk: which torchao configs make it, and how a quantized component is written.
+"""The FP8 format on disk: which torchao configs make it, how a quantized component is written, and how a
+pre-quantized transformer is read back.
 
-Why its own module: the store (`store.py`), the lean loader (`lean.py`) and `sd35 bench load` must agree
-on one format, or a folder written by one is misread by another. The format is the serialization
-diffusers 0.42 and transformers 5 already have for torchao tensors (verified with our pins): a
-`Float8Tensor` weight is written to safetensors as `<module>._weight_qdata` (float8_e4m3fn) +
-`<module>._weight_scale` (fp32, one per output row), with the tensor's type in the file's metadata, and
-`from_pretrained` rebuilds it on the meta device and assigns it — no bf16 copy ever exists.
+Why its own module: the store (`store.py`), the loader (`load.py`) and `sd35 bench load` must agree on one
+format, or a folder written by one is misread by another. The format is the serialization diffusers 0.42
+and transformers 5 already have for torchao tensors (verified with our pins): a `Float8Tensor` weight is
+written to safetensors as `<module>._weight_qdata` (float8_e4m3fn) + `<module>._weight_scale` (fp32, one
+per output row), with the tensor's type in the file's metadata, and the models' config.json carries the
+`quantization_config`. So a stock `from_pretrained` loads a stored folder too, and gives our image bit
+for bit (tested). Reading it back is torchao's job (`unflatten_tensor_state_dict`): the tensor types come
+from JSON metadata through torchao's allow-list of classes, never from a pickle.
 
 One storage format serves both FP8 modes: `fp8-weight` and `fp8` store identical per-row E4M3 weights and
 differ only in whether activations are quantized at matmul time (`retarget.py`). So every component is
@@ -23,7 +26,6 @@ from sd35 import precision
 
 QUANT_MODES = ("fp8-weight", "fp8")
 POS_EMBED = "pos_embed.pos_embed"
-
 
 
 def _modules_to_not_convert(keep: dict[str, str]) -> list[str] | None:
@@ -60,7 +62,7 @@ def t5_config():
 def computed_pos_embed(model, rows_per_chunk: int = 16):
     """The SD3 transformer's sin-cos position table as its constructor computes it (diffusers'
     `get_2d_sincos_pos_embed`, from the config alone), in bf16 as the checkpoints store it; None when the
-    model has no max-size table. Computed a band of grid rows at a time (every entry depends on its own
+    model has no max-size table. `sd35 bench load` gives its random-weight transformers this real table. Computed a band of grid rows at a time (every entry depends on its own
     position only), so the float64 intermediates stay at tens of MB instead of several GB for Medium."""
     import torch
     from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
