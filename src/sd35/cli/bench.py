@@ -70,6 +70,9 @@ def bench_load(
                   f"disk {r['disk_bytes'] / 1e9:6.2f} GB", highlight=False)
     out.print(f"pre-quantized vs today: {report['prequantized_vs_bf16_quantize']} · goals {report['goal']}",
               highlight=False)
+    peer = report["prequantized_vs_diffusers"]
+    out.print(f"pre-quantized vs diffusers' from_pretrained of the same files: time {peer['seconds_ratio']}×, "
+              f"peak RSS {peer['rss_peak_ratio']}× · goals {peer['goal']}", highlight=False)
 
 
 @app.command("serve")
