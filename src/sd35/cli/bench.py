@@ -66,7 +66,7 @@ def bench_load(
         print(json.dumps(report, indent=2))
         return
     for mode, r in report["modes"].items():
-        out.print(f"{mode:14} {r['seconds']:7.1f} s  RSS peak {r['rss_peak_bytes'] / 1e9:6.2f} GB  "
+        out.print(f"{mode:22} {r['seconds']:7.1f} s  RSS peak {r['rss_peak_bytes'] / 1e9:6.2f} GB  "
                   f"disk {r['disk_bytes'] / 1e9:6.2f} GB", highlight=False)
     out.print(f"pre-quantized vs today: {report['prequantized_vs_bf16_quantize']} · goals {report['goal']}",
               highlight=False)
