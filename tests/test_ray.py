@@ -85,10 +85,97 @@ def test_make_serve_ray_starts_a_loopback_ray_with_token_auth_and_stops_it():
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     text = run.stdout
+    assert "/v/bin/ray get-auth-token --generate" in text and "umask 077" in text  # the token, made 0600
+    assert text.index("get-auth-token") < text.index("ray start")
     assert "/v/bin/ray start --head" in text and "--include-dashboard=false" in text
     assert "RAY_AUTH_MODE=token" in text and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in text
     assert "-m sd35.service.ray_app up" in text and "-m sd35.service.ray_app down" in text
-    assert "/v/bin/ray stop" in text
+    assert "-m sd35.service.ray_app stop" in text and "ray stop" not in text  # only our Ray, never every Ray
+
+
+def test_stop_local_stops_that_ray_and_its_children_only(tmp_path):
+    """`ray_app stop` finds the processes naming our GCS (127.0.0.1:PORT, --gcs_server_port=PORT) and their
+    children; a process naming another port is left alone."""
+    import subprocess
+    import sys
+
+    from sd35.service import ray_app
+
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+    sleeper = "import time; time.sleep(120)"
+    ours = [subprocess.Popen([sys.executable, "-c", child, "--gcs-address=127.0.0.1:26399"]),
+            subprocess.Popen([sys.executable, "-c", sleeper, "--gcs_server_port=26399"])]
+    other = subprocess.Popen([sys.executable, "-c", sleeper, "--gcs-address=127.0.0.1:26398"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(ray_app.local_node_processes(26399)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        found = {p.pid for p in ray_app.local_node_processes(26399)}
+        assert {p.pid for p in ours} <= found and other.pid not in found and len(found) == 3
+        assert ray_app.stop_local(26399, grace=5) == 3
+        for p in ours:
+            assert p.wait(timeout=10) is not None
+        assert other.poll() is None and ray_app.local_node_processes(26399) == []
+    finally:
+        for p in [*ours, other]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_stop_refuses_a_ray_that_is_not_on_loopback(monkeypatch):
+    from sd35.service import ray_app
+
+    assert ray_app.local_port("127.0.0.1:6390") == 6390
+    for bad in (None, "", "auto", "10.0.0.5:6379", "127.0.0.1"):
+        monkeypatch.setenv("RAY_ADDRESS", bad or "")
+        assert ray_app.main(["stop"]) == 2
+
+
+def test_dockerfile_ray_target_is_the_runtime_image_plus_the_pinned_ray_extra():
+    import re
+
+    text = (ROOT / "docker/Dockerfile").read_text()
+    stages = {m.group(2): m.group(0) for m in re.finditer(r"^FROM (\S+) AS (\S+)$(.*?)(?=^FROM |\Z)", text, re.M | re.S)}
+    ray_stage = stages["ray"]
+    assert ray_stage.startswith("FROM runtime AS ray")  # the runtime image: its user, venv, HEALTHCHECK, CMD
+    pip = [line for line in ray_stage.replace("\\\n", " ").splitlines() if "pip install" in line]
+    assert len(pip) == 1 and re.search(r"pip install -c \S*constraints\.txt ", pip[0]), pip
+    assert re.search(r'"\S*\[[\w,]*\bray\b[\w,]*\]"', pip[0]), pip  # the `ray` extra of pyproject.toml
+    assert "ray==" not in ray_stage  # the version comes from constraints.txt only
+    users = re.findall(r"^USER (\S+)", ray_stage, re.M)
+    assert users[-1] == "${USER_UID}:${USER_GID}"  # non-root at the end
+    assert "wget" in ray_stage  # KubeRay's default probes exec wget
+    build = "docker build -f docker/Dockerfile --target ray -t"
+    assert build in text and build in (ROOT / "docs/scale-out.md").read_text()
+    manifest = (ROOT / "deploy/k8s/rayservice.yaml").read_text()
+    assert "--target ray" in manifest and "sd35-workspace:ray" in manifest
+    assert re.search(r"^ray==\d", (ROOT / "constraints.txt").read_text(), re.M)
+
+
+def test_docs_and_configs_use_commands_and_paths_that_exist():
+    """docs/scale-out.md and deploy/: `sd35 cache prefetch` (there is no `download`), the cache at
+    /srv/cache/huggingface as everywhere else, multi-node `ray start` lines that keep token auth on."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from sd35.cli import app as cli
+
+    docs = (ROOT / "docs/scale-out.md").read_text()
+    configs = [(ROOT / p).read_text() for p in ("deploy/ray/serve.yaml", "deploy/k8s/rayservice.yaml")]
+    for text in (docs, *configs):
+        assert "cache download" not in text
+        for sub in re.findall(r"sd35 cache (\w+)", text):
+            assert CliRunner().invoke(cli, ["cache", sub, "--help"]).exit_code == 0, sub
+        assert "/srv/cache/huggingface/hub" not in text
+    for text in configs:
+        assert "HF_HUB_CACHE: /srv/cache/huggingface\n" in text and "SD35_IMAGE_STORE_DIR:" in text
+    step3 = docs[docs.index("## Step 3"):docs.index("## Step 4")]
+    assert "export RAY_AUTH_MODE=token" in step3 and "RAY_AUTH_MODE=disabled" not in step3
+    assert "get-auth-token --generate" in step3 and "~/.ray/auth_token" in step3 and "RAY_AUTH_TOKEN_PATH" in step3
+    assert "ray start --head" in step3 and "ray start --address=HEAD_IP:6379" in step3
+    assert "pip install -c constraints.txt" not in docs  # step 4's old recipe (root-owned /opt/venv)
 
 
 # --- the Serve config and the KubeRay manifest ---------------------------------------------------------------

@@ -275,12 +275,12 @@ def stop_local(port: int, grace: float = 10.0) -> int:
 
 def local_port(address: str | None) -> int:
     """The GCS port of RAY_ADDRESS when it is a loopback address (`stop` never touches another machine's)."""
-    from sd35.errors import Sd35Error
+    from sd35.errors import InputError
     from sd35.net import is_loopback
 
     host, _, port = (address or "").rpartition(":")
     if not port.isdigit() or not host or not is_loopback(host):
-        raise Sd35Error(f"RAY_ADDRESS={address or ''!r} is not a loopback Ray (127.0.0.1:PORT)",
+        raise InputError(f"RAY_ADDRESS={address or ''!r} is not a loopback Ray (127.0.0.1:PORT)",
                         "`stop` only stops the local Ray that `make serve-ray` started: run it through "
                         "`make serve-ray-stop` (RAY_PORT as for serve-ray)")
     return int(port)
