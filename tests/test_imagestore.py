@@ -175,3 +175,24 @@ def test_expired_links_get_404_on_every_replica(replicas, monkeypatch):
         code, body = _get(srv.url + path)
         assert code == 404 and b"expired" in body
     assert not any(path.rsplit("/", 1)[1] in name for name in os.listdir(shared))
+
+
+def test_serve_ray_default_store_is_a_private_folder(tmp_path, monkeypatch):
+    """`make serve-ray` without SD35_IMAGE_STORE_DIR: /tmp/sd35-images-<uid>, 0700, refused when another
+    account could have made or opened it."""
+    import tempfile
+
+    from sd35.errors import Sd35Error
+
+    ray_app = pytest.importorskip("sd35.service.ray_app", reason="ray is not installed")
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    path = ray_app.local_image_dir()
+    assert path == tmp_path / f"sd35-images-{os.getuid()}" and stat.S_IMODE(path.stat().st_mode) == 0o700
+    path.chmod(0o777)
+    with pytest.raises(Sd35Error, match="others can open it"):
+        ray_app.local_image_dir()
+    path.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(Sd35Error, match="not a directory of yours"):
+        ray_app.local_image_dir()

@@ -225,7 +225,7 @@ def down(address: str | None = None) -> None:
     serve.shutdown()
 
 
-def local_node_processes(port: int, uid: int | None = None) -> list:
+def local_node_processes(port: int, uid: int | None = None, host: str = "127.0.0.1") -> list:
     """The processes of the loopback Ray whose GCS is 127.0.0.1:`port` (the one `make serve-ray` starts),
     with their children (the raylet's agents and workers, whose command lines Ray rewrites to `ray::…`).
 
@@ -236,7 +236,7 @@ def local_node_processes(port: int, uid: int | None = None) -> list:
     import psutil
 
     uid = os.getuid() if uid is None else uid
-    marks = (f"--gcs_server_port={port}", f"=127.0.0.1:{port}")
+    marks = (f"--gcs_server_port={port}", f"={host}:{port}")
     me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     found: dict[int, Any] = {}
     for proc in psutil.process_iter(["cmdline", "uids"]):
@@ -252,12 +252,12 @@ def local_node_processes(port: int, uid: int | None = None) -> list:
     return [p for pid, p in found.items() if pid not in me]
 
 
-def stop_local(port: int, grace: float = 10.0) -> int:
+def stop_local(port: int, grace: float = 10.0, host: str = "127.0.0.1") -> int:
     """SIGTERM the loopback Ray of `port` (`local_node_processes`), SIGKILL what is left after `grace` s.
     Returns how many processes there were."""
     import psutil
 
-    procs = local_node_processes(port)
+    procs = local_node_processes(port, host=host)
     for p in procs:
         try:
             p.terminate()
