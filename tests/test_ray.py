@@ -495,11 +495,12 @@ def test_make_serve_ray_from_a_clean_home(tiny_cache, tmp_path):
             f"RAY_PORT={ray_port}", f"RAY_START_ARGS=--temp-dir={ray_tmp} --num-cpus=2"]
     try:
         run = subprocess.run([*make, "serve-ray"], env=env, capture_output=True, text=True, timeout=1200)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        # 1. The token: made by `ray get-auth-token --generate`, private.
+        # 1. The token: made by `ray get-auth-token --generate` before `ray start`, private.
         token_file = home / ".ray" / "auth_token"
         assert token_file.stat().st_mode & 0o777 == 0o600 and len(token_file.read_text().strip()) >= 32
         assert (home / ".ray").stat().st_mode & 0o077 == 0
+        assert "no authentication token was found" not in run.stderr
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         url = f"http://127.0.0.1:{http_port}"
         auth = {"Authorization": f"Bearer {KEY}"}
         assert httpx.get(url + "/readyz", timeout=30).status_code == 401
