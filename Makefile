@@ -84,6 +84,10 @@ serve-ray: setup ## Serve the same API on a local Ray Serve (SD35_RAY_REPLICAS r
 	@test -n "$$RAY_AUTH_TOKEN$$RAY_AUTH_TOKEN_PATH" || test -s ~/.ray/auth_token || \
 	  (umask 077 && $(BIN)/ray get-auth-token --generate >/dev/null)
 	@chmod 600 ~/.ray/auth_token 2>/dev/null || true
+	@# A Ray already on RAY_PORT (an earlier serve-ray?) is left alone: the stop below must not reach it.
+	@$(BIN)/python -c 'import socket; socket.socket().bind(("127.0.0.1", $(RAY_PORT)))' 2>/dev/null || { \
+	  echo "error: 127.0.0.1:$(RAY_PORT) is in use (a Ray of an earlier make serve-ray?)" >&2; \
+	  echo "fix: make serve-ray-stop first, or pick another port: make serve-ray RAY_PORT=..." >&2; exit 2; }
 	$(RAY_ENV) $(BIN)/ray start --head --port=$(RAY_PORT) --include-dashboard=false --disable-usage-stats \
 	  $(RAY_START_ARGS) || { $(RAY_STOP); exit 1; }
 	$(RAY_ENV) $(BIN)/python -m sd35.service.ray_app up || { $(RAY_STOP); exit 1; }

@@ -93,6 +93,36 @@ def test_make_serve_ray_starts_a_loopback_ray_with_token_auth_and_stops_it():
     assert "-m sd35.service.ray_app stop" in text and "ray stop" not in text  # only our Ray, never every Ray
 
 
+def test_make_serve_ray_makes_the_token_in_a_clean_home_and_leaves_a_busy_port_alone(tmp_path):
+    """For real, from an empty HOME: the token is made (0600 in a 0700 ~/.ray) before anything else; a
+    RAY_PORT already taken (an earlier serve-ray) stops it with exit 2 before `ray start`, and what holds the
+    port is not touched."""
+    import socket
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    make = ["make", "-C", str(ROOT), "-o", "setup", "-o", "browser", "serve-ray",
+            f"VENV={Path(sys.executable).parent.parent}"]
+    token = home / ".ray" / "auth_token"
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        tokens = []
+        for _ in range(2):  # made once, then kept (a running cluster keeps its token)
+            run = subprocess.run([*make, f"RAY_PORT={port}"], env=_clean_env(home), capture_output=True,
+                                 text=True, timeout=300)
+            assert run.returncode == 2, run.stdout + run.stderr
+            assert f"127.0.0.1:{port} is in use" in run.stderr and "fix: make serve-ray-stop" in run.stderr
+            assert "ray start" not in run.stdout and "Traceback" not in run.stderr
+            assert token.stat().st_mode & 0o777 == 0o600 and (home / ".ray").stat().st_mode & 0o777 == 0o700
+            tokens.append(token.read_text())
+        held.getsockname()  # still open: nothing stopped what holds the port
+    assert len(tokens[0].strip()) >= 32 and tokens[1] == tokens[0]
+
+
 def test_stop_local_stops_that_ray_and_its_children_only(tmp_path):
     """`ray_app stop` finds the processes naming our GCS (127.0.0.1:PORT, --gcs_server_port=PORT) and their
     children; a process naming another port is left alone."""
