@@ -89,7 +89,10 @@ serve-ray: setup ## Serve the same API on a local Ray Serve (SD35_RAY_REPLICAS r
 	  echo "error: 127.0.0.1:$(RAY_PORT) is in use (a Ray of an earlier make serve-ray?)" >&2; \
 	  echo "fix: make serve-ray-stop first, or pick another port: make serve-ray RAY_PORT=..." >&2; exit 2; }
 	$(RAY_ENV) $(BIN)/ray start --head --port=$(RAY_PORT) --include-dashboard=false --disable-usage-stats \
-	  $(RAY_START_ARGS) || { $(RAY_STOP); exit 1; }
+	  $(RAY_START_ARGS) || { $(RAY_STOP); \
+	  echo "error: ray start failed (output above; Ray's logs: /tmp/ray/session_latest/logs); what it started is stopped" >&2; \
+	  echo "fix: 'timed out during startup' means a machine too busy for Ray's fixed start-up waits: retry later" >&2; \
+	  exit 1; }
 	$(RAY_ENV) $(BIN)/python -m sd35.service.ray_app up || { $(RAY_STOP); exit 1; }
 
 serve-ray-stop: ## Stop the Ray Serve app and the local Ray that `make serve-ray` started (only that one)
