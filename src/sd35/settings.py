@@ -127,7 +127,10 @@ class Settings(BaseSettings):
     body_timeout: float = Field(default=30.0, gt=0, description="Seconds a client may take to send its body.")
     header_timeout: float = Field(default=15.0, gt=0, description="Seconds a connection may take to send headers.")
     image_url_ttl: float = Field(default=600.0, gt=0, description="Seconds `response_format: url` links last.")
-    image_store_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Memory for those images.")
+    image_store_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Memory (or disk, with "
+                                   "SD35_IMAGE_STORE_DIR) for those images.")
+    image_store_dir: Path | None = Field(default=None, description="Keep those images in this directory (shared "
+                                         "by every replica) instead of memory; unset: memory.")
     warmup: bool = Field(default=True, description="One 1-step generation after loading, before READY.")
     instances: int | None = Field(default=None, ge=1, le=64, description="Service processes that load at once "
                                   "(doctor's host-RAM check); default: the enabled sd35-api@ units, else 1.")
