@@ -38,7 +38,8 @@ LatentsCallback = Callable[[int, object], None]
 
 
 class Cancelled(Exception):
-    """A generation stopped at a step boundary because its `cancel` event was set."""
+    """A generation stopped at a step boundary: its `cancel` event was set, or (the service) its deadline
+    passed or its client gave up."""
 
 
 class Runtime:

@@ -26,7 +26,8 @@ from sd35.errors import InputError, Sd35Error
 from sd35.models import expand_alias
 from sd35.service import images, page, stream
 from sd35.service.schemas import ErrorBody, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject, error_body, has_lone_surrogate
-from sd35.service.worker import Busy, Cancelled, NotReady, OutOfMemory, ShuttingDown
+from sd35.runtime import Cancelled
+from sd35.service.worker import Busy, NotReady, OutOfMemory, ShuttingDown
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -66,12 +67,6 @@ class Plan:
     text_tokens: int
     revised_prompt: str
     notes: list[str] = field(default_factory=list)
-
-
-def max_side(runtime) -> int:
-    """The largest width/height the loaded MMDiT's position embedding covers (and generate allows):
-    pos_embed_max_size patches x patch_size x the VAE's down-sampling (runtime.info, from its configs)."""
-    return runtime.info.max_side
 
 
 def _text(value: str | None, name: str) -> JSONResponse | None:
@@ -116,7 +111,7 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
         if not m:
             return _bad(f'size must be "auto" or "WIDTHxHEIGHT", e.g. "{width}x{height}" (got {body.size!r})', "size")
         width, height = int(m.group(1)), int(m.group(2))
-    side = max_side(runtime)
+    side = runtime.info.max_side  # what the MMDiT's position embedding covers
     if max(width, height) > side:
         return _bad(f"size {width}x{height}: this model supports at most {side} px per side "
                     f"(its position embedding), e.g. \"{min(side, width)}x{min(side, height)}\"", "size")

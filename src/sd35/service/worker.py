@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from sd35.inference import generate as gen
 from sd35.errors import Sd35Error
-from sd35.runtime import Runtime
+from sd35.runtime import Cancelled, Runtime
 from sd35.settings import Settings
 from sd35.service import images, notify
 
@@ -44,10 +44,6 @@ class Busy(Exception):
 
 class NotReady(Exception):
     """The model is not loaded (yet, or it failed to load)."""
-
-
-class Cancelled(Exception):
-    """The job passed its deadline (or its client gave up) and was stopped at a step boundary."""
 
 
 class OutOfMemory(Exception):
