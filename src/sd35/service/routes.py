@@ -27,7 +27,7 @@ from sd35.models import expand_alias
 from sd35.service import images, page, stream
 from sd35.service.schemas import ErrorBody, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject, error_body, has_lone_surrogate
 from sd35.runtime import Cancelled
-from sd35.service.worker import Busy, NotReady, OutOfMemory, ShuttingDown
+from sd35.service.worker import Busy, NotReady, OutOfMemory, ShuttingDown, WorkerFailed
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -158,8 +158,12 @@ def _job_error(exc: BaseException, settings) -> JSONResponse:
         return error(504, f"generation did not finish within {settings.request_timeout:g} s (SD35_REQUEST_TIMEOUT)",
                      "server_error", None, "timeout")
     if isinstance(exc, OutOfMemory):
-        return error(503, "the GPU ran out of memory for this request; memory was released — retry, or ask for "
-                     "fewer pixels or a smaller n", "server_error", None, "out_of_memory", headers={"Retry-After": "1"})
+        return error(503, "the service ran out of memory for this request; memory was released — retry, or ask "
+                     "for fewer pixels or a smaller n", "server_error", None, "out_of_memory",
+                     headers={"Retry-After": "1"})
+    if isinstance(exc, WorkerFailed):
+        return error(503, "the GPU worker failed and the service is restarting; retry in a moment", "server_error",
+                     None, "worker_failed", headers={"Retry-After": "10"})
     if isinstance(exc, ShuttingDown):
         return error(503, "the service is restarting and could not finish this request; retry in a moment",
                      "server_error", None, "shutting_down", headers={"Retry-After": "10"})
