@@ -146,9 +146,20 @@ class Stored:
     expires: float
 
 
+def stored_bound(width: int, height: int, n: int) -> int:
+    """An upper bound on the encoded bytes of `n` images (raw RGB + PNG's per-row and header overhead):
+    what a `url` response may need in the store, known before the GPU runs."""
+    return n * (width * height * 3 + height + 4096)
+
+
+class DoesNotFit(Exception):
+    """The images of one response are more than the whole store holds."""
+
+
 class ImageStore:
     """Images behind `response_format: url`: an id → bytes map that forgets after `ttl` seconds and keeps
-    at most `max_bytes` (oldest dropped first)."""
+    at most `max_bytes` (oldest dropped first — but never an image of the response being stored: a
+    response's images go in together, or not at all)."""
 
     def __init__(self, ttl: float, max_bytes: int):
         self.ttl, self.max_bytes = ttl, max_bytes
@@ -157,15 +168,24 @@ class ImageStore:
         self._lock = threading.Lock()
 
     def put(self, data: bytes, media_type: str) -> str:
-        image_id = "img_" + secrets.token_urlsafe(18)
+        return self.put_all([data], media_type)[0]
+
+    def put_all(self, datas: list[bytes], media_type: str) -> list[str]:
+        """Store one response's images together; raises DoesNotFit when they alone exceed `max_bytes`."""
+        total = sum(len(d) for d in datas)
+        if total > self.max_bytes:
+            raise DoesNotFit(f"{total} bytes of images; the store holds {self.max_bytes}")
+        ids = ["img_" + secrets.token_urlsafe(18) for _ in datas]
         with self._lock:
             self._expire()
-            self._items[image_id] = Stored(data, media_type, time.monotonic() + self.ttl)
-            self._bytes += len(data)
-            while self._bytes > self.max_bytes and len(self._items) > 1:
+            while self._items and self._bytes + total > self.max_bytes:  # older responses' images only
                 _, old = self._items.popitem(last=False)
                 self._bytes -= len(old.data)
-        return image_id
+            expires = time.monotonic() + self.ttl
+            for image_id, data in zip(ids, datas):
+                self._items[image_id] = Stored(data, media_type, expires)
+            self._bytes += total
+        return ids
 
     def get(self, image_id: str) -> Stored | None:
         with self._lock:

@@ -143,6 +143,12 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
         tokens += neg_tokens
         notes += [f"negative_{note}" for note in neg_notes]
     fmt = body.output_format or "png"
+    if body.response_format == "url" and not body.stream and \
+            images.stored_bound(width, height, body.n) > settings.image_store_bytes:
+        return _bad(f"{body.n} image(s) of {width}x{height} may need {images.stored_bound(width, height, body.n)} "
+                    f"bytes, more than the link store holds (SD35_IMAGE_STORE_BYTES={settings.image_store_bytes}); "
+                    "use response_format b64_json, or ask for fewer or smaller images", "response_format",
+                    "too_large_for_url")
     if body.output_compression is not None and fmt == "png":
         notes.append("output_compression applies to jpeg and webp; png is lossless")
     if body.style is not None:
@@ -218,11 +224,17 @@ async def _wait(job, request: Request):
                 raise ClientGone from None
 
 
-async def _finish(result, plan: Plan, request: Request) -> tuple[list[dict], dict, dict]:
-    """Encode the images. Returns the `data` items, the usage of one image and of all of them."""
+async def _finish(result, plan: Plan, request: Request, *, store: bool) -> tuple[list[dict], dict, dict]:
+    """Encode the images (base64 too, off the event loop); `store`: keep them behind links (`url`), all of
+    one response together. Returns the `data` items, the usage of one image and of all of them."""
     state = request.app.state
     fmt, compression = plan.output_format, plan.output_compression
-    encoded = await run_in_threadpool(lambda: [images.encode(im, fmt, compression) for im in result.images])
+
+    def encode_all() -> tuple[list[bytes], list[str | None]]:
+        datas = [images.encode(im, fmt, compression) for im in result.images]
+        return datas, [None if store else images.b64(d) for d in datas]
+
+    encoded, b64s = await run_in_threadpool(encode_all)
     width, height = map(int, plan.size.split("x"))
     out_tokens = images.image_tokens(width, height)
 
@@ -231,13 +243,11 @@ async def _finish(result, plan: Plan, request: Request) -> tuple[list[dict], dic
                 "input_tokens_details": {"text_tokens": plan.text_tokens, "image_tokens": 0},
                 "output_tokens": out_tokens * count, "total_tokens": plan.text_tokens + out_tokens * count}
 
-    items = []
-    for data in encoded:
-        item = {"revised_prompt": plan.revised_prompt, "b64_json": images.b64(data)}
-        if plan.response_format == "url":
-            item = {"revised_prompt": plan.revised_prompt,
-                    "url": _url_for(request, state.images.put(data, images.MEDIA_TYPES[fmt]))}
-        items.append(item)
+    if store:
+        ids = state.images.put_all(encoded, images.MEDIA_TYPES[fmt])  # DoesNotFit: the caller says so
+        items = [{"revised_prompt": plan.revised_prompt, "url": _url_for(request, i)} for i in ids]
+    else:
+        items = [{"revised_prompt": plan.revised_prompt, "b64_json": b} for b in b64s]
     state.metrics.images.inc(len(encoded))
     return items, usage(1), usage(len(encoded))
 
@@ -293,11 +303,10 @@ async def create_image(body: ImageGenerationRequest, request: Request):
              body.safety_identifier or body.user)
 
     if body.stream:
-        async def finish(result) -> list[dict]:
-            items, one, _ = await _finish(result, plan, request)
+        async def finish(result) -> list[dict]:  # streamed images travel as base64 (OpenAI's events)
+            items, one, _ = await _finish(result, plan, request, store=False)
             state.metrics.latency.observe(time.monotonic() - started)
-            return [{"b64_json": it.get("b64_json") or images.b64(state.images.get(it["url"].rsplit("/", 1)[1]).data),
-                     "usage": one} for it in items]
+            return [{"b64_json": it["b64_json"], "usage": one} for it in items]
 
         return StreamingResponse(stream.events(job, previews, plan, finish, lambda exc: _error_dict(exc, settings),
                                                lambda: cut_off(worker)),
@@ -309,7 +318,12 @@ async def create_image(body: ImageGenerationRequest, request: Request):
     except Exception as exc:  # noqa: BLE001 - mapped to 503/504/400, anything else re-raised (500)
         return _job_error(exc, settings)
     access["queue_wait"] = max(0.0, time.monotonic() - started - sum(result.timings.values()))
-    items, _, usage = await _finish(result, plan, request)
+    try:
+        items, _, usage = await _finish(result, plan, request, store=plan.response_format == "url")
+    except images.DoesNotFit as exc:
+        return _bad(f"the images of this response ({exc}) do not fit the link store (SD35_IMAGE_STORE_BYTES); use "
+                    "response_format b64_json, or ask for fewer or smaller images", "response_format",
+                    "too_large_for_url")
     state.metrics.latency.observe(time.monotonic() - started)
     loaded = worker.runtime.loaded
     r = plan.request
