@@ -460,3 +460,56 @@ def test_the_probe_does_get_into_a_listening_debuggee(other):
     finally:
         victim.kill()
         victim.wait()
+
+
+# --- the compile cache: code another account plants there would run as the service -------------------------
+
+@needs_other
+@pytest.mark.timeout(120)
+def test_a_compile_cache_the_other_account_can_write_is_refused(other, tmp_path):
+    from sd35.inference import compilation
+    from sd35.ops import doctor
+    from sd35.settings import Settings
+
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="sd35-cc-", dir="/tmp"))  # pytest's tmp_path is not open to others
+    base.chmod(0o755)
+    try:
+        _refuse_planted_caches(other, base, tmp_path)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _refuse_planted_caches(other, base: Path, tmp_path: Path) -> None:
+    from sd35.inference import compilation
+    from sd35.ops import doctor
+    from sd35.settings import Settings
+
+    # 1. the other account's own folder, named as ours
+    theirs = base / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, other.pw_uid, other.pw_gid)
+    # 2. a cache of ours others can enter, where the other account really planted a kernel (as it could in
+    #    the group-writable shared cache of old)
+    ours = base / "ours"
+    (ours / "torch-x" / "ab").mkdir(parents=True)
+    for p in (ours, ours / "torch-x"):
+        p.chmod(0o755)
+    (ours / "torch-x" / "ab").chmod(0o777)
+    planted = as_other(other, """
+import json, os
+path = os.path.join(os.environ["DIR"], "kernel.py")
+open(path, "w").write("import os; os.system('id > /tmp/pwned')")
+print(json.dumps({"planted": path}))
+""", {"DIR": str(ours / "torch-x" / "ab")})["planted"]
+    assert os.stat(planted).st_uid == other.pw_uid
+    for cache, said in ((theirs, "belongs to another account"), (ours, "can be written by other accounts")):
+        problem = compilation.cache_problem(cache)
+        assert problem is not None and said in problem, problem
+        r = subprocess.run(sd35("generate", "--compile", "blocks", "--steps", "1", "--out", str(tmp_path / "o")),
+                           capture_output=True, text=True, env=base_env(SD35_COMPILE_CACHE=str(cache)), timeout=120)
+        assert r.returncode == 2 and said in r.stderr and "SD35_COMPILE_CACHE" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+        check = doctor.check_compile_cache(doctor.Context(settings=Settings(_env_file=None, compile_cache=cache)))
+        assert check.status == doctor.FAIL and said in check.finding, check

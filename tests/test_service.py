@@ -630,3 +630,48 @@ def test_stop_right_after_a_job_is_taken_finishes_it_or_answers_503_never_504(gr
         with pytest.raises(worker_mod.ShuttingDown):
             job.future.result(timeout=5)
     assert worker.state == "stopped"
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed (.ci/run installs it)")
+def test_every_path_the_unit_writes_is_writable_under_its_sandbox(monkeypatch):
+    """ProtectSystem=strict makes everything read-only but ReadWritePaths=, CacheDirectory= (/var/cache/X) and
+    StateDirectory= (/var/lib/X): every folder the service writes, from the unit's and sd35.env's settings,
+    must be inside one of them — and the compile cache private (CacheDirectoryMode=0700), never shared."""
+    from sd35.inference import compilation
+    from sd35.settings import Settings
+
+    unit = ROOT / "systemd" / "sd35-api@.service"
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    lines = [ln.strip() for ln in unit.read_text().splitlines() if "=" in ln and not ln.lstrip().startswith("#")]
+    directives: dict[str, list[str]] = {}
+    for ln in lines:
+        k, _, v = ln.partition("=")
+        directives.setdefault(k, []).append(v)
+    writable = [Path(p) for v in directives.get("ReadWritePaths", []) for p in v.split()]
+    writable += [Path("/var/cache") / d for v in directives.get("CacheDirectory", []) for d in v.split()]
+    writable += [Path("/var/lib") / d for v in directives.get("StateDirectory", []) for d in v.split()]
+    assert directives.get("CacheDirectoryMode") == ["0700"] and directives.get("ProtectSystem") == ["strict"]
+    env = {}
+    for ln in (ROOT / "systemd" / "sd35.env.example").read_text().splitlines():
+        if "=" in ln and not ln.startswith("#"):
+            k, _, v = ln.partition("=")
+            env[k.strip()] = v.strip()
+    for v in directives["Environment"]:
+        k, _, val = v.partition("=")
+        env[k] = val
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("HOME", "/nonexistent")  # ProtectHome=yes: nothing may fall back to ~
+    s = Settings(_env_file=None)
+    written = {"SD35_OUTPUT_DIR": s.output_dir, "SD35_CACHE_DIR": s.cache_dir, "HF_HUB_CACHE": s.hf_hub_cache,
+               "SD35_QUANTIZED_DIR": s.quantized_dir or Path(s.hf_hub_cache) / "sd35-quantized",
+               "SD35_COMPILE_CACHE": compilation.cache_root(s),
+               "WorkingDirectory": Path(directives["WorkingDirectory"][0])}
+    for name, path in written.items():
+        assert any(Path(path) == w or w in Path(path).parents for w in writable), (name, path, writable)
+    # the compile cache: in the private CacheDirectory, not under the team-writable ReadWritePaths
+    compile_root = compilation.cache_root(s)
+    shared = [Path(p) for v in directives.get("ReadWritePaths", []) for p in v.split()]
+    assert not any(w == compile_root or w in compile_root.parents for w in shared), compile_root
+    assert env.get("SD35_COMPILE_CACHE", "").startswith("/var/cache/")

@@ -622,6 +622,26 @@ def check_hub_cache(ctx: Context) -> Check:
 
 
 @check
+def check_compile_cache(ctx: Context) -> Check:
+    """The compiled-kernel cache must be writable by this account alone: inductor imports code from it."""
+    from sd35.inference import compilation
+
+    if ctx.settings is None:
+        return Check("compile cache", SKIP, "settings invalid (see above)")
+    root = compilation.cache_root(ctx.settings)
+    problem = compilation.cache_problem(root)
+    if problem is not None:
+        return Check("compile cache", FAIL, f"{root}: {problem}: whoever can write there runs code as the service "
+                     "once it compiles (SD35_COMPILE=auto on a GPU)", "point SD35_COMPILE_CACHE at a folder only this account "
+                     f"can write (the unit's CacheDirectory=, docs/hosting.md), or, if {root} is its own, chmod 0700 it")
+    parent = next((p for p in [root, *root.parents] if p.exists()), Path("/"))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return Check("compile cache", FAIL, f"{root} cannot be created: {parent} is not writable by this account",
+                     "point SD35_COMPILE_CACHE at a folder this account can write (mode 0700)")
+    return Check("compile cache", OK, f"{root} (this account's alone{'' if root.exists() else ', created 0700 at the first compile'})")
+
+
+@check
 def check_model(ctx: Context) -> Check:
     from sd35.errors import ModelError
     from sd35.weights.hub import check_local, find_lfs_pointers, find_local, revision_for

@@ -314,7 +314,8 @@ def load_t5(folder: Path, *, quantize: bool):
     from transformers import T5EncoderModel
 
     kw = {"quantization_config": t5_config()} if quantize else {}
-    return T5EncoderModel.from_pretrained(Path(folder) / "text_encoder_3", dtype=torch.bfloat16, **kw)
+    return T5EncoderModel.from_pretrained(Path(folder) / "text_encoder_3", dtype=torch.bfloat16,
+                                          use_safetensors=True, **kw)
 
 
 def is_fp8(module) -> bool:
