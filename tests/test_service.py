@@ -369,6 +369,7 @@ def test_sigterm_drains_in_flight_request_and_notifies_systemd(tmp_path, tiny_ca
 
 # --- the unit -------------------------------------------------------------------------------------------
 
+@pytest.mark.root
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed (.ci/run installs it)")
 def test_unit_verifies_clean_and_is_hardened(tmp_path):
     unit = tmp_path / "sd35-api@0.service"
@@ -632,6 +633,7 @@ def test_stop_right_after_a_job_is_taken_finishes_it_or_answers_503_never_504(gr
     assert worker.state == "stopped"
 
 
+@pytest.mark.root
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed (.ci/run installs it)")
 def test_every_path_the_unit_writes_is_writable_under_its_sandbox(monkeypatch):
     """ProtectSystem=strict makes everything read-only but ReadWritePaths=, CacheDirectory= (/var/cache/X) and
