@@ -677,3 +677,49 @@ def test_every_path_the_unit_writes_is_writable_under_its_sandbox(monkeypatch):
     shared = [Path(p) for v in directives.get("ReadWritePaths", []) for p in v.split()]
     assert not any(w == compile_root or w in compile_root.parents for w in shared), compile_root
     assert env.get("SD35_COMPILE_CACHE", "").startswith("/var/cache/")
+
+
+# --- a real allocation failure (not an injected exception) -------------------------------------------------
+
+@pytest.mark.slow
+def test_a_real_cpu_allocation_failure_fails_that_job_alone_with_503(tiny_cache, tmp_path):
+    """The service under a lowered address-space limit (RLIMIT_AS, set on the running process once it is
+    warm): a request too big to fit gets the JSON 503 of an OOM — the CPU allocator's error is treated
+    like CUDA's — and the next job works."""
+    import resource
+
+    port = free_port()
+    env = {**os.environ, "SD35_CACHE_DIR": str(tiny_cache), "SD35_DEVICE": "cpu", "SD35_API_KEY": KEY,
+           "SD35_MAX_PIXELS": str(1536 * 1536), "SD35_REQUEST_TIMEOUT": "300",
+           "MALLOC_ARENA_MAX": "2"}  # no 64 MiB address-space reservation per new thread
+    proc = subprocess.Popen(sd35_cmd() + ["serve", "--port", str(port)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = read_in_background(proc)
+    url = f"http://127.0.0.1:{port}"
+    small = {"prompt": "x", "size": "128x128", "steps": 1}
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if call(url + "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert call(url + "/v1/images/generations", "POST", small)[0] == 200  # threads and pools warm
+        vm = next(int(ln.split()[1]) * 1024 for ln in open(f"/proc/{proc.pid}/status") if ln.startswith("VmSize"))
+        resource.prlimit(proc.pid, resource.RLIMIT_AS, (vm + 200 * 2**20, resource.RLIM_INFINITY))
+        code, headers, payload = call(url + "/v1/images/generations", "POST",
+                                      {"prompt": "x", "size": "1536x1536", "steps": 1}, timeout=300)
+        assert code == 503 and payload["error"]["code"] == "out_of_memory" and headers["Retry-After"], payload
+        code, _, payload = call(url + "/v1/images/generations", "POST", small)
+        assert code == 200 and len(payload["data"]) == 1, payload
+        assert call(url + "/readyz")[0] == 200
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    out = output()
+    assert "out of memory; memory released" in out and "Traceback" not in out, out[-3000:]
