@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("sd35.access")  # one line per request: who, what, how long
 OPEN_PATHS = {"/healthz"}  # everything else needs the API key when one is set
 JSON_BODY_PATHS = {"/v1/images/generations"}
-AUTH_THREADS = 2  # scrypt checks at once (16 MiB each), on their own limiter: never the request/encode pool
+AUTH_THREADS = 1  # scrypt checks at once (16 MiB, one core each), on their own limiter: never the pool
+#                  that checks requests and encodes images; one, so a flood of wrong keys holds one core at most
 AUTH_WAITING = 64  # first-sight tokens waiting for a check beyond which a new one is told to retry (429)
 KNOWN_PATHS = {"/v1/images/generations", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json",
                "/docs"}
