@@ -63,7 +63,8 @@ def test_a_compile_cache_others_can_write_is_refused(tmp_path, monkeypatch, mode
     plan = compilation.resolve(Settings(compile="blocks"), device="cpu", purpose="generate")
     assert plan.mode == "blocks" and plan.cache_dir is None and "compiling without a cache" in said[0]
     for var in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # records the undo: _use_cache's values must not outlive this test
+        monkeypatch.delenv(var)
     compilation._use_cache(plan.cache_dir)
     private = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     assert private.stat().st_mode & 0o777 == 0o700 and not str(private).startswith(str(tmp_path / "xdg"))
