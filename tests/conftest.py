@@ -12,8 +12,62 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTING_VARS = ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HOME")
 
 
+def no_keys(folder: Path) -> Path:
+    """An empty keys file (0640): a service with no keys, whatever /etc/sd35/api-keys holds on this machine."""
+    path = folder / "no-api-keys"
+    if not path.exists():
+        path.touch(mode=0o640)
+        path.chmod(0o640)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_session(tmp_path_factory):
+    """Before any fixture of any scope builds Settings(): no SD35_*/HF_* variables of the developer's shell,
+    an empty working folder (no .env: a checkout whose .env says SD35_MODEL=large still tests the tiny
+    model), an empty Hub cache, and no /etc/sd35/api-keys (the machine's keys never reach a test's app).
+    `clean_env` then does the same per test, in the test's own folder."""
+    mp = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("session")
+    for key in list(os.environ):
+        if key.startswith("SD35_") or key in SETTING_VARS:
+            mp.delenv(key, raising=False)
+    mp.setenv("HF_HUB_CACHE", str(home / "hf-cache"))
+    mp.setenv("HF_HOME", str(home / "hf-home"))
+    mp.chdir(home)
+    from sd35.service import auth
+
+    mp.setattr(auth, "DEFAULT_FILE", home / "etc-sd35" / "api-keys")
+    keys = no_keys(home)
+    mp.setenv("SD35_API_KEYS_FILE", str(keys))  # the CLI in a subprocess: not the machine's file either
+    yield keys
+    mp.undo()
+
+
+ROOT_FIXTURES = {"browser", "other"}  # chromium (installed as root), a second Unix account (useradd)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on a fixture only root can provide are `root` tests, like those marked by hand."""
+    for item in items:
+        if ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.root)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (.ci/run: as root, CI_REQUIRE_ROOT_TESTS=1) a `root` test that skips is a failure: what it
+    needs is installed there, so a skip would hide a test that never ran."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI_REQUIRE_ROOT_TESTS") == "1" and item.get_closest_marker("root"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"a `root` test skipped under .ci/run (CI_REQUIRE_ROOT_TESTS=1): {reason}"
+
+
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory) -> Path:
+def tiny_cache(tmp_path_factory, hermetic_session) -> Path:
     """One tiny model build per test session, shared by every test (SD35_CACHE_DIR)."""
     from sd35.weights import tiny
 
@@ -23,7 +77,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path, tiny_cache):
+def clean_env(monkeypatch, tmp_path, tiny_cache, hermetic_session):
     """Each test starts with no SD35_*/HF_* variables, in an empty folder (so no stray .env), with the
     tiny model cache shared and the Hub cache empty."""
     for key in list(os.environ):
@@ -34,6 +88,10 @@ def clean_env(monkeypatch, tmp_path, tiny_cache):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token from the developer
     monkeypatch.chdir(tmp_path)
     from sd35 import hardware
+    from sd35.service import auth
+
+    monkeypatch.setattr(auth, "DEFAULT_FILE", tmp_path / "etc-sd35" / "api-keys")
+    monkeypatch.setenv("SD35_API_KEYS_FILE", str(hermetic_session))
 
     hardware.detect.cache_clear()
     yield

@@ -4,6 +4,8 @@ shared across processes, and compiled images matching eager ones. The speed itse
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +16,15 @@ from sd35.inference import compilation
 from sd35.settings import Settings
 
 
-def test_auto_compiles_for_serve_on_cuda_only(tmp_path):
+def test_auto_compiles_for_serve_on_cuda_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     s = Settings(hf_hub_cache=tmp_path / "hub")
     serve = compilation.resolve(s, device="cuda:0", purpose="serve")
     assert serve.mode == "blocks" and "serve" in serve.reason
-    assert serve.cache_dir.startswith(str(tmp_path / "sd35-compile"))  # beside the (shared) HF cache
+    # this account's own cache, never beside the (shared) Hugging Face cache; created 0700
+    assert serve.cache_dir.startswith(str(tmp_path / "xdg" / "sd35-compile"))
+    for folder in (tmp_path / "xdg", tmp_path / "xdg" / "sd35-compile", Path(serve.cache_dir)):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
     one_off = compilation.resolve(s, device="cuda:0", purpose="generate")
     assert one_off.mode == "off" and "single image" in one_off.reason
     assert compilation.resolve(s, device="cpu", purpose="serve").mode == "off"
@@ -34,6 +40,48 @@ def test_debugging_stays_eager(env, monkeypatch):
     plan = compilation.resolve(Settings(compile="blocks", **env), device="cuda:0", purpose="serve")
     assert plan.mode == "off" and "eager" in plan.reason
     assert any("compile=blocks ignored" in m for m in said), said
+
+
+@pytest.mark.parametrize("mode", [0o775, 0o757, 0o777])
+def test_a_compile_cache_others_can_write_is_refused(tmp_path, monkeypatch, mode):
+    """Explicit SD35_COMPILE_CACHE: exit 2 naming the problem. The default one: a warning, and a compile
+    with no cache at all (a fresh private folder, inductor's caches off)."""
+    from sd35.errors import InputError
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(InputError, match="can be written by other accounts") as info:
+        compilation.resolve(Settings(compile="blocks", compile_cache=shared), device="cpu", purpose="generate")
+    assert "SD35_COMPILE_CACHE" in info.value.fix
+    # the default location, made writable by others (a shared home, a group-writable ~/.cache)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (tmp_path / "xdg" / "sd35-compile").mkdir(parents=True)
+    (tmp_path / "xdg").chmod(mode)
+    said = []
+    monkeypatch.setattr(compilation.log, "warning", lambda msg, *a: said.append(msg % a))
+    plan = compilation.resolve(Settings(compile="blocks"), device="cpu", purpose="generate")
+    assert plan.mode == "blocks" and plan.cache_dir is None and "compiling without a cache" in said[0]
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.setenv(var, "")  # records the undo: _use_cache's values must not outlive this test
+        monkeypatch.delenv(var)
+    compilation._use_cache(plan.cache_dir)
+    private = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert private.stat().st_mode & 0o777 == 0o700 and not str(private).startswith(str(tmp_path / "xdg"))
+    assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "0" and os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "0"
+
+
+def test_a_file_planted_inside_an_open_cache_is_found(tmp_path):
+    cache = tmp_path / "cc"
+    (cache / "torch-x" / "ab").mkdir(parents=True)
+    cache.chmod(0o755)
+    assert compilation.cache_problem(cache) is None
+    planted = cache / "torch-x" / "ab" / "kernel.py"
+    planted.write_text("import os  # planted")
+    planted.chmod(0o666)
+    assert "kernel.py can be written by other accounts" in compilation.cache_problem(cache)
+    cache.chmod(0o700)  # nobody else can enter: what is inside is out of their reach
+    assert compilation.cache_problem(cache) is None
 
 
 def test_bad_compile_mode_is_a_clear_error(tmp_path):

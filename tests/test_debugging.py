@@ -149,6 +149,19 @@ def test_debugpy_connect_refuses_a_port_nobody_of_ours_listens_on():
             breakpoints.listen(f"127.0.0.1:{port}")
 
 
+def test_debugpy_connect_fails_closed_when_listeners_cannot_be_read(monkeypatch):
+    from sd35 import net
+
+    monkeypatch.setattr(net, "tcp_listeners", lambda *a, **k: None)  # /proc/net/tcp unreadable (hidepid, a jail)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]  # something listens: whose cannot be told
+        with pytest.raises(InputError, match="cannot read /proc/net/tcp") as info:
+            breakpoints.listen(f"127.0.0.1:{port}")
+    assert "SD35_DEBUGPY_ALLOW_REMOTE=1" in info.value.fix
+
+
 def test_cli_refuses_remote_debugpy(tmp_path):
     r = run_cli("generate", "--out", str(tmp_path / "o"), env={"SD35_DEBUGPY": "listen:0.0.0.0:5678"})
     assert r.returncode == 2 and "executes code for anyone" in r.stderr and "SD35_DEBUGPY_ALLOW_REMOTE" in r.stderr

@@ -38,7 +38,9 @@ def test_keys_file_hashes_checks_and_refuses_loose_modes(tmp_path):
     key = auth.add(path, "alice")
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     line = path.read_text().strip()
-    assert line.startswith("alice:scrypt$") and key not in line  # only the salted hash is stored
+    key_id = key.split("_")[1]
+    assert key.startswith(f"sd35_{key_id}_") and line.startswith(f"alice:{key_id}:scrypt$")
+    assert key.split("_", 2)[2] not in line  # only the salted hash is stored
     ring = auth.KeyRing(auth.read(path), default_key="old-single-key")
     assert ring.identify(key) == "alice" and ring.cached(key) == (True, "alice")  # fast path after the first
     assert ring.identify("old-single-key") == "default" and ring.identify("nope") is None
@@ -58,12 +60,82 @@ def test_keys_cli_prints_the_key_once_and_lists_names(tmp_path):
 
     keys = tmp_path / "api-keys"
     r = run_cli("keys", "add", "bob", "--file", str(keys))
-    assert r.returncode == 0 and r.stdout.strip().startswith("sd35-") and r.stdout.strip() not in keys.read_text()
+    assert r.returncode == 0 and r.stdout.strip().startswith("sd35_") and r.stdout.strip() not in keys.read_text()
     assert "shown once" in r.stderr
     r = run_cli("keys", "list", "--file", str(keys))
     assert r.returncode == 0 and r.stdout.split() == ["bob"]
     r = run_cli("keys", "add", "default", "--file", str(keys))
     assert r.returncode == 2 and "not allowed" in r.stderr and "fix:" in r.stderr
+
+
+def _counting_scrypt(monkeypatch) -> list:
+    import hashlib
+
+    calls, real = [], hashlib.scrypt
+
+    def scrypt(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(hashlib, "scrypt", scrypt)
+    return calls
+
+
+def test_a_flood_of_wrong_tokens_costs_no_scrypt_and_never_evicts_a_valid_key(tmp_path, monkeypatch):
+    """5,000 distinct wrong tokens of every shape: none runs a scrypt unless it names a real key id (then
+    exactly one), repeats are answered from the failure cache, and the valid key stays a cache hit."""
+    path = tmp_path / "api-keys"
+    alice, bob = auth.add(path, "alice"), auth.add(path, "bob")
+    ring = auth.KeyRing(auth.read(path))
+    assert ring.identify(alice) == "alice"
+    calls = _counting_scrypt(monkeypatch)
+    bob_id = bob.split("_")[1]
+    junk = [f"sd35_{os.urandom(6).hex()}_{os.urandom(32).hex()[:43]}" for _ in range(4000)] + \
+        [os.urandom(20).hex() for _ in range(500)] + ["sd35-" + "x" * 43 + str(i) for i in range(500)]
+    for token in junk:
+        assert ring.cached(token) == (True, None) and ring.identify(token) is None
+    assert calls == []  # unknown ids and foreign shapes: refused without a scrypt
+    assert ring.cached(alice) == (True, "alice")  # still in the valid-key cache, after 5,000 wrong tokens
+    wrong_secret = f"sd35_{bob_id}_{'A' * 43}"
+    assert ring.cached(wrong_secret) == (False, None)
+    assert ring.identify(wrong_secret) is None and len(calls) == 1  # a real id: exactly one scrypt
+    assert ring.identify(wrong_secret) is None and len(calls) == 1  # the failure cache answers the repeat
+    assert ring.identify(bob) == "bob" and len(calls) == 2
+    assert ring.cached(alice) == (True, "alice") and ring.cached(bob) == (True, "bob")
+
+
+def test_old_format_keys_keep_working_and_are_named_for_reissue(tmp_path):
+    from helpers import run_cli
+
+    path = tmp_path / "api-keys"
+    old_key = "sd35-" + "k" * 43  # what `keys add` printed before key ids
+    path.write_text(f"carol:{auth.hash_key(old_key)}\n")
+    path.chmod(0o640)
+    new_key = auth.add(path, "dave")
+    ring = auth.KeyRing(auth.read(path))
+    assert auth.legacy_names(ring.entries) == ["carol"]
+    assert ring.identify(old_key) == "carol" and ring.identify(new_key) == "dave"
+    assert ring.identify("sd35-" + "j" * 43) is None
+    r = run_cli("keys", "list", "--file", str(path))
+    assert r.returncode == 0 and r.stdout.split() == ["carol", "dave"]
+    assert "carol" in r.stderr and "sd35 keys add" in r.stderr and "old format" in r.stderr
+
+
+def test_an_unreadable_keys_file_fails_the_start(tmp_path, monkeypatch):
+    from sd35.settings import Settings
+
+    path = tmp_path / "api-keys"
+    auth.add(path, "erin")
+
+    def unreadable(p):
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(auth, "read", unreadable)
+    for settings in (Settings(_env_file=None, api_keys_file=path), Settings(_env_file=None)):
+        monkeypatch.setattr(auth, "DEFAULT_FILE", path)
+        with pytest.raises(InputError, match="cannot read the API keys file") as info:
+            auth.load(settings)
+        assert "chmod 0640" in info.value.fix
 
 
 def test_secrets_are_masked_everywhere_settings_are_shown():
@@ -249,7 +321,7 @@ def test_other_account_against_a_keyed_service_under_the_debugger(other, tmp_pat
                            env=base_env())
     assert added.returncode == 0, added.stderr
     other_key = added.stdout.strip()
-    assert other_key.startswith("sd35-") and other_key not in keys.read_text()
+    assert other_key.startswith("sd35_") and other_key not in keys.read_text()
     api, dbg = free_port(), free_port()
     log = tmp_path / "service.log"
     procs = []
@@ -380,3 +452,56 @@ def test_the_probe_does_get_into_a_listening_debuggee(other):
     finally:
         victim.kill()
         victim.wait()
+
+
+# --- the compile cache: code another account plants there would run as the service -------------------------
+
+@needs_other
+@pytest.mark.timeout(120)
+def test_a_compile_cache_the_other_account_can_write_is_refused(other, tmp_path):
+    from sd35.inference import compilation
+    from sd35.ops import doctor
+    from sd35.settings import Settings
+
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="sd35-cc-", dir="/tmp"))  # pytest's tmp_path is not open to others
+    base.chmod(0o755)
+    try:
+        _refuse_planted_caches(other, base, tmp_path)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _refuse_planted_caches(other, base: Path, tmp_path: Path) -> None:
+    from sd35.inference import compilation
+    from sd35.ops import doctor
+    from sd35.settings import Settings
+
+    # 1. the other account's own folder, named as ours
+    theirs = base / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, other.pw_uid, other.pw_gid)
+    # 2. a cache of ours others can enter, where the other account really planted a kernel (as it could in
+    #    the group-writable shared cache of old)
+    ours = base / "ours"
+    (ours / "torch-x" / "ab").mkdir(parents=True)
+    for p in (ours, ours / "torch-x"):
+        p.chmod(0o755)
+    (ours / "torch-x" / "ab").chmod(0o777)
+    planted = as_other(other, """
+import json, os
+path = os.path.join(os.environ["DIR"], "kernel.py")
+open(path, "w").write("import os; os.system('id > /tmp/pwned')")
+print(json.dumps({"planted": path}))
+""", {"DIR": str(ours / "torch-x" / "ab")})["planted"]
+    assert os.stat(planted).st_uid == other.pw_uid
+    for cache, said in ((theirs, "belongs to another account"), (ours, "can be written by other accounts")):
+        problem = compilation.cache_problem(cache)
+        assert problem is not None and said in problem, problem
+        r = subprocess.run(sd35("generate", "--compile", "blocks", "--steps", "1", "--out", str(tmp_path / "o")),
+                           capture_output=True, text=True, env=base_env(SD35_COMPILE_CACHE=str(cache)), timeout=120)
+        assert r.returncode == 2 and said in r.stderr and "SD35_COMPILE_CACHE" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+        check = doctor.check_compile_cache(doctor.Context(settings=Settings(_env_file=None, compile_cache=cache)))
+        assert check.status == doctor.FAIL and said in check.finding, check

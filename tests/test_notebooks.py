@@ -197,6 +197,7 @@ def test_lab_tcp_only_when_asked(tmp_path):
     assert "every account on this machine can reach the port" in out
 
 
+@pytest.mark.root
 def test_lab_unit_template(tmp_path):
     import shutil
 

@@ -357,6 +357,7 @@ def test_sigterm_drains_in_flight_request_and_notifies_systemd(tmp_path, tiny_ca
 
 # --- the unit -------------------------------------------------------------------------------------------
 
+@pytest.mark.root
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed (.ci/run installs it)")
 def test_unit_verifies_clean_and_is_hardened(tmp_path):
     unit = tmp_path / "sd35-api@0.service"
@@ -374,3 +375,339 @@ def test_unit_verifies_clean_and_is_hardened(tmp_path):
         assert directive in text, directive
     env = (ROOT / "systemd" / "sd35.env.example").read_text()
     assert "HF_HUB_CACHE=/srv/cache/huggingface" in env and "HF_HUB_OFFLINE=1" in env
+
+
+# --- every entry point refuses keyless serving on a non-loopback address ---------------------------------
+
+def test_create_app_and_ray_replicas_refuse_a_public_address_without_a_key(tiny_cache):
+    from sd35.errors import InputError
+    from sd35.service.app import create_app
+    from sd35.settings import Settings
+
+    def settings(**extra):
+        return Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu", **extra)
+
+    with pytest.raises(InputError, match="without an API key") as info:
+        create_app(settings(host="0.0.0.0"))
+    assert "SD35_API_KEY" in info.value.fix
+    loopback = settings(host="127.0.0.1")
+    with pytest.raises(InputError, match="without an API key"):  # a Ray replica is behind 0.0.0.0 proxies
+        create_app(loopback, host="0.0.0.0")
+    assert create_app(loopback).state.keys.names() == []  # loopback alone: allowed (preflight checks accounts)
+    assert create_app(settings(host="0.0.0.0", allow_no_key=True)) is not None
+    assert create_app(settings(host="0.0.0.0", api_key="k")).state.keys.names() == ["default"]
+    pytest.importorskip("ray")
+    from sd35.service import ray_app
+
+    with pytest.raises(InputError, match="without an API key"):
+        ray_app.replica_app(loopback)
+
+
+# --- wrong tokens over HTTP --------------------------------------------------------------------------------
+
+def test_wrong_tokens_over_http_are_401_and_a_valid_key_keeps_working(tmp_path, tiny_cache):
+    from sd35.service import auth
+    from sd35.settings import Settings
+
+    keys = tmp_path / "api-keys"
+    alice = auth.add(keys, "alice")
+    settings = Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu", port=free_port(),
+                        api_keys_file=keys, api_key=KEY, warmup=False)
+    with InProcessServer(settings) as srv:
+        assert call(srv.url + "/v1/models", key=alice)[0] == 200
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda i: call(srv.url + "/v1/models", key=f"sd35_{i:012x}_{'x' * 43}")[0],
+                                  range(300)))
+        assert set(codes) == {401}
+        assert call(srv.url + "/v1/models", key=alice)[0] == 200
+        assert srv.app.state.keys.cached(alice) == (True, "alice")
+
+
+# --- a dead worker must not look ready ---------------------------------------------------------------------
+
+def _fresh(tiny_cache, **extra):
+    from sd35.settings import Settings
+
+    return InProcessServer(Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu", port=free_port(),
+                                    api_key=KEY, warmup=False, request_timeout=300, **extra))
+
+
+def _two_requests(srv, started: threading.Event):
+    """One job held inside the worker (it waits for `started`'s partner) and one queued behind it."""
+    body = {"prompt": "x", "size": "128x128", "steps": 1}
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(call, srv.url + "/v1/images/generations", "POST", body)
+        assert started.wait(30)
+        second = pool.submit(call, srv.url + "/v1/images/generations", "POST", body)
+        deadline = time.time() + 10
+        while srv.app.state.worker.queue.qsize() < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        return first, second
+
+
+def _assert_dead(srv, failures, first, second, t0):
+    for f in (first, second):
+        code, headers, payload = f.result(timeout=60)
+        assert code == 503 and payload["error"]["code"] == "worker_failed" and headers["Retry-After"], payload
+    assert time.time() - t0 < 30  # at once, not after SD35_REQUEST_TIMEOUT (300 s) with a 504
+    code, _, payload = call(srv.url + "/readyz")
+    assert code == 503 and payload["status"] == "failed"
+    code, _, payload = call(srv.url + "/v1/images/generations", "POST", {"prompt": "x", "size": "128x128", "steps": 1})
+    assert code == 503 and "error" in payload
+    assert len(failures) == 1  # the server was told: `sd35 serve` exits non-zero, systemd restarts it
+    assert "sd35_ready 0.0" in call(srv.url + "/metrics")[2]
+
+
+def test_an_exception_escaping_the_job_kills_the_worker_visibly(tiny_cache):
+    with _fresh(tiny_cache) as srv:
+        worker, failures = srv.app.state.worker, []
+        worker.on_failed = failures.append
+        started, go = threading.Event(), threading.Event()
+
+        def broken_process(job):  # a bug outside the per-job try: it escapes _process
+            started.set()
+            go.wait(30)
+            raise RuntimeError("a bug in the worker loop")
+
+        worker._process = broken_process
+        first, second = _two_requests(srv, started)
+        t0 = time.time()
+        go.set()
+        _assert_dead(srv, failures, first, second, t0)
+
+
+def test_release_memory_failing_after_an_oom_kills_the_worker_visibly(tiny_cache, monkeypatch):
+    import torch
+
+    from sd35.service import worker as worker_mod
+
+    with _fresh(tiny_cache) as srv:
+        worker, failures = srv.app.state.worker, []
+        worker.on_failed = failures.append
+        started, go = threading.Event(), threading.Event()
+
+        def oom(*a, **k):
+            started.set()
+            go.wait(30)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+        def release():
+            raise RuntimeError("CUDA error: cannot release (injected)")
+
+        monkeypatch.setattr(worker_mod.gen, "run", oom)
+        worker._release_memory = release
+        first, second = _two_requests(srv, started)
+        t0 = time.time()
+        go.set()
+        _assert_dead(srv, failures, first, second, t0)
+
+
+def test_a_sticky_cuda_error_fails_readiness_and_every_waiting_request(tiny_cache, monkeypatch):
+    from sd35.service import worker as worker_mod
+
+    with _fresh(tiny_cache) as srv:
+        worker, failures = srv.app.state.worker, []
+        worker.on_failed = failures.append
+        started, go = threading.Event(), threading.Event()
+
+        def device_assert(*a, **k):
+            started.set()
+            go.wait(30)
+            raise RuntimeError("CUDA error: device-side assert triggered\nCUDA kernel errors might be ...")
+
+        monkeypatch.setattr(worker_mod.gen, "run", device_assert)
+        first, second = _two_requests(srv, started)
+        t0 = time.time()
+        go.set()
+        _assert_dead(srv, failures, first, second, t0)
+
+
+STICKY_SERVE = """
+import sys
+from sd35.inference import generate
+def run(*a, **k):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+generate.run = run
+sys.argv = ["sd35", "serve", "--port", sys.argv[1]]
+from sd35.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_sd35_serve_exits_non_zero_after_a_sticky_cuda_error(tiny_cache):
+    port = free_port()
+    env = {**os.environ, "SD35_CACHE_DIR": str(tiny_cache), "SD35_DEVICE": "cpu", "SD35_WARMUP": "0",
+           "SD35_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-c", STICKY_SERVE, str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    output = read_in_background(proc)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if call(url + "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        code, _, payload = call(url + "/v1/images/generations", "POST", {"prompt": "x", "size": "128x128", "steps": 1})
+        assert code == 503 and payload["error"]["code"] == "worker_failed", payload
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = output()
+    assert rc == 1, out[-3000:]
+    assert "GPU worker failed" in out and "Traceback" not in out, out[-3000:]
+
+
+# --- Worker.stop: a job just taken from the queue ----------------------------------------------------------
+
+class _SlowRuntime:
+    """Just enough of a Runtime for the Worker: `steps` steps of `step_s` seconds each."""
+
+    def __init__(self, step_s: float):
+        from types import SimpleNamespace
+
+        self.step_s = step_s
+        self.device = "cpu"
+        self.loaded = SimpleNamespace(plan=SimpleNamespace(transformer="bf16"))
+        self.pipe = SimpleNamespace(maybe_free_model_hooks=lambda: None)
+
+    def generate(self, request, n=1, on_step=None, on_latents=None):
+        from types import SimpleNamespace
+
+        for i in range(request.steps):
+            time.sleep(self.step_s)
+            on_step(i + 1, request.steps)
+        return SimpleNamespace(images=["img"] * n, seeds=[request.seed] * n, timings={"denoise": 0.0})
+
+
+@pytest.mark.parametrize("grace, finishes", [(10.0, True), (0.3, False)])
+def test_stop_right_after_a_job_is_taken_finishes_it_or_answers_503_never_504(grace, finishes):
+    from sd35.inference.generate import GenerationRequest
+    from sd35.service import worker as worker_mod
+    from sd35.settings import Settings
+
+    settings = Settings(_env_file=None, warmup=False, queue_size=2)
+    worker = worker_mod.Worker(settings, loader=lambda s: _SlowRuntime(0.05))
+    taken, go = threading.Event(), threading.Event()
+    real = worker._process
+
+    def held(job):  # the window between queue.get() and busy=True, held open
+        taken.set()
+        go.wait(10)
+        real(job)
+
+    worker._process = held
+    worker.start()
+    deadline = time.time() + 10
+    while worker.state != "ready" and time.time() < deadline:
+        time.sleep(0.01)
+    job = worker.submit(GenerationRequest("x", steps=20, guidance=1.0, height=64, width=64, seed=0), 1, 60)
+    assert taken.wait(10) and worker.queue.empty() and not worker.busy
+    stopper = threading.Thread(target=worker.stop, kwargs={"timeout": grace})
+    stopper.start()
+    time.sleep(0.1)
+    go.set()
+    stopper.join(30)
+    if finishes:
+        assert job.future.result(timeout=5).images == ["img"]
+    else:
+        with pytest.raises(worker_mod.ShuttingDown):
+            job.future.result(timeout=5)
+    assert worker.state == "stopped"
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed (.ci/run installs it)")
+def test_every_path_the_unit_writes_is_writable_under_its_sandbox(monkeypatch):
+    """ProtectSystem=strict makes everything read-only but ReadWritePaths=, CacheDirectory= (/var/cache/X) and
+    StateDirectory= (/var/lib/X): every folder the service writes, from the unit's and sd35.env's settings,
+    must be inside one of them — and the compile cache private (CacheDirectoryMode=0700), never shared."""
+    from sd35.inference import compilation
+    from sd35.settings import Settings
+
+    unit = ROOT / "systemd" / "sd35-api@.service"
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    lines = [ln.strip() for ln in unit.read_text().splitlines() if "=" in ln and not ln.lstrip().startswith("#")]
+    directives: dict[str, list[str]] = {}
+    for ln in lines:
+        k, _, v = ln.partition("=")
+        directives.setdefault(k, []).append(v)
+    writable = [Path(p) for v in directives.get("ReadWritePaths", []) for p in v.split()]
+    writable += [Path("/var/cache") / d for v in directives.get("CacheDirectory", []) for d in v.split()]
+    writable += [Path("/var/lib") / d for v in directives.get("StateDirectory", []) for d in v.split()]
+    assert directives.get("CacheDirectoryMode") == ["0700"] and directives.get("ProtectSystem") == ["strict"]
+    env = {}
+    for ln in (ROOT / "systemd" / "sd35.env.example").read_text().splitlines():
+        if "=" in ln and not ln.startswith("#"):
+            k, _, v = ln.partition("=")
+            env[k.strip()] = v.strip()
+    for v in directives["Environment"]:
+        k, _, val = v.partition("=")
+        env[k] = val
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("HOME", "/nonexistent")  # ProtectHome=yes: nothing may fall back to ~
+    s = Settings(_env_file=None)
+    written = {"SD35_OUTPUT_DIR": s.output_dir, "SD35_CACHE_DIR": s.cache_dir, "HF_HUB_CACHE": s.hf_hub_cache,
+               "SD35_QUANTIZED_DIR": s.quantized_dir or Path(s.hf_hub_cache) / "sd35-quantized",
+               "SD35_COMPILE_CACHE": compilation.cache_root(s),
+               "WorkingDirectory": Path(directives["WorkingDirectory"][0])}
+    for name, path in written.items():
+        assert any(Path(path) == w or w in Path(path).parents for w in writable), (name, path, writable)
+    # the compile cache: in the private CacheDirectory, not under the team-writable ReadWritePaths
+    compile_root = compilation.cache_root(s)
+    shared = [Path(p) for v in directives.get("ReadWritePaths", []) for p in v.split()]
+    assert not any(w == compile_root or w in compile_root.parents for w in shared), compile_root
+    assert env.get("SD35_COMPILE_CACHE", "").startswith("/var/cache/")
+
+
+# --- a real allocation failure (not an injected exception) -------------------------------------------------
+
+@pytest.mark.slow
+def test_a_real_cpu_allocation_failure_fails_that_job_alone_with_503(tiny_cache, tmp_path):
+    """The service under a lowered address-space limit (RLIMIT_AS, set on the running process once it is
+    warm): a request too big to fit gets the JSON 503 of an OOM — the CPU allocator's error is treated
+    like CUDA's — and the next job works."""
+    import resource
+
+    port = free_port()
+    env = {**os.environ, "SD35_CACHE_DIR": str(tiny_cache), "SD35_DEVICE": "cpu", "SD35_API_KEY": KEY,
+           "SD35_MAX_PIXELS": str(1536 * 1536), "SD35_REQUEST_TIMEOUT": "300",
+           "MALLOC_ARENA_MAX": "2"}  # no 64 MiB address-space reservation per new thread
+    proc = subprocess.Popen(sd35_cmd() + ["serve", "--port", str(port)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = read_in_background(proc)
+    url = f"http://127.0.0.1:{port}"
+    small = {"prompt": "x", "size": "128x128", "steps": 1}
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if call(url + "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert call(url + "/v1/images/generations", "POST", small)[0] == 200  # threads and pools warm
+        vm = next(int(ln.split()[1]) * 1024 for ln in open(f"/proc/{proc.pid}/status") if ln.startswith("VmSize"))
+        resource.prlimit(proc.pid, resource.RLIMIT_AS, (vm + 200 * 2**20, resource.RLIM_INFINITY))
+        code, headers, payload = call(url + "/v1/images/generations", "POST",
+                                      {"prompt": "x", "size": "1536x1536", "steps": 1}, timeout=300)
+        assert code == 503 and payload["error"]["code"] == "out_of_memory" and headers["Retry-After"], payload
+        code, _, payload = call(url + "/v1/images/generations", "POST", small)
+        assert code == 200 and len(payload["data"]) == 1, payload
+        assert call(url + "/readyz")[0] == 200
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    out = output()
+    assert "out of memory; memory released" in out and "Traceback" not in out, out[-3000:]

@@ -510,3 +510,60 @@ def test_a_32000_character_word_is_capped_before_the_tokenizers(client):
     r = client.images.generate(prompt="x" * 32000, size="64x64", extra_body={"steps": 1})
     notes = r.model_extra["sd35"]["notes"]
     assert any("32000 characters" in n for n in notes) and len(r.data[0].revised_prompt) <= 3000
+
+
+# --- the link store never drops an image of a response in flight ---------------------------------------------
+
+def test_a_response_never_evicts_its_own_images():
+    from sd35.service.images import DoesNotFit, ImageStore
+
+    store = ImageStore(ttl=60, max_bytes=1000)
+    older = store.put_all([b"o" * 300, b"p" * 300], "image/png")
+    mine = store.put_all([b"a" * 400, b"b" * 400, b"c" * 200], "image/png")
+    assert all(store.get(i) is not None for i in mine)  # all of this response, the older ones dropped
+    assert all(store.get(i) is None for i in older)
+    with pytest.raises(DoesNotFit):
+        store.put_all([b"x" * 600, b"y" * 600], "image/png")
+    assert all(store.get(i) is not None for i in mine)  # a refused response drops nothing
+
+
+def test_url_responses_that_cannot_fit_are_refused_up_front_and_streams_never_break(client, api):
+    store = api.app.state.images
+    old = store.max_bytes
+    store.max_bytes = 64 * 64 * 3 + 64 + 4096  # room for one 64x64 image
+    settings = api.app.state.settings
+    old_setting = settings.image_store_bytes
+    settings.image_store_bytes = store.max_bytes
+    try:
+        body = {"prompt": "u", "size": "64x64", "steps": 1, "n": 3, "response_format": "url"}
+        started = time.monotonic()
+        code, _, payload = call(api.url + "/v1/images/generations", "POST", body)
+        assert code == 400 and payload["error"]["param"] == "response_format", payload
+        assert "SD35_IMAGE_STORE_BYTES" in payload["error"]["message"] and time.monotonic() - started < 5
+        r = client.images.generate(prompt="u", size="64x64", n=1, response_format="url", extra_body={"steps": 1})
+        assert call(r.data[0].url)[0] == 200
+        # streamed: the images travel in the events themselves, whatever the store holds
+        events = list(client.images.generate(prompt="s", size="64x64", n=3, response_format="url", stream=True,
+                                             extra_body={"steps": 1}))
+        done = [e for e in events if e.type == "image_generation.completed"]
+        assert len(done) == 3 and all(png(e.b64_json).size == (64, 64) for e in done)
+    finally:
+        store.max_bytes, settings.image_store_bytes = old, old_setting
+
+
+# --- HTTP pipelining vs the header timeout ----------------------------------------------------------------
+
+def test_pipelined_requests_outliving_the_header_timeout_are_both_answered(api, monkeypatch):
+    from sd35.service import worker as worker_mod
+
+    real = worker_mod.gen.run
+
+    def slow(*a, **k):
+        time.sleep(1.8)  # each longer than SD35_HEADER_TIMEOUT (1 s) of this fixture
+        return real(*a, **k)
+
+    monkeypatch.setattr(worker_mod.gen, "run", slow)
+    payload = json.dumps({"prompt": "p", "size": "64x64", "steps": 1}).encode()
+    one = head("/v1/images/generations", f"Content-Length: {len(payload)}\r\n") + payload
+    answer = raw(api, one + one, wait=30)
+    assert answer.count(b"HTTP/1.1 200") == 2, answer[:300]

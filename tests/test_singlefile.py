@@ -200,3 +200,19 @@ def test_doctor_says_what_the_file_is(files, tmp_path):
     r = run_cli("doctor", "--json", env={"SD35_TRANSFORMER": str(tmp_path / "missing.safetensors")})
     c = {c["name"]: c for c in json.loads(r.stdout)}["transformer file"]
     assert c["status"] == "fail" and "does not exist" in c["finding"]
+
+
+def test_a_non_2d_fp8_weight_is_refused_clearly(sai, tmp_path, tiny_cache):
+    """A scaled-FP8 file whose FP8 layer is not a linear (a 4-D conv, a 1-D norm): a ModelError naming it."""
+    tensors, _, _ = sai
+    one_d = next((k for k, t in tensors.items() if k.endswith(".weight") and t.dim() == 1), None)
+    for key in ["x_embedder.proj.weight"] + ([one_d] if one_d else []):
+        raw = {cf.PREFIX + k: v.contiguous() for k, v in tensors.items()}
+        codes, scale = cf.quantize_fp8(tensors[key])
+        raw[cf.PREFIX + key] = codes
+        raw[cf.PREFIX + key[: -len(".weight")] + ".scale_weight"] = scale
+        raw[cf.PREFIX + "scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+        path = _write_raw(tmp_path / f"{key}.safetensors", raw)
+        with pytest.raises(ModelError, match="must be 2-D") as info:
+            singlefile.load_transformer(path, tiny.tiny_dir(tiny_cache), "fp8-weight")
+        assert str(tuple(tensors[key].shape)) in info.value.cause

@@ -80,7 +80,7 @@ def test_dockerfile_reads_the_torch_pin_and_the_cuda_line():
     builder = re.split(r"^FROM ", text, flags=re.M)[2]
     assert builder.startswith("base AS builder") and re.search(r"^ARG CUDA$", builder, re.M)
     assert "cu128" not in text and "-c constraints.txt" in text
-    assert "HF_HUB_CACHE=/cache/huggingface" in text and "HEALTHCHECK" in text and "/healthz" in text
+    assert "HF_HUB_CACHE=/cache/huggingface" in text and "HEALTHCHECK" in text and "/readyz" in text
     assert 'CMD ["sd35", "serve"]' in text
     assert re.search(r"^ARG USER_UID=", text, re.M) and re.search(r"^ARG USER_GID=", text, re.M)
     # the final stage of every target runs as the non-root user

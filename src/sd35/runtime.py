@@ -25,7 +25,7 @@ from typing import Callable
 
 from sd35.inference import compilation
 from sd35.debugging import breakpoints
-from sd35 import models
+from sd35 import hardware, models
 from sd35.inference import edit as edits
 from sd35.inference import generate as gen
 from sd35.inference.inputs import Picture, check_pair
@@ -40,7 +40,8 @@ LatentsCallback = Callable[[int, object], None]
 
 
 class Cancelled(Exception):
-    """A generation stopped at a step boundary because its `cancel` event was set."""
+    """A generation stopped at a step boundary: its `cancel` event was set, or (the service) its deadline
+    passed or its client gave up."""
 
 
 class Runtime:
@@ -69,8 +70,9 @@ class Runtime:
         """Load the model `settings` describe, arm SD35_BREAK (`breaks` overrides it) and compile as
         SD35_COMPILE says for `purpose` ("generate": a one-off run, "serve": many requests)."""
         breaks = breakpoints.parse(settings.breaks) if breaks is None else breaks
+        # Before loading: a compile cache that must be refused is refused in a second, not after the load.
+        plan = compilation.resolve(settings, device=hardware.detect(settings.device).device, purpose=purpose)
         loaded = load_pipeline(settings)
-        plan = compilation.resolve(settings, device=loaded.device, purpose=purpose)
         return cls(loaded, breaks, plan, settings.output_dir)
 
     # --- facts ----------------------------------------------------------------------------------------

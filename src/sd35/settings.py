@@ -43,6 +43,11 @@ def _default_sd35_cache() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sd35")
 
 
+def default_compile_cache() -> str:
+    """This account's own compiled-kernel cache (SD35_COMPILE_CACHE unset): never a shared folder."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sd35-compile")
+
+
 class Settings(BaseSettings):
     """Every knob of the workspace; `.env.example` documents each one."""
 
@@ -71,7 +76,11 @@ class Settings(BaseSettings):
         default="auto", description="torch.compile of the MMDiT: off | blocks | full | auto (blocks for serve on "
         "CUDA, else off); always off while debugging.")
     compile_cache: Path | None = Field(
-        default=None, description="Compiled-kernel cache shared by restarts and GPUs; default beside HF_HUB_CACHE.")
+        default=None, description="Compiled-kernel cache kept across restarts (inductor imports code from it: it "
+        "must be writable by this account alone); default ~/.cache/sd35-compile, created 0700.")
+    allow_pickle_weights: bool = Field(
+        default=False, description="Also load .bin/.pt (pickle) weights when a folder has no .safetensors; "
+        "unpickling runs code from whoever wrote the file.")
     quantized_dir: Path | None = Field(
         default=None,
         description="Where `sd35 cache quantize` writes and `--model NAME` finds pre-quantized folders; "

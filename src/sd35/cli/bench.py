@@ -87,12 +87,21 @@ def bench_serve(
     precision: Precision = None,
     ray: bool = typer.Option(False, "--ray", help="1 vs 2 Ray Serve replicas side by side (a loopback Ray here; "
                              "--requests generations from --burst closed-loop clients)"),
+    flood: bool = typer.Option(False, "--flood", help="a valid user's latency without and with two clients "
+                               "sending distinct wrong API keys as fast as they can (goal <= 1.2x)"),
     as_json: Json = False,
 ) -> None:
     """Service overhead vs a direct pipeline call (goal <= 5 %), and a burst against a bounded queue."""
     from sd35.bench import serve
 
     _bench_start(quiet=True)
+    if flood:
+        from sd35.bench.flood import wrong_token_flood
+
+        report = wrong_token_flood(settings(model=model, precision=precision), requests=requests, steps=steps,
+                                   size=size)
+        print(json.dumps(report, indent=2)) if as_json else out.print(_flood_text(report), highlight=False)
+        return
     if ray:
         _bench_serve_ray(settings(model=model, precision=precision, queue_size=queue_size), requests, burst, steps,
                          size, as_json)
@@ -112,6 +121,19 @@ def bench_serve(
               f"burst of {b['concurrent']} against queue {b['queue_size']}: {b['status_counts']} in {b['seconds']} s, "
               f"{b['images_per_s']} images/s, served p50 {b['served_p50_s']} s p95 {b['served_p95_s']} s",
               highlight=False)
+
+
+def _flood_text(r: dict) -> str:
+    lines = [f"{r['model']} on {r['device']}, {r['steps']} steps {r['size']}, {r['requests']} requests per case; "
+             f"quiet: generation p50 {r['quiet']['generation_p50_s'] * 1000:.1f} ms, /v1/models p50 "
+             f"{r['quiet']['models_p50_s'] * 1000:.2f} ms"]
+    for kind, f in r["flood"].items():
+        lines.append(f"  {r['flooders']} clients flooding {kind} wrong keys ({f['wrong_tokens_sent']} sent): generation "
+                     f"{f['generation_ratio']}x, /v1/models {f['models_ratio']}x (goal <= {r['goal_ratio_max']}x)")
+    a = r["after_distinct_wrong_tokens"]
+    lines.append(f"  after {a['count']} distinct wrong keys: a valid key's /v1/models p50 "
+                 f"{a['valid_models_p50_s'] * 1000:.2f} ms")
+    return "\n".join(lines)
 
 
 def _bench_serve_ray(settings, requests: int, concurrency: int, steps: int, size: int, as_json: bool) -> None:

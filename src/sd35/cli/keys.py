@@ -40,5 +40,9 @@ def keys_list(file: Optional[Path] = typer.Option(None, "--file", help="[SD35_AP
     path = Path(file or settings().api_keys_file or auth.DEFAULT_FILE)
     if not path.exists():
         raise InputError(f"{path} does not exist.", "create it with `sd35 keys add NAME`.")
-    for entry in auth.read(path):
+    entries = auth.read(path)
+    for entry in entries:
         print(entry.name)
+    if auth.legacy_names(entries):
+        err.print(f"keys of the old format (no id): {', '.join(auth.legacy_names(entries))}; {auth.LEGACY_FIX}.",
+                  highlight=False)

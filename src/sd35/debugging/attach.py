@@ -51,13 +51,21 @@ def _debugpy():
     return debugpy
 
 
-def _check_listener_is_ours(host: str, port: int) -> None:
-    """Refuse to hand this process to a loopback listener another account owns (or to nobody)."""
+def _check_listener_is_ours(host: str, port: int, allow_remote: bool = False) -> None:
+    """Refuse to hand this process to a loopback listener another account owns (or to nobody). Fails
+    closed: when /proc/net/tcp cannot be read, nobody can say whose the listener is."""
     from sd35 import net
 
     if net.tcp_listeners() is None:
-        log.warning("cannot read /proc/net/tcp: not checking who listens on %s:%s before connecting", host, port)
-        return
+        if allow_remote:  # the user already accepts whoever answers (SD35_DEBUGPY_ALLOW_REMOTE=1)
+            log.warning("cannot read /proc/net/tcp: connecting to %s:%s without checking who listens "
+                        "(SD35_DEBUGPY_ALLOW_REMOTE=1)", host, port)
+            return
+        raise InputError(
+            f"SD35_DEBUGPY={host}:{port}: cannot read /proc/net/tcp to check that the listener there is your VS "
+            "Code; connecting to another account's listener would let it run code as you.",
+            "run where /proc is readable (a normal host or container), or, where no other account exists (a "
+            "single-user container), accept whoever listens with SD35_DEBUGPY_ALLOW_REMOTE=1.", param="debugpy")
     uid = net.owner(host, port)
     if uid is None:
         raise InputError(
@@ -108,7 +116,7 @@ def start(address: str | None, *, wait: bool = False, allow_remote: bool = False
                     os.getuid())
     else:
         if is_loopback(host):
-            _check_listener_is_ours(host, port)
+            _check_listener_is_ours(host, port, allow_remote)
         else:
             log.warning("debugpy connects to %s:%s (SD35_DEBUGPY_ALLOW_REMOTE=1): whoever listens there controls "
                         "this process", host, port)

@@ -25,16 +25,24 @@ size and `n` reuses that graph (measured on the tiny model: 3 block variants →
 compiled, and no request pays a recompile. (`torch.compile(dynamic=True)` on a module did not make the
 sequence dimension symbolic here: its guards still failed on the new length.)
 
-The kernel cache: inductor's FX-graph and Triton caches go to `SD35_COMPILE_CACHE` (default: next to the
-shared Hugging Face cache, `<HF_HUB_CACHE>/../sd35-compile`), one folder per torch version, so a restart
-or the next GPU's process reuses the kernels. The cache hits and misses of this process are recorded.
+The kernel cache: inductor's FX-graph and Triton caches go to `SD35_COMPILE_CACHE` (default
+`~/.cache/sd35-compile`; the systemd unit's `CacheDirectory=`, the image's home), one folder per torch
+version, so a restart reuses the kernels. The cache hits and misses of this process are recorded.
+
+Why the cache must be private: inductor unpickles cached graphs and imports the `.py` files it generated
+from that folder, so whoever can write there runs code as the service (which reads HF_TOKEN and the keys
+file). We create it 0700 and refuse one that another account can write — the folder, a parent, or
+anything inside a folder others can enter: a warning and a compile without the cache (a fresh private
+temporary folder), or exit 2 when SD35_COMPILE_CACHE names it explicitly. `sd35 doctor` says the same.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,9 +96,10 @@ def resolve(settings, *, device: str, purpose: str) -> CompilePlan:
         if requested not in ("auto", "off"):
             log.warning("compile=%s ignored: %s", requested, eager)
         return CompilePlan("off", eager)
-    cache = str(cache_dir(settings))
+    needs = requested not in ("auto", "off") or (device.startswith("cuda") and purpose == "serve")
+    cache = private_cache(settings) if needs else None  # only a run that compiles touches the cache
     if requested != "auto":
-        return CompilePlan(requested, "requested", cache if requested != "off" else None)
+        return CompilePlan(requested, "requested", cache)
     if device.startswith("cuda") and purpose == "serve":
         return CompilePlan("blocks", "auto: serve on CUDA compiles the MMDiT blocks once, during warm-up", cache)
     if device.startswith("cuda"):
@@ -99,17 +108,91 @@ def resolve(settings, *, device: str, purpose: str) -> CompilePlan:
     return CompilePlan("off", "auto: CPU (compiled CPU kernels are measured by `sd35 bench speed`, not assumed)")
 
 
+_TREE_LIMIT = 50_000  # folders looked at inside a cache others can enter
+
+
+def cache_root(settings) -> Path:
+    from sd35.settings import default_compile_cache
+
+    return Path(getattr(settings, "compile_cache", None) or default_compile_cache()).expanduser()
+
+
 def cache_dir(settings) -> Path:
-    """Where compiled kernels are kept: SD35_COMPILE_CACHE, else beside the (shared) Hugging Face cache."""
+    """Where compiled kernels are kept: SD35_COMPILE_CACHE (default ~/.cache/sd35-compile), per torch version."""
     import torch
 
-    base = getattr(settings, "compile_cache", None) or Path(settings.hf_hub_cache).expanduser().parent / "sd35-compile"
-    return Path(base).expanduser() / f"torch-{torch.__version__.split('+')[0]}"
+    return cache_root(settings) / f"torch-{torch.__version__.split('+')[0]}"
 
 
-def _use_cache(path: str) -> None:
-    """Point inductor (and Triton) at `path`. Must run before the first compilation of the process."""
-    Path(path).mkdir(parents=True, exist_ok=True)
+def cache_problem(path: Path) -> str | None:
+    """Why another account could plant code in the compile cache `path`, or None when only we (and root) can
+    write it: every existing parent and the folder itself owned by us or root and not writable by others
+    (a sticky parent like /tmp is fine), and, when others may enter the folder, nothing inside theirs."""
+    me = os.geteuid()
+    path = Path(os.path.abspath(path))
+    for part in [*reversed(path.parents), path]:
+        try:
+            st = part.lstat()
+        except FileNotFoundError:
+            return None  # the rest will be created by us, 0700
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in (me, 0):
+            return f"{part} belongs to another account (uid {st.st_uid})"
+        if mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and mode & stat.S_ISVTX and part != path):
+            return f"{part} (mode {mode:04o}) can be written by other accounts"
+    if not stat.S_ISDIR(path.lstat().st_mode):
+        return f"{path} is not a folder"
+    if stat.S_IMODE(path.stat().st_mode) & 0o011:  # others can enter it: what is inside matters too
+        for i, (root, dirs, files) in enumerate(os.walk(path)):
+            if i > _TREE_LIMIT:
+                return f"{path} is open to other accounts and too large to check"
+            for name in dirs + files:
+                st = os.lstat(os.path.join(root, name))
+                if st.st_uid not in (me, 0) or stat.S_IMODE(st.st_mode) & 0o022:
+                    return f"{os.path.join(root, name)} can be written by other accounts"
+    return None
+
+
+def private_cache(settings) -> str | None:
+    """The compile cache folder, created 0700, or None (compile without a cache) when it is not private.
+    Raises InputError (exit 2) when SD35_COMPILE_CACHE was set explicitly and is not private or usable."""
+    explicit = getattr(settings, "compile_cache", None) is not None
+    root, path = cache_root(settings), cache_dir(settings)
+    fix = ("point SD35_COMPILE_CACHE at a folder only this account can write (the systemd unit: CacheDirectory=, "
+           f"docs/hosting.md), or, if {root} is this account's own, chmod 0700 it")
+    problem = cache_problem(root)
+    if problem is None:
+        try:
+            for part in [*reversed(path.parents), path]:  # missing parents 0700 too (whatever the umask)
+                if not part.exists():
+                    try:
+                        part.mkdir(mode=0o700)
+                    except FileExistsError:  # made meanwhile: checked below
+                        pass
+        except OSError as exc:
+            problem = f"cannot create {path}: {exc.strerror}"
+            fix = "point SD35_COMPILE_CACHE at a folder this account can write (mode 0700)"
+        else:
+            problem = cache_problem(root)  # as it is now (made meanwhile by someone else?)
+    if problem is None:
+        return str(path)
+    if explicit:
+        raise InputError(f"SD35_COMPILE_CACHE={root} is not safe to compile into: {problem} (inductor imports "
+                         "code from it: whoever can write there runs code as this process).", fix,
+                         param="compile_cache")
+    log.warning("not using the compile cache %s: %s; compiling without a cache this time. Fix: %s", root, problem,
+                fix)
+    return None
+
+
+def _use_cache(path: str | None) -> None:
+    """Point inductor (and Triton) at `path`, or (None) at a fresh private folder with the caches off: its
+    default, /tmp/torchinductor_USER, is as plantable as any shared folder. Run before the first compile."""
+    if path is None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sd35-inductor-")
+        os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
+        os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
+        return
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
@@ -119,8 +202,7 @@ def apply(transformer, plan: CompilePlan) -> CompilePlan:
     """Compile `transformer` in place for `plan.mode` (compilation itself happens at the first call)."""
     if plan.mode == "off":
         return plan
-    if plan.cache_dir:
-        _use_cache(plan.cache_dir)
+    _use_cache(plan.cache_dir)
     if plan.mode == "blocks":
         for block in transformer.transformer_blocks:
             block.compile()

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("sd35.access")  # one line per request: who, what, how long
 OPEN_PATHS = {"/healthz"}  # everything else needs the API key when one is set
 JSON_BODY_PATHS = {"/v1/images/generations"}
+AUTH_THREADS = 1  # scrypt checks at once (16 MiB, one core each), on their own limiter: never the pool
+#                  that checks requests and encodes images; one, so a flood of wrong keys holds one core at most
+AUTH_WAITING = 64  # first-sight tokens waiting for a check beyond which a new one is told to retry (429)
 KNOWN_PATHS = {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json",
                "/docs"}
 
@@ -43,7 +46,7 @@ def _watchdog(worker: Worker, stop: threading.Event) -> None:
         return
     limit = interval * 2  # WatchdogSec
     while not stop.wait(interval):
-        if time.monotonic() - worker.heartbeat < limit:
+        if worker.state != "failed" and time.monotonic() - worker.heartbeat < limit:
             notify.notify("WATCHDOG=1")
         else:
             log.error("GPU worker made no progress for %.0f s: withholding the watchdog ping", limit)
@@ -63,6 +66,18 @@ class GuardMiddleware:
 
         self.app, self.settings, self.metrics = app, settings, metrics
         self.keys = keys if keys is not None else KeyRing([], None)
+        self._auth_limiter = None  # anyio.CapacityLimiter(AUTH_THREADS), made in the event loop
+
+    async def _identify(self, token: str):
+        """A first-sight token: its one scrypt on the auth limiter. Returns a name, None, or "busy" when the
+        limiter's queue is full (a flood of wrong tokens: they wait, not the pool every request needs)."""
+        import anyio
+
+        if self._auth_limiter is None:
+            self._auth_limiter = anyio.CapacityLimiter(AUTH_THREADS)
+        if self._auth_limiter.statistics().tasks_waiting >= AUTH_WAITING:
+            return "busy"
+        return await anyio.to_thread.run_sync(self.keys.identify, token, limiter=self._auth_limiter)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -85,11 +100,12 @@ class GuardMiddleware:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             token = token.strip() if scheme.lower() == "bearer" else ""
             known, name = self.keys.cached(token) if token else (True, None)
-            if not known:  # first sight of this token: scrypt per key entry, off the event loop
-                import anyio
-
-                name = await anyio.to_thread.run_sync(self.keys.identify, token)
-            if name is None:
+            if not known:  # first sight of a token that names a key: one scrypt, on the auth limiter
+                name = await self._identify(token)
+            if name == "busy":
+                refused = error(429, "too many API keys are being checked right now; retry in a second",
+                                "rate_limit_error", None, "auth_busy", headers={"Retry-After": "1"})
+            elif name is None:
                 refused = error(401, "missing or wrong API key: send `Authorization: Bearer <your key>` (ask the "
                                 "admin for one: `sd35 keys add NAME`)", "invalid_request_error", None,
                                 "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -121,7 +137,28 @@ class GuardMiddleware:
                             what, time.monotonic() - started, request_id)
 
 
-def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
+def refuse_keyless(settings: Settings, keys, host: str) -> None:
+    """Every entry point (sd35 serve, create_app, a Ray replica) refuses to serve a non-loopback address
+    with no key, unless SD35_ALLOW_NO_KEY says a proxy in front authenticates."""
+    from sd35.errors import InputError
+    from sd35.net import is_loopback
+
+    if not keys and not settings.allow_no_key and not is_loopback(host):
+        raise InputError(
+            f"refusing to serve on {host}:{settings.port} without an API key: anyone who can reach that address "
+            "could use the GPU.",
+            "create per-user keys (`sd35 keys add NAME`, SD35_API_KEYS_FILE) or set SD35_API_KEY (clients send "
+            "`Authorization: Bearer <key>`), bind 127.0.0.1 and use an SSH tunnel, or pass --allow-no-key "
+            "(SD35_ALLOW_NO_KEY=1) if a proxy in front does authentication.", param="host")
+
+
+def create_app(settings: Settings, worker: Worker | None = None, *, host: str | None = None) -> FastAPI:
+    """The app. `host`: the address clients reach it on (default SD35_HOST; a Ray replica passes its
+    proxy's, which is reachable from other nodes): keyless on a non-loopback one is refused here."""
+    from sd35.service.auth import load as load_keys
+
+    keys = load_keys(settings)  # an unreadable or broken keys file fails here, before anything starts
+    refuse_keyless(settings, keys, host or settings.host)
     worker = worker or Worker(settings)
     stop_watchdog = threading.Event()
 
@@ -150,9 +187,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
     app.openapi = lambda: app.openapi_schema or setattr(app, "openapi_schema", openapi.build(app)) \
         or app.openapi_schema
 
-    from sd35.service.auth import load as load_keys
-
-    app.state.keys = load_keys(settings)
+    app.state.keys = keys
     # The last added runs first: the guard (auth, content type, ids, metrics, access log), the body limits,
     # then the shutdown's last-resort 503.
     app.add_middleware(CutOffMiddleware)

@@ -2,13 +2,20 @@
 
 Why per-user keys: on a shared GPU box "the API key" becomes everybody's key, and the access log could
 only ever say "someone". The keys file (SD35_API_KEYS_FILE, default /etc/sd35/api-keys) holds one line
-per key, `NAME:scrypt$N$r$p$SALT$HASH` (base64), written by `sd35 keys add NAME`, which prints the new key
-once. The file holds no key itself, but it decides who gets in: we refuse one that other accounts can
-write, and `keys add` refuses one they can read (chmod 0640, group = the service's).
+per key, `NAME:ID:scrypt$N$r$p$SALT$HASH` (base64), written by `sd35 keys add NAME`, which prints the new
+key `sd35_<ID>_<SECRET>` once. The file holds no key itself, but it decides who gets in: we refuse one
+that other accounts can write, and `keys add` refuses one they can read (chmod 0640, group = the service's).
 
-Checking: scrypt is slow on purpose (~30 ms), so a key that verified once is remembered by its SHA-256
-(bounded); a key that never verified pays the scrypt of every entry, off the event loop. The single
-SD35_API_KEY of old is still accepted, under the name "default".
+Why an id in the key: scrypt is slow on purpose (~30-170 ms, 16 MiB), so a token must never cost one
+scrypt per entry. The id names the one entry to check: a token whose id is unknown, or whose shape is no
+key's, is refused with no scrypt at all; any other costs exactly one. The checks that do run scrypt run on
+the service's own small limiter (app.py: AUTH_THREADS), never on the pool that checks requests and encodes
+images. A key that verified is remembered by its SHA-256 (bounded LRU); wrong tokens are remembered in a
+separate LRU, so a flood of junk evicts only junk and a valid key stays a dictionary lookup.
+
+Lines of the old format (`NAME:scrypt$…`, keys `sd35-…` without an id) keep working: only a token of that
+old shape is checked against them (one scrypt per old line); `sd35 keys list` and the service's start say
+which names to re-issue. The single SD35_API_KEY of old is accepted as "default" (a SHA-256 compare).
 """
 
 from __future__ import annotations
@@ -30,8 +37,12 @@ from sd35.errors import InputError
 
 DEFAULT_FILE = Path("/etc/sd35/api-keys")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+KEY_ID = re.compile(r"^[0-9a-f]{12}$")
+TOKEN = re.compile(r"^sd35_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")  # what `keys add` prints
+LEGACY_TOKEN = re.compile(r"^sd35-[A-Za-z0-9_-]{43}$")  # keys of the old format (no id)
 SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1}
-_CACHE_SIZE = 1024
+_CACHE_SIZE = 1024  # valid tokens remembered
+_FAILED_SIZE = 8192  # wrong tokens remembered (their own LRU: junk never evicts a valid key)
 
 
 def _b64(b: bytes) -> str:
@@ -65,6 +76,7 @@ def verify(key: str, encoded: str) -> bool:
 class Entry:
     name: str
     encoded: str
+    key_id: str | None = None  # None: a line of the old format (its key has no id)
 
 
 def _check_mode(path: Path, *, for_writing: bool) -> None:
@@ -90,15 +102,31 @@ def read(path: Path) -> list[Entry]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        name, sep, encoded = line.partition(":")
-        if not sep or not NAME.match(name) or not encoded.startswith("scrypt$") or encoded.count("$") != 5:
-            raise InputError(f"{path}:{i} is not NAME:scrypt$N$r$p$SALT$HASH.",
+        name, sep, rest = line.partition(":")
+        key_id, sep2, encoded = rest.partition(":")
+        if not sep2:  # the old format: NAME:scrypt$…
+            key_id, encoded = None, rest
+        if not sep or not NAME.match(name) or not encoded.startswith("scrypt$") or encoded.count("$") != 5 \
+                or (key_id is not None and not KEY_ID.match(key_id)):
+            raise InputError(f"{path}:{i} is not NAME:ID:scrypt$N$r$p$SALT$HASH.",
                              "remove the line and run `sd35 keys add NAME` again.", param="api_keys_file")
         if any(e.name == name for e in entries):
             raise InputError(f"{path}:{i}: the name {name!r} appears twice.", "keep one line per name.",
                              param="api_keys_file")
-        entries.append(Entry(name, encoded))
+        if key_id is not None and any(e.key_id == key_id for e in entries):
+            raise InputError(f"{path}:{i}: the key id {key_id} appears twice.",
+                             "remove the line and run `sd35 keys add NAME` again.", param="api_keys_file")
+        entries.append(Entry(name, encoded, key_id))
     return entries
+
+
+def legacy_names(entries: list[Entry]) -> list[str]:
+    """Names whose line is of the old format (their keys have no id: re-issue them)."""
+    return [e.name for e in entries if e.key_id is None]
+
+
+LEGACY_FIX = ("re-issue each: delete its line, run `sd35 keys add NAME` and hand over the new key (sd35_<id>_…); "
+              "old keys keep working until then, but every wrong token of their shape costs one scrypt per old line")
 
 
 def add(path: Path, name: str, group: str | None = None) -> str:
@@ -127,19 +155,26 @@ def add(path: Path, name: str, group: str | None = None) -> str:
         os.close(fd)
         os.chown(path, -1, gid)
         os.chmod(path, 0o640)
-    key = "sd35-" + secrets.token_urlsafe(32)
+    taken = {e.key_id for e in read(path)}
+    key_id = secrets.token_hex(6)
+    while key_id in taken:
+        key_id = secrets.token_hex(6)
+    key = f"sd35_{key_id}_{secrets.token_urlsafe(32)}"
     with open(path, "a") as f:
-        f.write(f"{name}:{hash_key(key)}\n")
+        f.write(f"{name}:{key_id}:{hash_key(key)}\n")
     return key
 
 
 class KeyRing:
-    """Who a bearer token belongs to: a name, or None."""
+    """Who a bearer token belongs to: a name, or None. At most one scrypt per token of the new shape."""
 
     def __init__(self, entries: list[Entry], default_key: str | None = None):
         self.entries = entries
+        self.by_id = {e.key_id: e for e in entries if e.key_id is not None}
+        self.legacy = [e for e in entries if e.key_id is None]
         self.default = hashlib.sha256(default_key.encode()).digest() if default_key else None
-        self._known: OrderedDict[bytes, str | None] = OrderedDict()
+        self._known: OrderedDict[bytes, str] = OrderedDict()  # valid tokens only
+        self._failed: OrderedDict[bytes, None] = OrderedDict()  # wrong tokens only
         self._lock = threading.Lock()
 
     def __bool__(self) -> bool:
@@ -149,7 +184,8 @@ class KeyRing:
         return (["default"] if self.default else []) + [e.name for e in self.entries]
 
     def cached(self, token: str) -> tuple[bool, str | None]:
-        """(known, name) without any slow work: the path every request after the first takes."""
+        """(known, name) without any slow work: every valid token after its first request, every wrong one
+        already seen, and every token no entry could match (wrong shape, unknown id) take this path."""
         h = hashlib.sha256(token.encode()).digest()
         if self.default is not None and hmac.compare_digest(h, self.default):
             return True, "default"
@@ -157,18 +193,31 @@ class KeyRing:
             if h in self._known:
                 self._known.move_to_end(h)
                 return True, self._known[h]
+            if h in self._failed:
+                return True, None
+        if not self._candidates(token):
+            return True, None  # nothing to verify against: refused without a scrypt
         return False, None
 
+    def _candidates(self, token: str) -> list[Entry]:
+        m = TOKEN.match(token)
+        if m:
+            entry = self.by_id.get(m.group(1))
+            return [entry] if entry is not None else []
+        return self.legacy if LEGACY_TOKEN.match(token) else []
+
     def identify(self, token: str) -> str | None:
-        """The name a token belongs to (slow on first sight: one scrypt per entry)."""
+        """The name a token belongs to (slow on first sight: one scrypt, or one per old-format line)."""
         known, name = self.cached(token)
         if known:
             return name
-        name = next((e.name for e in self.entries if verify(token, e.encoded)), None)
+        name = next((e.name for e in self._candidates(token) if verify(token, e.encoded)), None)
+        h = hashlib.sha256(token.encode()).digest()
         with self._lock:
-            self._known[hashlib.sha256(token.encode()).digest()] = name
-            while len(self._known) > _CACHE_SIZE:
-                self._known.popitem(last=False)
+            table, size = (self._known, _CACHE_SIZE) if name is not None else (self._failed, _FAILED_SIZE)
+            table[h] = name
+            while len(table) > size:
+                table.popitem(last=False)
         return name
 
 
@@ -178,17 +227,21 @@ def load(settings) -> KeyRing:
 
     path = Path(settings.api_keys_file) if settings.api_keys_file else DEFAULT_FILE
     entries: list[Entry] = []
-    if path.exists():
-        try:
+    try:
+        present = path.exists()
+        if present:
             entries = read(path)
-        except PermissionError:
-            if settings.api_keys_file:
-                raise InputError(f"cannot read {path} as this account.", f"give the service's group read access: "
-                                 f"chown root:GROUP {path}; chmod 0640 {path}.", param="api_keys_file") from None
-            # The team's file belongs to the team's service; a developer's own `sd35 serve` uses its own key.
-            logging.getLogger(__name__).warning("%s is not readable by this account: not using it (the team "
-                                                "service's group needs read access: chgrp sd35 %s)", path, path)
-    elif settings.api_keys_file:
+    except PermissionError:
+        # Never start with fewer keys than the admin wrote (a keyless or "default"-only service): say so.
+        raise InputError(f"cannot read the API keys file {path} as this account"
+                         f"{'' if settings.api_keys_file else ' (the default SD35_API_KEYS_FILE)'}.",
+                         f"give the service's group read access: chown root:GROUP {path}; chmod 0640 {path}; for a "
+                         "service of your own, point SD35_API_KEYS_FILE at your own file (`sd35 keys add NAME "
+                         "--file PATH`).", param="api_keys_file") from None
+    if not present and settings.api_keys_file:
         raise InputError(f"SD35_API_KEYS_FILE={path} does not exist.", "create it with `sd35 keys add NAME "
                          f"--file {path}`, or unset SD35_API_KEYS_FILE.", param="api_keys_file")
+    if legacy_names(entries):
+        logging.getLogger(__name__).warning("%s: keys of the old format (no id) for %s: %s", path,
+                                            ", ".join(legacy_names(entries)), LEGACY_FIX)
     return KeyRing(entries, secret(settings.api_key))

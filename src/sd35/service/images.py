@@ -36,10 +36,6 @@ def quality_steps(quality: str, default_steps: int) -> int:
     return max(1, math.ceil(default_steps * QUALITY_FRACTION[quality]))
 
 
-def quality_presets(default_steps: int) -> dict[str, int]:
-    return {q: quality_steps(q, default_steps) for q in QUALITY_FRACTION}
-
-
 class PromptReader:
     """Counts tokens the way the text encoders see them, on private copies of the pipeline's tokenizers
     (the worker thread uses the originals; fast tokenizers refuse concurrent use)."""

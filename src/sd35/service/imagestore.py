@@ -42,9 +42,27 @@ class Stored:
     expires: float
 
 
+def stored_bound(width: int, height: int, n: int) -> int:
+    """An upper bound on the encoded bytes of `n` images (raw RGB + PNG's per-row and header overhead):
+    what a `url` response may need in the store, known before the GPU runs."""
+    return n * (width * height * 3 + height + 4096)
+
+
+class DoesNotFit(Exception):
+    """The images of one response are more than the whole store holds."""
+
+
+def _check_fits(datas: list[bytes], max_bytes: int) -> int:
+    total = sum(len(d) for d in datas)
+    if total > max_bytes:
+        raise DoesNotFit(f"{total} bytes of images; the store holds {max_bytes}")
+    return total
+
+
 class ImageStore:
-    """In memory: an id → bytes map that forgets after `ttl` seconds and keeps at most `max_bytes`
-    (oldest dropped first). Only the process that made an image can serve it."""
+    """In memory: an id → bytes map that forgets after `ttl` seconds and keeps at most `max_bytes` (oldest
+    dropped first — but never an image of the response being stored: a response's images go in together, or
+    not at all). Only the process that made an image can serve it."""
 
     def __init__(self, ttl: float, max_bytes: int):
         self.ttl, self.max_bytes = ttl, max_bytes
@@ -53,15 +71,22 @@ class ImageStore:
         self._lock = threading.Lock()
 
     def put(self, data: bytes, media_type: str) -> str:
-        image_id = "img_" + secrets.token_urlsafe(18)
+        return self.put_all([data], media_type)[0]
+
+    def put_all(self, datas: list[bytes], media_type: str) -> list[str]:
+        """Store one response's images together; raises DoesNotFit when they alone exceed `max_bytes`."""
+        total = _check_fits(datas, self.max_bytes)
+        ids = ["img_" + secrets.token_urlsafe(18) for _ in datas]
         with self._lock:
             self._expire()
-            self._items[image_id] = Stored(data, media_type, time.monotonic() + self.ttl)
-            self._bytes += len(data)
-            while self._bytes > self.max_bytes and len(self._items) > 1:
+            while self._items and self._bytes + total > self.max_bytes:  # older responses' images only
                 _, old = self._items.popitem(last=False)
                 self._bytes -= len(old.data)
-        return image_id
+            expires = time.monotonic() + self.ttl
+            for image_id, data in zip(ids, datas):
+                self._items[image_id] = Stored(data, media_type, expires)
+            self._bytes += total
+        return ids
 
     def get(self, image_id: str) -> Stored | None:
         with self._lock:
@@ -95,6 +120,17 @@ class DirImageStore:
                             "mounts at the same path (docs/scale-out.md)") from None
 
     def put(self, data: bytes, media_type: str) -> str:
+        return self.put_all([data], media_type)[0]
+
+    def put_all(self, datas: list[bytes], media_type: str) -> list[str]:
+        """Write one response's images (each atomically), then clean up without touching them; raises
+        DoesNotFit when they alone exceed `max_bytes`."""
+        _check_fits(datas, self.max_bytes)
+        ids = [self._write(data, media_type) for data in datas]
+        self.cleanup(keep={self.root / (i + SUFFIXES[media_type]) for i in ids})
+        return ids
+
+    def _write(self, data: bytes, media_type: str) -> str:
         image_id = f"img_{int(time.time() + self.ttl):x}_{secrets.token_urlsafe(18)}"
         final = self.root / (image_id + SUFFIXES[media_type])
         tmp = self.root / f".tmp-{image_id}"
@@ -108,7 +144,6 @@ class DirImageStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self.cleanup()
         return image_id
 
     def get(self, image_id: str) -> Stored | None:
@@ -128,9 +163,9 @@ class DirImageStore:
                 continue
         return None
 
-    def cleanup(self) -> None:
+    def cleanup(self, keep: set[Path] = frozenset()) -> None:
         """Remove expired images (and temporary files a crashed writer left), then the oldest while the
-        directory holds more than `max_bytes`."""
+        directory holds more than `max_bytes` — never those in `keep` (the response just stored)."""
         now = time.time()
         with self._lock:
             kept: list[tuple[float, int, Path]] = []
@@ -147,9 +182,11 @@ class DirImageStore:
                 elif m:
                     kept.append((mtime, size, path))
             total = sum(size for _, size, _ in kept)
-            for _, size, path in sorted(kept)[:-1]:  # the newest (the one just written) always stays
+            for _, size, path in sorted(kept):
                 if total <= self.max_bytes:
                     break
+                if path in keep:
+                    continue
                 path.unlink(missing_ok=True)
                 total -= size
 

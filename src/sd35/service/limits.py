@@ -79,11 +79,16 @@ def header_timeout_protocol(seconds: float):
     class HeaderTimeoutH11Protocol(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._arm_header_timer()
+            self._arm_header_timer(self.cycle)
 
         def on_response_complete(self) -> None:
+            # The cycle that just answered, taken *before* uvicorn's on_response_complete: that call starts a
+            # pipelined request whose headers already arrived (a new cycle) and may run it for longer than
+            # `seconds`; the timer only fires while no request after this one has started.
+            answered = self.cycle
             super().on_response_complete()
-            self._arm_header_timer()
+            if not self.transport.is_closing():
+                self._arm_header_timer(answered)
 
         def connection_lost(self, exc) -> None:
             timer = getattr(self, "_header_timer", None)
@@ -91,11 +96,12 @@ def header_timeout_protocol(seconds: float):
                 timer.cancel()
             super().connection_lost(exc)
 
-        def _arm_header_timer(self) -> None:
+        def _arm_header_timer(self, waiting_after) -> None:
+            """Close the connection in `seconds` unless a request's headers complete after `waiting_after`'s
+            (complete headers start a new cycle)."""
             timer = getattr(self, "_header_timer", None)
             if timer is not None:
                 timer.cancel()
-            waiting_after = self.cycle  # the request headers, once complete, start a new cycle
 
             def expire() -> None:
                 if self.cycle is waiting_after and not self.transport.is_closing():

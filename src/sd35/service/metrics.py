@@ -35,8 +35,15 @@ class Metrics:
         import torch
 
         if torch.cuda.is_available():
-            allocated = Gauge("sd35_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated()",
+            # The device the worker uses (cuda:1 on a second GPU), not the scraping thread's current one.
+            def device():
+                runtime = worker.runtime
+                return torch.device(runtime.device) if runtime is not None and \
+                    str(runtime.device).startswith("cuda") else None
+
+            allocated = Gauge("sd35_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated() of the worker's GPU",
                               registry=self.registry)
-            allocated.set_function(lambda: torch.cuda.memory_allocated())
-            reserved = Gauge("sd35_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved()", registry=self.registry)
-            reserved.set_function(lambda: torch.cuda.memory_reserved())
+            allocated.set_function(lambda: torch.cuda.memory_allocated(device()) if device() is not None else 0.0)
+            reserved = Gauge("sd35_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved() of the worker's GPU",
+                             registry=self.registry)
+            reserved.set_function(lambda: torch.cuda.memory_reserved(device()) if device() is not None else 0.0)

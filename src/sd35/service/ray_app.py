@@ -52,6 +52,7 @@ APP_NAME = "sd35"
 DEPLOYMENT = "SD35"
 HEADROOM = 4  # concurrent non-generation requests (/healthz, /metrics, the page) a full replica still takes
 ROUTER_RETRY_AFTER = 10  # seconds, on Serve's own 429 (its router queue full): our 10 s per job before a measure
+REPLICA_HOST = "0.0.0.0"  # what a replica counts as its address for the keyless refusal (create_app)
 ENV_PREFIXES = ("SD35_",)
 ENV_NAMES = ("HF_HUB_CACHE", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT")
 
@@ -71,7 +72,9 @@ def replica_app(settings: Settings):
     """`create_app` with its lifespan extended: startup completes only when the model is warm."""
     from sd35.service.app import create_app
 
-    app = create_app(settings)
+    # Serve's proxies (every node, deploy/ray/serve.yaml binds 0.0.0.0) forward any node's requests to any
+    # replica: a replica is always reachable from the network, whatever SD35_HOST says.
+    app = create_app(settings, host=REPLICA_HOST)
     worker = app.state.worker
     inner = app.router.lifespan_context
 

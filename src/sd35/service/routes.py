@@ -25,9 +25,10 @@ from sd35.inference import generate as gen
 from sd35.errors import InputError, Sd35Error
 from sd35.models import expand_alias
 from sd35.runtime import edit_size
-from sd35.service import images, page, stream
+from sd35.service import images, imagestore, page, stream
 from sd35.service.schemas import ErrorBody, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject, error_body, has_lone_surrogate
-from sd35.service.worker import Busy, Cancelled, NotReady, OutOfMemory, ShuttingDown
+from sd35.runtime import Cancelled
+from sd35.service.worker import Busy, NotReady, OutOfMemory, ShuttingDown, WorkerFailed
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -69,12 +70,6 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     kind: str = "image_generation"  # or image_edit: the name of the streamed events
     image_tokens: int = 0  # an edit's input image, in OpenAI's usage block
-
-
-def max_side(runtime) -> int:
-    """The largest width/height the loaded MMDiT's position embedding covers (and generate allows):
-    pos_embed_max_size patches x patch_size x the VAE's down-sampling (runtime.info, from its configs)."""
-    return runtime.info.max_side
 
 
 def _text(value: str | None, name: str) -> JSONResponse | None:
@@ -122,7 +117,7 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
         if not m:
             return _bad(f'size must be "auto" or "WIDTHxHEIGHT", e.g. "{width}x{height}" (got {body.size!r})', "size")
         width, height = int(m.group(1)), int(m.group(2))
-    side = max_side(runtime)
+    side = runtime.info.max_side  # what the MMDiT's position embedding covers
     if max(width, height) > side:
         return _bad(f"size {width}x{height}: this model supports at most {side} px per side "
                     f"(its position embedding), e.g. \"{min(side, width)}x{min(side, height)}\"", "size")
@@ -154,6 +149,12 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
         tokens += neg_tokens
         notes += [f"negative_{note}" for note in neg_notes]
     fmt = body.output_format or "png"
+    if body.response_format == "url" and not body.stream and \
+            imagestore.stored_bound(width, height, body.n) > settings.image_store_bytes:
+        return _bad(f"{body.n} image(s) of {width}x{height} may need {imagestore.stored_bound(width, height, body.n)} "
+                    f"bytes, more than the link store holds (SD35_IMAGE_STORE_BYTES={settings.image_store_bytes}); "
+                    "use response_format b64_json, or ask for fewer or smaller images", "response_format",
+                    "too_large_for_url")
     if body.output_compression is not None and fmt == "png":
         notes.append("output_compression applies to jpeg and webp; png is lossless")
     if body.style is not None:
@@ -172,8 +173,12 @@ def _job_error(exc: BaseException, settings) -> JSONResponse:
         return error(504, f"generation did not finish within {settings.request_timeout:g} s (SD35_REQUEST_TIMEOUT)",
                      "server_error", None, "timeout")
     if isinstance(exc, OutOfMemory):
-        return error(503, "the GPU ran out of memory for this request; memory was released — retry, or ask for "
-                     "fewer pixels or a smaller n", "server_error", None, "out_of_memory", headers={"Retry-After": "1"})
+        return error(503, "the service ran out of memory for this request; memory was released — retry, or ask "
+                     "for fewer pixels or a smaller n", "server_error", None, "out_of_memory",
+                     headers={"Retry-After": "1"})
+    if isinstance(exc, WorkerFailed):
+        return error(503, "the GPU worker failed and the service is restarting; retry in a moment", "server_error",
+                     None, "worker_failed", headers={"Retry-After": "10"})
     if isinstance(exc, ShuttingDown):
         return error(503, "the service is restarting and could not finish this request; retry in a moment",
                      "server_error", None, "shutting_down", headers={"Retry-After": "10"})
@@ -228,11 +233,17 @@ async def _wait(job, request: Request):
                 raise ClientGone from None
 
 
-async def _finish(result, plan: Plan, request: Request) -> tuple[list[dict], dict, dict]:
-    """Encode the images. Returns the `data` items, the usage of one image and of all of them."""
+async def _finish(result, plan: Plan, request: Request, *, store: bool) -> tuple[list[dict], dict, dict]:
+    """Encode the images (base64 too, off the event loop); `store`: keep them behind links (`url`), all of
+    one response together. Returns the `data` items, the usage of one image and of all of them."""
     state = request.app.state
     fmt, compression = plan.output_format, plan.output_compression
-    encoded = await run_in_threadpool(lambda: [images.encode(im, fmt, compression) for im in result.images])
+
+    def encode_all() -> tuple[list[bytes], list[str | None]]:
+        datas = [images.encode(im, fmt, compression) for im in result.images]
+        return datas, [None if store else images.b64(d) for d in datas]
+
+    encoded, b64s = await run_in_threadpool(encode_all)
     width, height = map(int, plan.size.split("x"))
     out_tokens = images.image_tokens(width, height)
 
@@ -242,13 +253,11 @@ async def _finish(result, plan: Plan, request: Request) -> tuple[list[dict], dic
                 "input_tokens_details": {"text_tokens": plan.text_tokens, "image_tokens": plan.image_tokens},
                 "output_tokens": out_tokens * count, "total_tokens": inputs + out_tokens * count}
 
-    items = []
-    for data in encoded:
-        item = {"revised_prompt": plan.revised_prompt, "b64_json": images.b64(data)}
-        if plan.response_format == "url":
-            item = {"revised_prompt": plan.revised_prompt,
-                    "url": _url_for(request, state.images.put(data, images.MEDIA_TYPES[fmt]))}
-        items.append(item)
+    if store:
+        ids = state.images.put_all(encoded, images.MEDIA_TYPES[fmt])  # DoesNotFit: the caller says so
+        items = [{"revised_prompt": plan.revised_prompt, "url": _url_for(request, i)} for i in ids]
+    else:
+        items = [{"revised_prompt": plan.revised_prompt, "b64_json": b} for b in b64s]
     state.metrics.images.inc(len(encoded))
     return items, usage(1), usage(len(encoded))
 
@@ -312,11 +321,10 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
              body.safety_identifier or body.user)
 
     if body.stream:
-        async def finish(result) -> list[dict]:
-            items, one, _ = await _finish(result, plan, request)
+        async def finish(result) -> list[dict]:  # streamed images travel as base64 (OpenAI's events)
+            items, one, _ = await _finish(result, plan, request, store=False)
             state.metrics.latency.observe(time.monotonic() - started)
-            return [{"b64_json": it.get("b64_json") or images.b64(state.images.get(it["url"].rsplit("/", 1)[1]).data),
-                     "usage": one} for it in items]
+            return [{"b64_json": it["b64_json"], "usage": one} for it in items]
 
         return StreamingResponse(stream.events(job, previews, plan, finish, lambda exc: _error_dict(exc, settings),
                                                lambda: cut_off(worker)),
@@ -328,7 +336,12 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
     except Exception as exc:  # noqa: BLE001 - mapped to 503/504/400, anything else re-raised (500)
         return _job_error(exc, settings)
     access["queue_wait"] = max(0.0, time.monotonic() - started - sum(result.timings.values()))
-    items, _, usage = await _finish(result, plan, request)
+    try:
+        items, _, usage = await _finish(result, plan, request, store=plan.response_format == "url")
+    except imagestore.DoesNotFit as exc:
+        return _bad(f"the images of this response ({exc}) do not fit the link store (SD35_IMAGE_STORE_BYTES); use "
+                    "response_format b64_json, or ask for fewer or smaller images", "response_format",
+                    "too_large_for_url")
     state.metrics.latency.observe(time.monotonic() - started)
     loaded = worker.runtime.loaded
     r = plan.request

@@ -17,8 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 # (the encoders read far less: CLIP 77 tokens, T5 256 — the rest is truncated with a note).
 PROMPT_MAX_CHARS = 32000
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,4}x[1-9][0-9]{1,4})$"
-QUALITIES = ("low", "medium", "high", "auto", "standard", "hd")
-FORMATS = ("png", "jpeg", "webp")
 
 
 def has_lone_surrogate(text: str) -> bool:

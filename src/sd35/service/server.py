@@ -20,7 +20,6 @@ import socket
 
 from sd35 import hardware, precision
 from sd35.errors import InputError, Sd35Error
-from sd35.net import is_loopback
 from sd35.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,20 +29,13 @@ KEEP_ALIVE = 5  # seconds an idle keep-alive connection is kept
 
 def preflight(settings: Settings) -> None:
     """Everything that can be refused before binding a port or loading a model."""
-    from sd35.service import auth
     from sd35.net import other_login_accounts
+    from sd35.service import auth
+    from sd35.service.app import refuse_keyless
 
     keys = auth.load(settings)  # a broken keys file fails here, before anything binds
     if not keys and not settings.allow_no_key:
-        if not is_loopback(settings.host):
-            raise InputError(
-                f"refusing to serve on {settings.host}:{settings.port} without an API key: anyone who can reach that "
-                "address could use the GPU.",
-                "create per-user keys (`sd35 keys add NAME`, SD35_API_KEYS_FILE) or set SD35_API_KEY (clients send "
-                "`Authorization: Bearer <key>`), bind 127.0.0.1 and use an SSH tunnel, or pass --allow-no-key "
-                "(SD35_ALLOW_NO_KEY=1) if a proxy in front does authentication.",
-                param="host",
-            )
+        refuse_keyless(settings, keys, settings.host)
         others = other_login_accounts()
         if others:
             shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
@@ -127,6 +119,10 @@ def serve(settings: Settings) -> int:
         exc = failure[0]
         if isinstance(exc, Sd35Error):
             raise exc
+        if worker.runtime is not None:  # it was serving: the worker died (a fault, a sticky CUDA error)
+            raise Sd35Error(f"the GPU worker failed while serving: {type(exc).__name__}: {exc}".splitlines()[0],
+                            "the service exits so systemd restarts it; if it repeats, the journal has the job and "
+                            "`sd35 doctor` checks the GPU.")
         raise Sd35Error(f"the model failed to load: {type(exc).__name__}: {exc}",
                         "run `sd35 doctor`, then `sd35 generate` with the same settings to see the error alone.")
     return 0

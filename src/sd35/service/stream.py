@@ -65,11 +65,11 @@ async def events(job, previews: asyncio.Queue, plan, finish, fail, cut_off):
             if getter in finished:
                 index, rgb = getter.result()
                 width, height = map(int, plan.size.split("x"))
-                data = await run_in_threadpool(
-                    lambda: images.encode(preview.to_pil(rgb, (width, height)), plan.output_format,
-                                          plan.output_compression))
+                data = await run_in_threadpool(  # encoding and base64 off the event loop
+                    lambda: images.b64(images.encode(preview.to_pil(rgb, (width, height)), plan.output_format,
+                                                     plan.output_compression)))
                 yield event(f"{plan.kind}.partial_image", {
-                    "type": f"{plan.kind}.partial_image", "b64_json": images.b64(data),
+                    "type": f"{plan.kind}.partial_image", "b64_json": data,
                     "partial_image_index": index, "created_at": int(time.time()), **fields})
                 continue
             getter.cancel()

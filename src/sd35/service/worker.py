@@ -7,10 +7,16 @@ only enqueue a job and await its future, so the event loop stays free for /healt
 The queue is bounded (SD35_QUEUE_SIZE): a burst beyond it is pushed back with 429 + Retry-After instead
 of piling up until every request times out. A job that outlives its deadline is stopped at the next
 denoising step (504), so a stuck client never holds the GPU. A CUDA OOM fails only its own job (503),
-after the cached memory is released, and the next job runs normally.
+after the cached memory is released, and the next job runs normally; the CPU allocator's "can't allocate
+memory" (and Python's MemoryError) is treated the same way.
 
 The worker also reports progress (a heartbeat at every step and every idle second) for systemd's
 watchdog: a GPU hung inside a kernel stops the heartbeat, systemd restarts the unit.
+
+A worker that cannot go on must not look ready: when an exception escapes a job's handling (or releasing
+memory fails), or CUDA reports a sticky error (a device-side assert, an illegal address: every later
+kernel fails too), the worker turns "failed" (/readyz 503), every job waiting gets a JSON 503 at once,
+and `on_failed` makes the process exit non-zero, so systemd restarts it and Ray replaces the replica.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass, field
 
 from sd35.inference import generate as gen
 from sd35.errors import Sd35Error
-from sd35.runtime import Runtime
+from sd35.runtime import Cancelled, Runtime
 from sd35.settings import Settings
 from sd35.service import images, notify
 
@@ -46,16 +52,22 @@ class NotReady(Exception):
     """The model is not loaded (yet, or it failed to load)."""
 
 
-class Cancelled(Exception):
-    """The job passed its deadline (or its client gave up) and was stopped at a step boundary."""
-
-
 class OutOfMemory(Exception):
     """CUDA ran out of memory for this job; the cache was released and the worker goes on."""
 
 
 class ShuttingDown(Exception):
     """The service is stopping: the job was not started, or was stopped at a step, within the grace."""
+
+
+class WorkerFailed(Exception):
+    """The GPU worker died (an unexpected fault or a sticky CUDA error): no job can run in this process."""
+
+
+# CUDA errors after which the context is unusable: every later kernel fails with the same error.
+STICKY_CUDA = ("device-side assert", "illegal memory access", "illegal address", "illegal instruction",
+               "unspecified launch failure", "misaligned address", "CUDA error: an illegal",
+               "uncorrectable ECC error", "CUDA driver version is insufficient", "cudaErrorLaunchFailure")
 
 
 @dataclass
@@ -117,6 +129,8 @@ class Worker:
             self.queue.put_nowait(job)
         except queue.Full:
             raise Busy(self.retry_after()) from None
+        if self.state == "failed":  # it died between the check above and the put: nobody will take the job
+            self._fail_queued(WorkerFailed(f"the GPU worker failed: {self.error}"))
         return job
 
     def work_ahead(self) -> float:
@@ -142,12 +156,11 @@ class Worker:
         """Drain (if SIGTERM did not start it) and stop the thread at a step boundary, joined: a thread
         left inside torch while the interpreter exits aborts the process (exit 134)."""
         self.drain(timeout)
-        while (self.busy or not self.queue.empty()) and self._thread.is_alive() \
-                and time.monotonic() < self.shutdown_deadline:
+        # unfinished_tasks counts a job from its put to its task_done, so a job the worker has just taken
+        # (not yet `busy`) still counts: it finishes within the grace, or stops at a step with a 503.
+        while self.queue.unfinished_tasks and self._thread.is_alive() and time.monotonic() < self.shutdown_deadline:
             time.sleep(0.05)
-        self._stop.set()
-        if self.current is not None:
-            self.current.cancelled.set()
+        self._stop.set()  # a running job stops at its next step with ShuttingDown (503), never Cancelled (504)
         self._thread.join(timeout=max(5.0, self.shutdown_deadline - time.monotonic()))
         self._fail_queued(ShuttingDown("the service stopped before this job could start"))
         self.state = "stopped"
@@ -158,6 +171,7 @@ class Worker:
                 job = self.queue.get_nowait()
             except queue.Empty:
                 return
+            self.queue.task_done()
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(exc)
 
@@ -173,17 +187,39 @@ class Worker:
             if self.on_failed:
                 self.on_failed(exc)
             return
-        while not self._stop.is_set():
-            self.heartbeat = time.monotonic()
+        job = None
+        try:
+            while not self._stop.is_set():
+                self.heartbeat = time.monotonic()
+                try:
+                    job = self.queue.get(timeout=0.5)
+                except queue.Empty:
+                    job = None
+                    continue
+                self.current = job
+                try:
+                    self._process(job)
+                finally:
+                    self.current = None
+                    self.queue.task_done()
+        except BaseException as exc:  # noqa: BLE001 - a fault in the loop itself: never a silent dead thread
+            self._die(exc, job=job)
+
+    def _die(self, exc: BaseException, job: Job | None = None) -> None:
+        """No job can run any more: not ready, every waiting client answered (503) now, the process told."""
+        self.state, self.error = "failed", exc
+        log.error("the GPU worker failed: %s: %s; refusing jobs, the process exits", type(exc).__name__,
+                  str(exc).splitlines()[0] if str(exc) else "")
+        notify.notify(f"STATUS=GPU worker failed: {type(exc).__name__}")
+        failed = WorkerFailed(f"the GPU worker failed ({type(exc).__name__})")
+        if job is not None and not job.future.done():
             try:
-                job = self.queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            self.current = job
-            try:
-                self._process(job)
-            finally:
-                self.current = None
+                job.future.set_exception(failed)
+            except concurrent.futures.InvalidStateError:  # its client cancelled it meanwhile
+                pass
+        self._fail_queued(failed)
+        if self.on_failed:
+            self.on_failed(exc)
 
     def _load(self) -> None:
         s = self.settings
@@ -229,7 +265,7 @@ class Worker:
     def _process(self, job: Job) -> None:
         if not job.future.set_running_or_notify_cancel():
             return  # its client already gave up
-        if self._past_shutdown():
+        if self._past_shutdown() or self._stop.is_set():
             job.future.set_exception(ShuttingDown("the shutdown grace ended before this job could start"))
             return
         if job.cancelled.is_set() or time.monotonic() > job.deadline:
@@ -239,14 +275,14 @@ class Worker:
         def on_step(step: int, total: int) -> None:
             self.heartbeat = time.monotonic()
             job.done_steps += 1
-            if self._past_shutdown():
+            if self._past_shutdown() or self._stop.is_set():
                 raise ShuttingDown(f"stopped at step {step}/{total}: the shutdown grace ended")
             if job.cancelled.is_set() or time.monotonic() > job.deadline:
                 raise Cancelled(f"stopped at step {step}/{total}")
 
         self.busy = True
         started = time.perf_counter()
-        oom = None
+        oom = sticky = None
         try:
             result = images.run_batched(self.runtime, job.request, job.n, self.settings.max_images,
                                         on_step=on_step, on_latents=job.on_latents)
@@ -255,6 +291,8 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - every failure goes to its own request
             if _is_oom(exc):
                 oom = str(exc).splitlines()[0] if str(exc) else "out of memory"
+            elif _is_sticky_cuda(exc):
+                sticky = exc.with_traceback(None)
             elif isinstance(exc, Sd35Error):
                 job.future.set_exception(exc.with_traceback(None))
             else:
@@ -272,11 +310,15 @@ class Worker:
         finally:
             self.busy = False
             self.heartbeat = time.monotonic()
+        if sticky is not None:  # the CUDA context is broken: this process can run no job any more
+            self._die(sticky, job=job)
+            self._stop.set()
+            return
         if oom is not None:
             # Outside the except block: the exception, its traceback and their frames (which hold the
             # step's activations) are gone, so gc + empty_cache can really give the memory back.
             self._release_memory()
-            log.warning("job %s: CUDA out of memory; memory released", job.id)
+            log.warning("job %s: out of memory; memory released", job.id)
             job.future.set_exception(OutOfMemory(oom))
 
     def _past_shutdown(self) -> bool:
@@ -292,7 +334,20 @@ class Worker:
 
 
 def _is_oom(exc: BaseException) -> bool:
+    """CUDA's OOM, and the CPU allocator's (torch: "DefaultCPUAllocator: can't allocate memory"; numpy,
+    PIL: MemoryError): one job asked for more than there is, the next can run."""
     import torch
 
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(exc, oom) or "CUDA out of memory" in str(exc)
+    text = str(exc)
+    return isinstance(exc, (oom, MemoryError)) or "CUDA out of memory" in text or "can't allocate memory" in text
+
+
+def _is_sticky_cuda(exc: BaseException) -> bool:
+    """An error that leaves the CUDA context unusable (every later kernel fails): the process must go."""
+    import torch
+
+    accel = getattr(torch, "AcceleratorError", None)
+    text = str(exc)
+    return (accel is not None and isinstance(exc, accel) and "out of memory" not in text) or \
+        any(marker in text for marker in STICKY_CUDA)

@@ -125,8 +125,8 @@ def load(settings: Settings) -> LoadedPipeline:
             extra["transformer"] = lean.load_transformer(source.path, quantize=True)
         if with_t5 and (fp8_t5_on_disk or (settings.lean_load and plan.t5 in QUANT_MODES)):
             extra["text_encoder_3"] = lean.load_t5(source.path, quantize=not fp8_t5_on_disk)
-        pipe = StableDiffusion3Pipeline.from_pretrained(source.path, dtype=torch.bfloat16, use_safetensors=True,
-                                                        **extra)
+        pipe = StableDiffusion3Pipeline.from_pretrained(  # safetensors only: a pickle runs its writer's code
+            source.path, dtype=torch.bfloat16, use_safetensors=not settings.allow_pickle_weights, **extra)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign folder gets a cause and a fix
@@ -134,7 +134,9 @@ def load(settings: Settings) -> LoadedPipeline:
             f"diffusers could not load {source.path} as a Stable Diffusion 3.5 pipeline: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
             "check that the folder is a complete SD3/SD3.5 diffusers checkpoint (`sd35 cache verify`), "
-            "or re-download it.",
+            "or re-download it" + ("; weights load from .safetensors only: convert the .bin files, or trust "
+                                   "their writer and set SD35_ALLOW_PICKLE_WEIGHTS=1." if "safetensors" in str(exc)
+                                   else "."),
         ) from None
     pipe.set_progress_bar_config(disable=True)
 

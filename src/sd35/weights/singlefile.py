@@ -280,6 +280,10 @@ def load_transformer(path: Path, folder: Path, mode: str):
     for k, t in converted.items():
         mark = converted_scales[k]
         if mark.numel() and float(mark.reshape(-1)[0]) >= 0:
+            if t.dim() != 2:  # SD3.5's FP8 layers are linears: anything else is no file we know how to read
+                raise ModelError(f"{path}: {k} is stored as FP8 with shape {tuple(t.shape)}; FP8 weights here must "
+                                 "be 2-D (linear layers).", "use a file whose FP8 layers are linears only "
+                                 "(ComfyUI's fp8_scaled SD3.5), or the bf16 single file.")
             codes = t.contiguous().view(torch.float8_e4m3fn)
             row_scale = mark[:, :1].contiguous().float()
             module = k[: -len(".weight")]

@@ -38,6 +38,7 @@ CHECKS: list[Callable[[Context], Check | list[Check]]] = [
     hub.check_token,
     hub.check_hub_access,
     storage.check_hub_cache,
+    storage.check_compile_cache,
     model.check_model,
     storage.check_disk,
     config.check_dotenv,

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from sd35.ops.doctor.context import FAIL, OK, WARN, Check, Context
+from sd35.ops.doctor.context import FAIL, OK, SKIP, WARN, Check, Context
 
 
 def check_hub_cache(ctx: Context) -> Check:
@@ -43,6 +43,27 @@ def check_hub_cache(ctx: Context) -> Check:
         what.append(f"{len(report.other_group)} owned by another group")
     return Check("hub cache", FAIL, f"shared cache {cache} (group {report.group}): {'; '.join(what)}: {shown} — "
                  "other users will hit PermissionError on blobs/ and .locks/", report.fix())
+
+
+def check_compile_cache(ctx: Context) -> Check:
+    """The compiled-kernel cache must be writable by this account alone: inductor imports code from it."""
+    from sd35.inference import compilation
+
+    if ctx.settings is None:
+        return Check("compile cache", SKIP, "settings invalid (see above)")
+    root = compilation.cache_root(ctx.settings)
+    problem = compilation.cache_problem(root)
+    if problem is not None:
+        return Check("compile cache", FAIL, f"{root}: {problem}: whoever can write there runs code as the service "
+                     "once it compiles (SD35_COMPILE=auto on a GPU)", "point SD35_COMPILE_CACHE at a folder only this "
+                     f"account can write (the unit's CacheDirectory=, docs/hosting.md), or, if {root} is its own, "
+                     "chmod 0700 it")
+    parent = next((p for p in [root, *root.parents] if p.exists()), Path("/"))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return Check("compile cache", FAIL, f"{root} cannot be created: {parent} is not writable by this account",
+                     "point SD35_COMPILE_CACHE at a folder this account can write (mode 0700)")
+    return Check("compile cache", OK, f"{root} (this account's alone"
+                 f"{'' if root.exists() else ', created 0700 at the first compile'})")
 
 
 TINY_DISK_BYTES = 50e6  # the tiny build is ~3 MB; room for it and a rebuild beside it
