@@ -34,6 +34,7 @@ def hermetic_session(tmp_path_factory):
             mp.delenv(key, raising=False)
     mp.setenv("HF_HUB_CACHE", str(home / "hf-cache"))
     mp.setenv("HF_HOME", str(home / "hf-home"))
+    mp.setenv("XDG_CACHE_HOME", str(home / "xdg-cache"))  # the default compile cache: never the developer's
     mp.chdir(home)
     from sd35.service import auth
 
