@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from sd35.cli.common import (Compile, Device, Model, Precision, Revision, T5, Transformer, Verbose, err,
-                                 handle_errors, listen_for_debugger, out, settings)
+from sd35.cli.common import (Compile, Device, Lora, LoraAllowPartial, LoraFuse, Model, Precision, Revision, T5,
+                             Transformer, Verbose, err, handle_errors, listen_for_debugger, lora_flags, out, settings)
 from sd35.errors import InputError
 
 MAX_CLI_IMAGES = 16
@@ -38,6 +38,9 @@ def generate(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder [SD35_OUTPUT_DIR]"),
     breaks: Optional[str] = typer.Option(None, "--break", help="stop inside diffusers: block.K@STEP, attn.K@STEP, "
                                          "scheduler@STEP, transformer@STEP, vae.decode, nan [SD35_BREAK]"),
+    lora: Lora = None,
+    lora_fuse: LoraFuse = None,
+    lora_allow_partial: LoraAllowPartial = None,
     verbose: Verbose = False,
 ) -> None:
     """Generate images; write <out>/<timestamp>-<seed>.png and a .json sidecar beside each."""
@@ -50,7 +53,8 @@ def generate(
     # 1. Flags → settings; bad input is refused before the model loads (and nothing is written).
     logs.configure(verbose)
     s = settings(model=model, revision=revision, precision=precision, t5=t5, device=device, offload=offload,
-                 output_dir=out_dir, breaks=breaks, compile=compile_mode, transformer=transformer)
+                 output_dir=out_dir, breaks=breaks, compile=compile_mode, transformer=transformer,
+                 **lora_flags(lora, lora_fuse, lora_allow_partial))
     if not 1 <= n <= MAX_CLI_IMAGES:
         raise InputError(f"-n {n} is out of range.", f"pass -n from 1 to {MAX_CLI_IMAGES}.", param="n")
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
@@ -76,6 +80,14 @@ def generate(
               f"seed{'s' if n > 1 else ''} {', '.join(map(str, result.seeds))}", highlight=False)
     if rt.loaded.source.notice:
         err.print(f"[yellow]note:[/] {rt.loaded.source.notice}", highlight=False)
+    _print_loras(rt.lora_record(result.request))
+
+
+def _print_loras(record: dict | None) -> None:
+    """One line per LoRA: what was applied (the sidecar has the same under "lora")."""
+    for a in (record or {}).get("applied", []) + (record or {}).get("fused", []):
+        err.print(f"LoRA {a['name']} ×{a['scale']:g} ({a.get('mode', record['mode'])}): applied to "
+                  f"{a['layers_applied']} layers ({a['layers_in_file']} in the file)", highlight=False)
 
 
 @handle_errors

@@ -41,6 +41,7 @@ class GenerationRequest:
     height: int = 128
     width: int = 128
     seed: int = 0
+    loras: tuple | None = None  # LoraChoice(name, scale)s; None: the run's defaults (SD35_LORAS); weights/lora.py
 
 
 def image_seeds(seed: int, n: int) -> list[int]:

@@ -83,9 +83,10 @@ def _assign(model, name: str, tensor) -> None:
                          "the folder's weights and config.json do not belong together: re-download or re-create it.")
 
 
-def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str]):
+def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str], transform=None):
     """Assign every tensor of `files` into the meta-built `model`: torchao-flattened FP8 weights rebuilt as
-    Float8Tensors; bf16 Linear weights quantized as they arrive when `quantize`; the rest cast to bf16."""
+    Float8Tensors; bf16 Linear weights quantized as they arrive when `quantize`; the rest cast to bf16.
+    `transform(name, bf16 tensor)` runs before quantizing (--lora-fuse bakes LoRAs in there: weights/lora.py)."""
     import fnmatch
 
     import torch
@@ -110,6 +111,8 @@ def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str]):
                 continue
             if t.is_floating_point():
                 t = t.to(torch.bfloat16)
+            if transform is not None:
+                t = transform(name, t)
             if quantize and leaf == "weight" and owner in linears and t.dim() == 2:
                 t = Float8Tensor.from_hp(t, float8_dtype=torch.float8_e4m3fn, granularity=PerRow())
             _assign(model, name, t)
@@ -132,7 +135,7 @@ def _check_materialized(model, folder: Path) -> None:
                          "re-download or re-create the folder (`sd35 cache verify`).")
 
 
-def load_transformer(folder: Path, *, quantize: bool):
+def load_transformer(folder: Path, *, quantize: bool, transform=None):
     """The SD3 transformer from `folder/transformer`: FP8 as its tensors are read when `quantize` (bf16
     source), or as stored (a pre-quantized folder), bf16 otherwise; built on meta, no bf16 copy.
 
@@ -153,7 +156,7 @@ def load_transformer(folder: Path, *, quantize: bool):
     with torch.device("meta"):
         model = SD3Transformer2DModel.from_config(config)
     # 3. The tensors.
-    _fill(model, _weight_files(sub), quantize=quantize, keep=precision.KEEP_BF16)
+    _fill(model, _weight_files(sub), quantize=quantize, keep=precision.KEEP_BF16, transform=transform)
     record = Path(folder) / RECORD
     if record.is_file() and json.loads(record.read_text()).get("pos_embed") == "recomputed":
         _assign(model, POS_EMBED, computed_pos_embed(model))  # left out of the store (store.quantize)
