@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("sd35.access")  # one line per request: who, what, how long
 OPEN_PATHS = {"/healthz"}  # everything else needs the API key when one is set
 JSON_BODY_PATHS = {"/v1/images/generations"}
-KNOWN_PATHS = {"/v1/images/generations", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json",
+KNOWN_PATHS = {"/v1/images/generations", "/v1/models", "/v1/loras", "/healthz", "/readyz", "/metrics", "/openapi.json",
                "/docs"}
 
 
