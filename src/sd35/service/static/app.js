@@ -165,6 +165,7 @@ async function connect() {
       return;
     }
     fillForm(state.card);
+    loadLoras();
     $("generate").disabled = false;
     refreshQueue();
   } catch (err) {
@@ -196,7 +197,41 @@ function requestBody() {
   if (steps !== undefined) body.steps = steps;
   const guidance = readNumber("guidance");
   if (guidance !== undefined) body.guidance_scale = guidance;
+  const lora = pickedLoras();
+  if (lora !== undefined) body.lora = lora;
   return body;
+}
+
+// --- the LoRA picker (GET /v1/loras; a request's `lora: [{name, scale}]`) ----------------------------------
+
+async function loadLoras() {
+  let list = [];
+  try { list = (await getJSON("/v1/loras")).data || []; } catch (_) { list = []; }
+  const box = $("loras");
+  box.replaceChildren();
+  list.forEach((l) => {
+    const id = "lora-" + l.name.replace(/[^A-Za-z0-9_-]/g, "_");
+    const check = el("input", { type: "checkbox", id, disabled: !l.usable });
+    check.dataset.lora = l.name;
+    const scale = el("input", { type: "range", min: "-2", max: "2", step: "0.05", value: "1" });
+    scale.setAttribute("aria-label", `${l.name} scale`);
+    const shown = el("output", { textContent: "1.00" });
+    scale.addEventListener("input", () => { shown.textContent = Number(scale.value).toFixed(2); });
+    const label = el("label", { htmlFor: id, textContent: `${l.name} `,
+                                title: l.usable ? `sha256 ${l.sha256}` : l.error });
+    label.append(el("small", { className: "muted",
+                               textContent: l.usable ? `rank ${l.rank} · ${l.layers} layers` : "does not fit this model" }));
+    box.append(el("div", { className: "row lora" }, check, label, scale, shown));
+  });
+  $("lora-field").hidden = list.length === 0;
+}
+
+function pickedLoras() {
+  if ($("lora-field").hidden) return undefined; // no LoRA folder: the field is not sent
+  return [...$("loras").querySelectorAll("input[type=checkbox]:checked")].map((c) => ({
+    name: c.dataset.lora,
+    scale: Number(c.closest(".lora").querySelector("input[type=range]").value),
+  }));
 }
 
 // --- generate ----------------------------------------------------------------------------------------------
