@@ -4,7 +4,8 @@ One LoRA is defined at SAI's module level (a fused qkv has one down and one up),
 - `kohya`: `lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight` / `.lora_up.weight` / `.alpha`;
 - `comfyui`: `diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_down.weight` / … / `.alpha`;
 - `diffusers`: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight` / `.lora_B.weight` (q, k, v split
-  from the fused up rows as the weights are), alpha in the header's `lora_adapter_metadata`.
+  from the fused up rows as the weights are), alpha in the header's `lora_adapter_metadata` (as
+  diffusers' `save_lora_weights` writes it).
 The three files are the same LoRA, so they must give the same image.
 """
 
@@ -56,7 +57,8 @@ def write(path: Path, lora: dict, layout: str, transformer, alpha: float | None 
                 rows = torch.cat([up[a:b] for a, b in row_ranges(pieces, up.shape[0])])
                 tensors[f"transformer.{module}.lora_A.weight"] = down.to(torch.bfloat16)
                 tensors[f"transformer.{module}.lora_B.weight"] = rows.to(torch.bfloat16)
-        meta["lora_adapter_metadata"] = json.dumps({"r": rank, "lora_alpha": alpha})
+        # as diffusers' save_lora_weights writes it: PEFT's LoraConfig, keys prefixed by the component
+        meta["lora_adapter_metadata"] = json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha})
     else:
         raise ValueError(layout)
     tensors.update(extra or {})

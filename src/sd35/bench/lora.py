@@ -118,4 +118,5 @@ def run(arch: str = "large", size: int = 1024, *, modes=("bf16", "fp8-weight", "
     return {"arch": arch, "size": size, "device": device,
             "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU",
             "note": note, "repeats": repeats, "ranks": list(ranks), "modes": rows,
-            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "torchao": torchao.__version__}}
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "torchao": torchao.__version__}}

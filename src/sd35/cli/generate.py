@@ -103,14 +103,15 @@ def fidelity(
     steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the model's)"),
     step: Optional[int] = typer.Option(None, "--step", help="the step whose block outputs are compared (default: "
                                        "middle)"),
+    lora: Lora = None,
 ) -> None:
     """FP8 vs bf16 on the same prompt and seed: per-block error (relative L2, cosine) and the final image."""
     from sd35 import logs
     from sd35.bench import fidelity as fid
 
     logs.configure(False)
-    r = fid.per_block(settings(model=model, precision=precision, device=device), prompt=prompt, seed=seed,
-                      steps=steps, step=step)
+    r = fid.per_block(settings(model=model, precision=precision, device=device, **lora_flags(lora, None, None)),
+                      prompt=prompt, seed=seed, steps=steps, step=step)
     if as_json:
         print(json.dumps(r if per_block else {k: v for k, v in r.items() if k != "blocks"}, indent=2))
         return
@@ -120,6 +121,7 @@ def fidelity(
             worst = max(r["blocks"], key=lambda b: b["image_rel_err"])
             out.print(f"worst block: {worst['block']} (image rel. err {worst['image_rel_err']:.5f})", highlight=False)
     i = r["image"]
+    _print_loras(r.get("lora"))
     out.print(f"final image: rel. err {i['rel_err']:.4f}, PSNR {_f(i['psnr_db'], '.1f')} dB, SSIM {i['ssim']:.4f}",
               highlight=False)
 

@@ -41,7 +41,8 @@ _TEXT = ("lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "text_encoder.", "te
          "text_encoders.", "te1.", "te2.", "te3.")
 _FOREIGN = {"double_blocks": "Flux (double_blocks)", "single_blocks": "Flux (single_blocks)",
             "single_transformer_blocks": "Flux (single_transformer_blocks)",
-            "input_blocks": "a UNet (SDXL / SD 1.x: input_blocks)", "down_blocks": "a UNet (SDXL / SD 1.x: down_blocks)",
+            "input_blocks": "a UNet (SDXL / SD 1.x: input_blocks)",
+            "down_blocks": "a UNet (SDXL / SD 1.x: down_blocks)",
             "output_blocks": "a UNet (SDXL / SD 1.x: output_blocks)", "mid_block": "a UNet (SDXL / SD 1.x: mid_block)"}
 _UNSUPPORTED = {"dora_scale": "DoRA (dora_scale)", "lora_mid": "LoCon/LyCORIS (lora_mid)", "hada_": "LoHa (hada_)",
                 "lokr_": "LoKr (lokr_)", ".diff": "a full weight difference (.diff)"}
@@ -110,7 +111,7 @@ class LoraFile:
     applied_layers: int  # of those, applied (all unless allow_partial skipped some)
     targets: list[Target]
     skipped: list[str] = field(default_factory=list)  # keys skipped (allow_partial), for the record
-    alphas: dict = field(default_factory=dict)  # module → alpha from the header metadata
+    alphas: dict = field(default_factory=dict)  # alpha from the header metadata: {"default", "pattern"}
 
     @property
     def size(self) -> int:
@@ -175,16 +176,18 @@ def _layout_and_stem(stem: str) -> tuple[str, str]:
     return "unknown", stem
 
 
-def _metadata_alpha(meta: dict) -> float | None:
+def _metadata_alpha(meta: dict) -> dict:
+    """Alpha from diffusers' `lora_adapter_metadata` header entry (PEFT's LoraConfig as JSON; a pipeline's
+    save prefixes its keys with `transformer.`): {"default": lora_alpha, "pattern": alpha_pattern}."""
     raw = meta.get("lora_adapter_metadata")
-    if not raw:
-        return None
     try:
-        conf = json.loads(raw)
-        conf = conf.get("transformer", conf) if isinstance(conf, dict) else {}
-        return float(conf["lora_alpha"]) if "lora_alpha" in conf else None
-    except (ValueError, TypeError):
-        return None
+        conf = json.loads(raw) if raw else {}
+    except ValueError:
+        raise LoraError("the LoRA's lora_adapter_metadata header entry is not JSON.", "download it again.") from None
+    conf = {k.removeprefix("transformer."): v for k, v in conf.items()} if isinstance(conf, dict) else {}
+    default = conf.get("lora_alpha")
+    return {"default": float(default) if isinstance(default, (int, float)) else None,
+            "pattern": {k: float(v) for k, v in (conf.get("alpha_pattern") or {}).items()}}
 
 
 def _refuse_foreign(path: Path, keys: list[str], shape: ModelShape) -> None:
@@ -277,7 +280,7 @@ def plan(path: Path, shape: ModelShape, *, allow_partial: bool = False, max_rank
         log.warning("LoRA %s: %d keys skipped (--lora-allow-partial), first %s", path.name, len(skipped), skipped[0])
     n_file = used + len({_split(k)[0] for k in skipped})
     return LoraFile(path, name or path.stem, layout, max_seen, n_file, used, targets, skipped,
-                    {"metadata": _metadata_alpha(meta)})
+                    _metadata_alpha(meta))
 
 
 def _check_shapes(path, roles, down, up, modules, shape: ModelShape) -> None:
@@ -335,6 +338,8 @@ def load(lora: LoraFile, dtype=None) -> dict[str, tuple]:
             if t.alpha is not None:
                 alpha = float(f.get_tensor(t.alpha).float().reshape(-1)[0])
             else:
-                alpha = lora.alphas.get("metadata") or float(t.rank)
+                pattern = lora.alphas.get("pattern") or {}
+                key = next((k for k in pattern if t.module == k or t.module.endswith("." + k)), None)
+                alpha = pattern[key] if key else (lora.alphas.get("default") or float(t.rank))
             out[t.module] = (down.contiguous(), up.contiguous(), alpha / t.rank)
     return out
