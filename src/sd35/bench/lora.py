@@ -17,14 +17,13 @@ import gc
 import statistics
 import time
 
-from sd35.bench.core import _step_inputs, _time_steps, build_transformer
+from sd35.bench.arch import build_transformer
+from sd35.bench.speed import _step_inputs, _time_steps
 from sd35.models import ARCHS
 
 
 def _slots(model, rank: int, seed: int):
     """Rank-`rank` slots on every LoRA-targetable linear, filled with random values (an active LoRA)."""
-    import torch
-
     from sd35.weights import lora
     from sd35.weights.lora_files import ModelShape
 
@@ -59,9 +58,7 @@ def _one(arch: str, mode: str, rank: int, size: int, device: str, repeats: int, 
         precision.apply(model, mode, device=device)
         model.to(device)
         ad = _slots(model, rank, seed=1) if rank else None
-        inputs, _ = _step_inputs(ARCHS[arch], size, device)
-        inputs = {k: v.to(device=device, dtype=torch.bfloat16 if v.is_floating_point() and k != "timestep"
-                           else v.dtype) for k, v in inputs.items()}
+        inputs = _step_inputs(ARCHS[arch], size, device)
         _time_steps(model, inputs, device, 2)
         eager = _time_steps(model, inputs, device, repeats)
         row = {"eager_ms": round(statistics.median(eager) * 1000, 3)}
