@@ -253,15 +253,16 @@ def bench_lora(
         print(json.dumps(report, indent=2))
         return
     out.print(f"{report['arch']} at {report['size']}² on {report['device_name']} ({report['device']}), median of "
-              f"{report['repeats']} steps; LoRA slots on every linear" +
+              f"{report['repeats']} steps / min; LoRA slots on every linear" +
               (f"\n[yellow]{report['note']}[/]" if report["note"] else ""), highlight=False)
     for mode, rows in report["modes"].items():
         for rank, r in rows.items():
             if "note" in r:
                 out.print(f"  {mode:11} rank {rank:>3}: {r['note']}", highlight=False)
                 continue
-            parts = [f"{kind} {r[f'{kind}_ms']:.1f} ms" + (f" (+{r[f'{kind}_overhead'] * 100:.0f}%)"
-                     if f"{kind}_overhead" in r else "") for kind in ("eager", "compiled") if f"{kind}_ms" in r]
+            parts = [f"{kind} {r[f'{kind}_ms']:.1f} / {r[f'{kind}_min_ms']:.1f} ms"
+                     + (f" ({r[f'{kind}_overhead'] * 100:+.0f}% min)" if f"{kind}_overhead" in r else "")
+                     for kind in ("eager", "compiled") if f"{kind}_ms" in r]
             if "recompiles_on_swap" in r:
                 parts.append(f"recompiles on swap: {r['recompiles_on_swap']}")
             out.print(f"  {mode:11} rank {rank:>3}: " + " · ".join(parts), highlight=False)
