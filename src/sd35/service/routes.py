@@ -378,7 +378,7 @@ async def get_model(model_id: str, request: Request):
             "sd35": page.model_card(settings, request.app.state.worker)}
 
 
-@router.get("/v1/loras", response_model=LoraList, responses={401: _ERRORS[401]})
+@router.get("/v1/loras", response_model=LoraList, responses={401: _ERRORS[401], 503: _ERRORS[503]})
 async def list_loras(request: Request):
     """The LoRAs of SD35_LORA_DIR a request's `lora` field can name: name, rank, layers, size, sha256, and
     whether each fits the loaded model (checked against it once ready)."""
