@@ -163,28 +163,68 @@ def test_names_outside_the_folder_are_refused(lora_dir, tmp_path):
     assert lora_catalog.parse_spec("c:style") == lora_catalog.LoraChoice("c:style", 1.0)
 
 
-@pytest.mark.slow
-def test_service_lists_loras_applies_them_and_refuses_traversal(lora_dir, tiny_cache):
-    from test_service import KEY, InProcessServer, call, free_port
+@pytest.fixture(scope="module")
+def lora_service(lora_dir, tiny_cache):
+    from test_service import KEY, InProcessServer, free_port
 
     from sd35.settings import Settings
 
     s = Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu", port=free_port(), api_key=KEY,
                  lora_dir=lora_dir[0], lora_max_rank=16, request_timeout=120)
     with InProcessServer(s) as srv:
-        status, _, listing = call(srv.url + "/v1/loras")
-        assert status == 200 and listing["max_rank"] == 16
-        two = next(x for x in listing["data"] if x["name"] == "two")
-        assert (two["rank"], two["layers"], two["usable"], len(two["sha256"])) == (8, 48, True, 64)
-        body = {"prompt": "a cube", "size": "64x64", "steps": 2, "seed": 1}
-        for name in ("../elsewhere/medium", "/etc/passwd", "escape", "missing"):
-            status, _, err = call(srv.url + "/v1/images/generations", "POST", {**body, "lora": [{"name": name}]})
-            assert status == 400 and err["error"]["param"] == "lora", (name, err)
-        status, _, ok = call(srv.url + "/v1/images/generations", "POST",
-                             {**body, "lora": [{"name": "one-diffusers", "scale": 0.7}]})
-        assert status == 200, ok
-        applied = ok["sd35"]["lora"]["applied"][0]
-        assert (applied["name"], applied["scale"], applied["layers_applied"]) == ("one-diffusers", 0.7, 68)
+        yield srv
+
+
+@pytest.mark.slow
+def test_service_lists_loras_applies_them_and_refuses_traversal(lora_service):
+    from test_service import call
+
+    url = lora_service.url
+    status, _, listing = call(url + "/v1/loras")
+    assert status == 200 and listing["max_rank"] == 16
+    two = next(x for x in listing["data"] if x["name"] == "two")
+    assert (two["rank"], two["layers"], two["usable"], len(two["sha256"])) == (8, 48, True, 64)
+    body = {"prompt": "a cube", "size": "64x64", "steps": 2, "seed": 1}
+    for name in ("../elsewhere/medium", "/etc/passwd", "escape", "missing"):
+        status, _, err = call(url + "/v1/images/generations", "POST", {**body, "lora": [{"name": name}]})
+        assert status == 400 and err["error"]["param"] == "lora", (name, err)
+    status, _, ok = call(url + "/v1/images/generations", "POST",
+                         {**body, "lora": [{"name": "one-diffusers", "scale": 0.7}]})
+    assert status == 200, ok
+    applied = ok["sd35"]["lora"]["applied"][0]
+    assert (applied["name"], applied["scale"], applied["layers_applied"]) == ("one-diffusers", 0.7, 68)
+
+
+@pytest.mark.slow
+def test_page_lora_picker_sends_the_picked_lora_and_its_scale(lora_service):
+    from test_page import CHROMIUM, CHROMIUM_ARGS, Page
+    from test_service import KEY
+
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = Page(browser, lora_service.url)
+        p = page.page
+        page.use_key(KEY)
+        p.locator("#lora-field").wait_for(state="visible")
+        p.locator("#generate:not([disabled])").wait_for()
+        p.get_by_label("one-diffusers", exact=False).first.check()
+        p.get_by_label("one-diffusers scale").fill("0.7")
+        p.get_by_label("Steps").fill("2")
+        sent = []
+        p.on("request", lambda r: r.method == "POST" and sent.append(r.post_data_json))
+        p.get_by_role("button", name="Generate").click()
+        entry = p.locator("#gallery .entry").first
+        entry.wait_for()
+        assert sent and sent[0]["lora"] == [{"name": "one-diffusers", "scale": 0.7}], sent
+        assert "one-diffusers ×0.7" in entry.locator(".params").inner_text()
+        assert "extra_body" in entry.locator("pre.python").inner_text() and '"lora": [{' in \
+            entry.locator("pre.python").inner_text()
+        assert page.js_errors() == []
+        page.close()
+        browser.close()
 
 
 def test_cli_generate_records_the_lora_and_refuses_another_architecture(lora_dir, tmp_path):

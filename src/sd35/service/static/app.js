@@ -226,6 +226,10 @@ async function loadLoras() {
   $("lora-field").hidden = list.length === 0;
 }
 
+function loraText(lora) {
+  return lora && lora.length ? lora.map((l) => `${l.name} ×${l.scale}`).join(", ") : undefined;
+}
+
 function pickedLoras() {
   if ($("lora-field").hidden) return undefined; // no LoRA folder: the field is not sent
   return [...$("loras").querySelectorAll("input[type=checkbox]:checked")].map((c) => ({
@@ -338,9 +342,10 @@ function curlSnippet(params) {
 }
 
 function pythonSnippet(params) {
-  const py = (v) => (typeof v === "string" ? JSON.stringify(v) : String(v)); // a JSON string is a Python str
+  // a JSON string is a Python str; the `lora` list ([{name: str, scale: number}]) is a Python literal as JSON
+  const py = (v) => (typeof v === "string" || typeof v === "object" ? JSON.stringify(v) : String(v));
   const std = ["model", "prompt", "size", "n"].filter((k) => params[k] !== undefined);
-  const extra = ["negative_prompt", "steps", "guidance_scale", "seed"].filter((k) => params[k] !== undefined);
+  const extra = ["negative_prompt", "steps", "guidance_scale", "seed", "lora"].filter((k) => params[k] !== undefined);
   const key = state.authRequired ? 'os.environ["SD35_API_KEY"]' : '"unused"';
   const lines = [
     "import base64",
@@ -404,7 +409,7 @@ function renderEntry(entry) {
   const facts = [["Prompt", p.prompt], ["Negative prompt", p.negative_prompt], ["Size", p.size],
     ["Steps", p.steps ?? `${state.card?.defaults?.steps ?? "default"} (default)`],
     ["Guidance", p.guidance_scale ?? `${state.card?.defaults?.guidance_scale ?? "default"} (default)`],
-    ["Seed", p.seed], ["n", p.n], ["Time", `${entry.seconds.toFixed(1)} s`]];
+    ["Seed", p.seed], ["n", p.n], ["LoRAs", loraText(p.lora)], ["Time", `${entry.seconds.toFixed(1)} s`]];
   for (const [k, v] of facts) {
     if (v === undefined || v === null || v === "") continue;
     params.append(el("div", {}, el("dt", { textContent: k }), el("dd", { textContent: String(v) })));
