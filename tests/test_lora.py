@@ -210,7 +210,7 @@ def test_page_lora_picker_sends_the_picked_lora_and_its_scale(lora_service):
         page.use_key(KEY)
         p.locator("#lora-field").wait_for(state="visible")
         p.locator("#generate:not([disabled])").wait_for()
-        p.get_by_label("one-diffusers", exact=False).first.check()
+        p.locator('input[data-lora="one-diffusers"]').check()
         p.get_by_label("one-diffusers scale").fill("0.7")
         p.get_by_label("Steps").fill("2")
         sent = []
