@@ -212,16 +212,18 @@ def test_page_lora_picker_sends_the_picked_lora_and_its_scale(lora_service):
         p.locator("#generate:not([disabled])").wait_for()
         p.locator('input[data-lora="one-diffusers"]').check()
         p.get_by_label("one-diffusers scale").fill("0.7")
+        p.get_by_label("Prompt", exact=True).fill("a lighthouse")
         p.get_by_label("Steps").fill("2")
         sent = []
         p.on("request", lambda r: r.method == "POST" and sent.append(r.post_data_json))
         p.get_by_role("button", name="Generate").click()
         entry = p.locator("#gallery .entry").first
-        entry.wait_for()
+        p.locator("#gallery .entry, #error:not([hidden])").first.wait_for(timeout=240_000)
+        assert p.locator("#error").is_hidden(), (p.locator("#error").inner_text(), page.console, sent)
         assert sent and sent[0]["lora"] == [{"name": "one-diffusers", "scale": 0.7}], sent
         assert "one-diffusers ×0.7" in entry.locator(".params").inner_text()
-        assert "extra_body" in entry.locator("pre.python").inner_text() and '"lora": [{' in \
-            entry.locator("pre.python").inner_text()
+        python = entry.locator("pre.python").text_content()  # in a closed <details>
+        assert 'extra_body={' in python and '"lora": [{"name":"one-diffusers","scale":0.7}]' in python, python
         assert page.js_errors() == []
         page.close()
         browser.close()
