@@ -77,15 +77,27 @@ serve: setup ## Serve the OpenAI-compatible image API on 127.0.0.1:8000 (setting
 # accounts out (docs/scale-out.md).
 RAY_PORT ?= 6390
 RAY_ENV := RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_ADDRESS=127.0.0.1:$(RAY_PORT)
+# Stops only the Ray whose GCS is 127.0.0.1:$(RAY_PORT), never `ray stop` (every Ray on the machine).
+RAY_STOP := $(RAY_ENV) $(BIN)/python -m sd35.service.ray_app stop
 serve-ray: setup ## Serve the same API on a local Ray Serve (SD35_RAY_REPLICAS replicas, port SD35_PORT)
-	$(RAY_ENV) $(BIN)/ray start --head --port=$(RAY_PORT) --include-dashboard=false --disable-usage-stats \
-	  $(RAY_START_ARGS)
+	@# Ray's token: made once (0600, under a 077 umask) unless RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH gives one.
+	@test -n "$$RAY_AUTH_TOKEN$$RAY_AUTH_TOKEN_PATH" || test -s ~/.ray/auth_token || \
+	  (umask 077 && $(BIN)/ray get-auth-token --generate >/dev/null)
 	@chmod 600 ~/.ray/auth_token 2>/dev/null || true
-	$(RAY_ENV) $(BIN)/python -m sd35.service.ray_app up || { $(BIN)/ray stop; exit 1; }
+	@# A Ray already on RAY_PORT (an earlier serve-ray?) is left alone: the stop below must not reach it.
+	@$(BIN)/python -c 'import socket; socket.socket().bind(("127.0.0.1", $(RAY_PORT)))' 2>/dev/null || { \
+	  echo "error: 127.0.0.1:$(RAY_PORT) is in use (a Ray of an earlier make serve-ray?)" >&2; \
+	  echo "fix: make serve-ray-stop first, or pick another port: make serve-ray RAY_PORT=..." >&2; exit 2; }
+	$(RAY_ENV) $(BIN)/ray start --head --port=$(RAY_PORT) --include-dashboard=false --disable-usage-stats \
+	  $(RAY_START_ARGS) || { $(RAY_STOP); \
+	  echo "error: ray start failed (output above; Ray's logs: /tmp/ray/session_latest/logs); what it started is stopped" >&2; \
+	  echo "fix: 'timed out during startup' means a machine too busy for Ray's fixed start-up waits: retry later" >&2; \
+	  exit 1; }
+	$(RAY_ENV) $(BIN)/python -m sd35.service.ray_app up || { $(RAY_STOP); exit 1; }
 
-serve-ray-stop: ## Stop the Ray Serve app and the local Ray that `make serve-ray` started
+serve-ray-stop: ## Stop the Ray Serve app and the local Ray that `make serve-ray` started (only that one)
 	-$(RAY_ENV) $(BIN)/python -m sd35.service.ray_app down
-	$(BIN)/ray stop
+	$(RAY_STOP)
 
 lab: setup ## JupyterLab on a private Unix socket (prints the ssh -L line; ARGS=--tcp for 127.0.0.1:8888)
 	$(BIN)/sd35 lab $(ARGS)

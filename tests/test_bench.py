@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from helpers import run_cli
 
 def test_published_configs_have_sd35_shapes():
@@ -35,19 +33,3 @@ def test_bench_memory_json_on_tiny_arch():
 def test_bench_rejects_unknown_arch():
     r = run_cli("bench", "memory", "--arch", "xl")
     assert r.returncode == 2 and "unknown architecture" in r.stderr and "--arch medium" in r.stderr
-
-
-@pytest.mark.slow
-def test_bench_load_runs_every_load_path_in_its_own_process_on_tiny(tmp_path):
-    """`sd35 bench load --arch tiny`: every row of LOAD_PATHS loads in a child (`python -m sd35.bench.load`),
-    each into the same FP8 weights, the pre-quantized folder smaller on disk than the bf16 one."""
-    from sd35.bench.load import LOAD_PATHS
-
-    r = run_cli("bench", "load", "--arch", "tiny", "--dir", str(tmp_path), "--json")
-    assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout)
-    assert list(report["modes"]) == list(LOAD_PATHS)
-    weights = {row["weight_bytes"] for row in report["modes"].values()}
-    assert len(weights) == 1 and all(row["fp8_linear_params"] > 0 for row in report["modes"].values())
-    assert report["modes"]["prequantized"]["disk_bytes"] < report["modes"]["bf16-quantize"]["disk_bytes"]
-    assert not list(tmp_path.iterdir())  # the two copies are removed

@@ -31,7 +31,7 @@ def test_launch_json_targets_and_attributes():
     doc = load_jsonc(ROOT / ".vscode" / "launch.json")
     configs = {c["name"]: c for c in doc["configurations"]}
     for name in ("Generate: stop in MMDiT block", "Generate: stop in joint attention", "Generate: stop in scheduler.step",
-                 "Generate: run with my breakpoints", "Serve: debug the service", "Attach: running service",
+                 "Generate: run with my breakpoints", "Edit: stop in MMDiT block", "Serve: debug the service", "Attach: running service",
                  "Attach: service in container", "Pytest: debug this test"):
         assert name in configs, name
     for c in configs.values():
@@ -214,6 +214,29 @@ def test_generate_target_stops_and_steps_into_diffusers(dap, tmp_path, name, lab
     dap.request("continue", {"threadId": tid})
     dap.wait_event("terminated", timeout=180)
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_edit_target_stops_inside_the_mmdit_during_an_edit(dap, tmp_path):
+    from PIL import Image
+
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (100, 80), (200, 40, 40)).save(picture)
+    dap.start("launch", _generate_config("Edit: stop in MMDiT block", tmp_path, {"editImage": str(picture)}))
+    tid, frames = dap.stopped()
+    variables = dap.locals(frames[0]["id"])
+    assert "block.1@2" in variables["where"]["value"]
+    dap.request("stepIn", {"threadId": tid})
+    tid, frames = dap.stopped()
+    assert frames[0]["name"] == "forward" and frames[0]["source"]["path"].endswith("diffusers/models/attention.py")
+    assert any(f["name"] == "__call__" and "stable_diffusion_3_img2img" in f["source"].get("path", "")
+               for f in dap.request("stackTrace", {"threadId": tid, "levels": 80})["stackFrames"]), \
+        "not inside the img2img pipeline"
+    dap.request("continue", {"threadId": tid})
+    dap.wait_event("terminated", timeout=180)
+    record = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert record["parameters"]["edit"]["mode"] == "img2img" and record["parameters"]["width"] == 96
 
 
 def _sd3_forward_line() -> tuple[str, int]:

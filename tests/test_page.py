@@ -306,3 +306,83 @@ def test_the_page_ships_in_the_wheel():
     for name in page.ASSETS:
         assert (ROOT / "src/sd35/service/static" / name).is_file()
         assert any(Path("static", name).match(g) for g in globs), name
+
+
+# --- edits and the key (issue #26) ------------------------------------------------------------------------------
+
+def test_a_pasted_key_works_at_once(page):
+    from playwright.sync_api import expect
+
+    p = page.page
+    p.get_by_label("API key").fill(KEY)  # pasted: no Enter, no "Use key"
+    expect(p.get_by_role("button", name="Generate")).to_be_enabled(timeout=10_000)
+    assert page.js_errors() == []
+
+
+def test_edit_mode_paints_a_mask_streams_the_edit_and_keeps_the_rest(page, tmp_path):
+    import numpy as np
+    from playwright.sync_api import expect
+
+    p = page.page
+    p.get_by_label("API key").fill(KEY)
+    expect(p.get_by_role("button", name="Generate")).to_be_enabled(timeout=10_000)
+    yy, xx = np.mgrid[0:96, 0:128]
+    source = Image.fromarray(np.stack([xx * 2, yy * 2, xx + yy], -1).astype(np.uint8))
+    source.save(tmp_path / "in.png")
+    p.get_by_label("Edit an image").check()
+    p.locator("#edit-file").set_input_files(str(tmp_path / "in.png"))
+    p.locator("#edit-canvas").wait_for()
+    box = p.locator("#edit-mask").bounding_box()  # paint a stroke across the middle
+    p.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
+    p.mouse.down()
+    p.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5, steps=5)
+    p.mouse.up()
+    p.get_by_label("Strength").fill("0.8")
+    p.get_by_label("Prompt", exact=True).fill("a red ball")
+    p.get_by_label("Steps").fill("4")
+    with p.expect_request("**/v1/images/edits") as sent:  # (multipart with blobs: playwright shows no body)
+        p.get_by_role("button", name="Generate").click()
+    assert sent.value.method == "POST"
+    entry = p.locator("#gallery .entry").first
+    entry.wait_for()
+    assert p.locator("#partials figure").count() >= 1  # image_edit.partial_image previews were shown
+    assert "inpaint, strength 0.8" in entry.locator(".params").inner_text()
+    href = entry.get_by_role("link", name="Download").get_attribute("href")
+    made = np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB"), dtype=float)
+    assert made.shape == (96, 128, 3)
+    for block in (np.s_[:16, :16], np.s_[-16:, -16:]):  # far from the stroke: the source, unchanged
+        mse = ((made[block] - np.asarray(source, dtype=float)[block]) ** 2).mean()
+        assert mse == 0 or 10 * np.log10(255 ** 2 / mse) >= 40
+    assert np.abs(made[44:52, 60:68] - np.asarray(source, dtype=float)[44:52, 60:68]).mean() > 5  # repainted
+    # "Edit this" on a result loads it into the editor; at phone width nothing scrolls sideways.
+    entry.get_by_role("button", name="Edit this").first.click()
+    assert p.evaluate("document.getElementById('edit-image').width") == 128
+    p.set_viewport_size({"width": 390, "height": 844})
+    assert p.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.js_errors() == []
+
+
+def test_edit_mask_paints_by_touch_and_the_eraser_takes_it_back(browser, api, tmp_path):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    try:
+        p = context.new_page()
+        p.goto(api.url + "/")
+        p.get_by_label("API key").fill(KEY)
+        expect(p.get_by_role("button", name="Generate")).to_be_enabled(timeout=10_000)
+        Image.new("RGB", (128, 96), (40, 90, 200)).save(tmp_path / "in.png")
+        p.get_by_label("Edit an image").check()
+        p.locator("#edit-file").set_input_files(str(tmp_path / "in.png"))
+        p.locator("#edit-canvas").wait_for()
+        box = p.locator("#edit-mask").bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        p.touchscreen.tap(x, y)  # a finger paints
+        assert p.evaluate("window.sd35Edit.masked()")
+        p.get_by_label("Eraser").check()
+        p.locator("#edit-size").fill("128")
+        p.touchscreen.tap(x, y)  # and the eraser takes it back: no mask = img2img
+        assert not p.evaluate("window.sd35Edit.masked()")
+        assert p.evaluate("document.documentElement.scrollWidth") <= 390
+    finally:
+        context.close()

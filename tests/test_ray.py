@@ -86,10 +86,128 @@ def test_make_serve_ray_starts_a_loopback_ray_with_token_auth_and_stops_it():
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     text = run.stdout
+    assert "/v/bin/ray get-auth-token --generate" in text and "umask 077" in text  # the token, made 0600
+    assert text.index("get-auth-token") < text.index("ray start")
     assert "/v/bin/ray start --head" in text and "--include-dashboard=false" in text
     assert "RAY_AUTH_MODE=token" in text and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in text
     assert "-m sd35.service.ray_app up" in text and "-m sd35.service.ray_app down" in text
-    assert "/v/bin/ray stop" in text
+    assert "-m sd35.service.ray_app stop" in text and "ray stop" not in text  # only our Ray, never every Ray
+
+
+def test_make_serve_ray_makes_the_token_in_a_clean_home_and_leaves_a_busy_port_alone(tmp_path):
+    """For real, from an empty HOME: the token is made (0600 in a 0700 ~/.ray) before anything else; a
+    RAY_PORT already taken (an earlier serve-ray) stops it with exit 2 before `ray start`, and what holds the
+    port is not touched."""
+    import socket
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    make = ["make", "-C", str(ROOT), "-o", "setup", "-o", "browser", "serve-ray",
+            f"VENV={Path(sys.executable).parent.parent}"]
+    token = home / ".ray" / "auth_token"
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        tokens = []
+        for _ in range(2):  # made once, then kept (a running cluster keeps its token)
+            run = subprocess.run([*make, f"RAY_PORT={port}"], env=_clean_env(home), capture_output=True,
+                                 text=True, timeout=300)
+            assert run.returncode == 2, run.stdout + run.stderr
+            assert f"127.0.0.1:{port} is in use" in run.stderr and "fix: make serve-ray-stop" in run.stderr
+            assert "ray start" not in run.stdout and "Traceback" not in run.stderr
+            assert token.stat().st_mode & 0o777 == 0o600 and (home / ".ray").stat().st_mode & 0o777 == 0o700
+            tokens.append(token.read_text())
+        held.getsockname()  # still open: nothing stopped what holds the port
+    assert len(tokens[0].strip()) >= 32 and tokens[1] == tokens[0]
+
+
+def test_stop_local_stops_that_ray_and_its_children_only(tmp_path):
+    """`ray_app stop` finds the processes naming our GCS (127.0.0.1:PORT, --gcs_server_port=PORT) and their
+    children; a process naming another port is left alone."""
+    import subprocess
+    import sys
+
+    from sd35.service import ray_app
+
+    sleeper = "import time; time.sleep(120)"
+    child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); time.sleep(120)"
+    ours = [subprocess.Popen([sys.executable, "-c", child, "--gcs-address=127.0.0.1:26399"]),
+            subprocess.Popen([sys.executable, "-c", sleeper, "--gcs_server_port=26399"])]
+    other = subprocess.Popen([sys.executable, "-c", sleeper, "--gcs-address=127.0.0.1:26398"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(ray_app.local_node_processes(26399)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        found = {p.pid for p in ray_app.local_node_processes(26399)}
+        assert {p.pid for p in ours} <= found and other.pid not in found and len(found) == 3
+        assert ray_app.stop_local(26399, grace=5) == 3
+        for p in ours:
+            assert p.wait(timeout=10) is not None
+        assert other.poll() is None and ray_app.local_node_processes(26399) == []
+    finally:
+        for p in [*ours, other]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_stop_refuses_a_ray_that_is_not_on_loopback(monkeypatch):
+    from sd35.service import ray_app
+
+    assert ray_app.local_port("127.0.0.1:6390") == 6390
+    for bad in (None, "", "auto", "10.0.0.5:6379", "127.0.0.1"):
+        monkeypatch.setenv("RAY_ADDRESS", bad or "")
+        assert ray_app.main(["stop"]) == 2
+
+
+def test_dockerfile_ray_target_is_the_runtime_image_plus_the_pinned_ray_extra():
+    import re
+
+    text = (ROOT / "docker/Dockerfile").read_text()
+    stages = {m.group(2): m.group(0)
+              for m in re.finditer(r"^FROM (\S+) AS (\S+)$(.*?)(?=^FROM |\Z)", text, re.M | re.S)}
+    ray_stage = stages["ray"]
+    assert ray_stage.startswith("FROM runtime AS ray")  # the runtime image: its user, venv, HEALTHCHECK, CMD
+    pip = [line for line in ray_stage.replace("\\\n", " ").splitlines() if "pip install" in line]
+    assert len(pip) == 1 and re.search(r"pip install -c \S*constraints\.txt ", pip[0]), pip
+    assert re.search(r'"\S*\[[\w,]*\bray\b[\w,]*\]"', pip[0]), pip  # the `ray` extra of pyproject.toml
+    assert "ray==" not in ray_stage  # the version comes from constraints.txt only
+    users = re.findall(r"^USER (\S+)", ray_stage, re.M)
+    assert users[-1] == "${USER_UID}:${USER_GID}"  # non-root at the end
+    assert "wget" in ray_stage  # KubeRay's default probes exec wget
+    build = "docker build -f docker/Dockerfile --target ray -t"
+    assert build in text and build in (ROOT / "docs/scale-out.md").read_text()
+    manifest = (ROOT / "deploy/k8s/rayservice.yaml").read_text()
+    assert "--target ray" in manifest and "sd35-workspace:ray" in manifest
+    assert re.search(r"^ray==\d", (ROOT / "constraints.txt").read_text(), re.M)
+
+
+def test_docs_and_configs_use_commands_and_paths_that_exist():
+    """docs/scale-out.md and deploy/: `sd35 cache prefetch` (there is no `download`), the cache at
+    /srv/cache/huggingface as everywhere else, multi-node `ray start` lines that keep token auth on."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from sd35.cli import app as cli
+
+    docs = (ROOT / "docs/scale-out.md").read_text()
+    configs = [(ROOT / p).read_text() for p in ("deploy/ray/serve.yaml", "deploy/k8s/rayservice.yaml")]
+    for text in (docs, *configs):
+        assert "cache download" not in text
+        for sub in re.findall(r"sd35 cache (\w+)", text):
+            assert CliRunner().invoke(cli, ["cache", sub, "--help"]).exit_code == 0, sub
+        assert "/srv/cache/huggingface/hub" not in text
+    for text in configs:
+        assert "HF_HUB_CACHE: /srv/cache/huggingface\n" in text and "SD35_IMAGE_STORE_DIR:" in text
+    step3 = docs[docs.index("## Step 3"):docs.index("## Step 4")]
+    assert "export RAY_AUTH_MODE=token" in step3 and "RAY_AUTH_MODE=disabled" not in step3
+    assert "get-auth-token --generate" in step3 and "~/.ray/auth_token" in step3 and "RAY_AUTH_TOKEN_PATH" in step3
+    assert "ray start --head" in step3 and "ray start --address=HEAD_IP:6379" in step3
+    assert "pip install -c constraints.txt" not in docs  # step 4's old recipe (root-owned /opt/venv)
 
 
 # --- the Serve config and the KubeRay manifest ---------------------------------------------------------------
@@ -324,3 +442,206 @@ def test_bench_serve_ray_compares_one_and_two_replicas(tiny_cache, tmp_path):
     assert all(r["images"] == 4 and r["images_per_s"] > 0 for r in report["runs"])
     assert report["speedup"]["1"] == 1.0 and report["speedup"]["2"] > 0
     assert "ratio says little" in report["note"]  # CPU replicas share the cores
+
+
+# --- `make serve-ray` for real, from a clean HOME; two nodes joined with the token (slow) -------------------------
+
+def _ray_port() -> int:
+    """A free port outside Ray's worker ports (10002-19999), for a GCS."""
+    import random
+    import socket
+
+    for _ in range(100):
+        port = random.randint(21000, 29000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def _clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """The test's environment without any RAY_*/SD35_* variable, with an empty HOME (no ~/.ray)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SD35_"))}
+    env.update(HOME=str(home), **extra)
+    return env
+
+
+def _short_tmp() -> Path:
+    """Ray's --temp-dir: short (its Unix socket paths must fit in 107 bytes), under /tmp, removed after."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="sd35r-", dir="/tmp"))
+
+
+def _listeners_of(pids: set[int]) -> list[tuple[object, int, str]]:
+    """(Listener, pid, command line) of each TCP listener those processes hold: sd35.net's view (doctor's)."""
+    from sd35 import net
+
+    procs = net.processes_by_inode()
+    return [(x, procs[x.inode][0], procs[x.inode][1]) for x in net.tcp_listeners() or []
+            if x.inode in procs and procs[x.inode][0] in pids]
+
+
+def _grpc_code(port: int, token: str | None):
+    """The status of a call to a replica's inter-deployment gRPC server (Serve's ASGIService), with or
+    without Ray's token. Ray's interceptor refuses a call without it before the method runs."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest")
+        try:
+            call(b"", timeout=20, metadata=[("authorization", f"Bearer {token}")] if token else None)
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_make_serve_ray_from_a_clean_home(tiny_cache, tmp_path):
+    """`make serve-ray` as a new account runs it: no ~/.ray, no token. It makes the token (0600), starts a
+    loopback Ray and 2 replicas; what listens is what docs/scale-out.md says (loopback, except each replica's
+    token-guarded gRPC); url links answer on every replica; `make serve-ray-stop` stops that Ray and no other."""
+    import shutil
+    import subprocess
+    import sys
+
+    import grpc
+    import httpx
+
+    from sd35 import net
+    from sd35.ops import doctor
+    from sd35.service import ray_app
+    from sd35.settings import Settings
+
+    home, ray_tmp = tmp_path / "home", _short_tmp()
+    home.mkdir()
+    ray_port, http_port = _ray_port(), free_port()
+    env = _clean_env(home, SD35_CACHE_DIR=str(tiny_cache), SD35_DEVICE="cpu", SD35_API_KEY=KEY,
+                     SD35_PORT=str(http_port), SD35_RAY_REPLICAS="2", SD35_MAX_PIXELS=str(128 * 128),
+                     SD35_IMAGE_STORE_DIR=str(tmp_path / "images"), HF_HUB_CACHE=str(tmp_path / "hf"))
+    make = ["make", "-C", str(ROOT), "-o", "setup", "-o", "browser", f"VENV={Path(sys.executable).parent.parent}",
+            f"RAY_PORT={ray_port}", f"RAY_START_ARGS=--temp-dir={ray_tmp} --num-cpus=2"]
+    try:
+        run = subprocess.run([*make, "serve-ray"], env=env, capture_output=True, text=True, timeout=1200)
+        # 1. The token: made by `ray get-auth-token --generate` before `ray start`, private.
+        token_file = home / ".ray" / "auth_token"
+        assert token_file.stat().st_mode & 0o777 == 0o600 and len(token_file.read_text().strip()) >= 32
+        assert (home / ".ray").stat().st_mode & 0o077 == 0
+        assert "no authentication token was found" not in run.stderr
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        url = f"http://127.0.0.1:{http_port}"
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.get(url + "/readyz", timeout=30).status_code == 401
+        assert httpx.get(url + "/readyz", headers=auth, timeout=30).json()["status"] == "ready"
+        # 2. What listens, from sd35.net's (doctor's) point of view.
+        pids = {p.pid for p in ray_app.local_node_processes(ray_port)}
+        found = _listeners_of(pids)
+        wide = [(x, cmd) for x, _, cmd in found if not x.local_only]
+        assert all(cmd.startswith("ray::ServeReplica") for _, cmd in wide), wide
+        assert len({cmd for _, cmd in wide}) >= 1 and {x.host for x, _ in wide} <= {"::", "0.0.0.0"}, wide
+        assert any(x.port == ray_port and x.local_only for x, _, _ in found)  # the GCS on loopback
+        assert any(x.port == http_port and x.local_only for x, _, _ in found)  # Serve's proxy (SD35_HOST)
+        token = token_file.read_text().strip()
+        for x, _ in wide:  # each open port refuses a caller without the cluster's token
+            assert _grpc_code(x.port, None) == grpc.StatusCode.UNAUTHENTICATED
+            assert _grpc_code(x.port, "not-the-token") == grpc.StatusCode.UNAUTHENTICATED
+            assert _grpc_code(x.port, token) != grpc.StatusCode.UNAUTHENTICATED
+        check = doctor.check_listeners(doctor.Context(settings=Settings(_env_file=None, port=http_port)))
+        for x, _, _ in found:  # doctor flags none of this Ray's listeners (the API asks for a key)
+            assert f":{x.port} " not in check.finding and f":{x.port}," not in check.finding, check
+        # 3. url links: 20 made over both replicas, each fetched several times (either replica may answer).
+        def make_one(seed):
+            r = httpx.post(url + "/v1/images/generations", headers=auth, timeout=300,
+                           json={"prompt": "a red cube", "size": "64x64", "steps": 1, "seed": seed,
+                                 "response_format": "url"})
+            assert r.status_code == 200, r.text
+            return r.json()["data"][0]["url"]
+
+        with ThreadPoolExecutor(4) as pool:
+            links = list(pool.map(make_one, range(20)))
+        for link in links:
+            bodies = {httpx.get(link, headers=auth, timeout=60).content for _ in range(3)}
+            assert len(bodies) == 1 and Image.open(io.BytesIO(bodies.pop())).size == (64, 64)
+        r = httpx.post(url + "/v1/images/generations", headers=auth, timeout=300,
+                       json={"prompt": "a red cube", "size": "64x64", "steps": 1, "seed": 3})
+        inline = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+        linked = Image.open(io.BytesIO(httpx.get(links[3], headers=auth, timeout=60).content))
+        assert list(inline.getdata()) == list(linked.getdata())
+        bad = links[0][:-2] + ("zz" if not links[0].endswith("zz") else "yy")
+        assert httpx.get(bad, headers=auth, timeout=60).status_code == 404
+        # 4. The stop: this Ray's processes are gone.
+        stop = subprocess.run([*make, "serve-ray-stop"], env=env, capture_output=True, text=True, timeout=300)
+        assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
+        assert ray_app.local_node_processes(ray_port) == []
+        assert net.port_free(ray_port) and net.port_free(http_port)
+    finally:
+        ray_app.stop_local(ray_port, grace=5)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_nodes_join_with_the_token(tmp_path):
+    """docs/scale-out.md step 3 on one machine: a head and a second node, both on loopback (127.0.0.2: Ray
+    turns 127.0.0.1 into the machine's network address when it may form a cluster), token auth on. The second
+    node gets a copy of the head's token (RAY_AUTH_TOKEN_PATH) and joins; with another token it cannot."""
+    import shutil
+    import subprocess
+    import sys
+
+    from sd35.service import ray_app
+
+    ray = str(Path(sys.executable).with_name("ray"))
+    head_home, node_home, tmp = tmp_path / "head", tmp_path / "node", _short_tmp()
+    head_home.mkdir()
+    node_home.mkdir()
+    port = _ray_port()
+    address = f"127.0.0.2:{port}"
+
+    def sh(args, home, timeout=300, **extra):
+        env = _clean_env(home, RAY_AUTH_MODE="token", **extra)
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+    try:
+        gen = sh(["sh", "-c", f"umask 077 && {ray} get-auth-token --generate >/dev/null"], head_home)
+        assert gen.returncode == 0, gen.stderr
+        token = head_home / ".ray" / "auth_token"
+        assert token.stat().st_mode & 0o777 == 0o600
+        head = sh([ray, "start", "--head", "--node-ip-address=127.0.0.2", f"--port={port}", "--num-cpus=1",
+                   "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={tmp}"], head_home, timeout=600)
+        assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
+        # A node with another token is refused.
+        wrong = tmp_path / "wrong"
+        wrong.write_text("0" * 64)
+        wrong.chmod(0o600)
+        try:
+            refused = sh([ray, "start", f"--address={address}", "--node-ip-address=127.0.0.2", "--num-cpus=1",
+                          "--disable-usage-stats"], node_home, timeout=240, RAY_AUTH_TOKEN_PATH=str(wrong))
+            assert refused.returncode != 0, refused.stdout[-2000:]
+        except subprocess.TimeoutExpired:
+            pass  # still trying to get in after 4 minutes: not joined either (below: exactly two nodes)
+        # The node with a copy of the token (how it reaches a node: docs/scale-out.md) joins.
+        copy = node_home / "token"
+        copy.write_text(token.read_text())
+        copy.chmod(0o600)
+        joined = sh([ray, "start", f"--address={address}", "--node-ip-address=127.0.0.2", "--num-cpus=1",
+                     "--disable-usage-stats"], node_home, timeout=600, RAY_AUTH_TOKEN_PATH=str(copy))
+        assert joined.returncode == 0, joined.stdout[-2000:] + joined.stderr[-2000:]
+        probe = ("import ray, json; ray.init(address='%s', log_to_driver=False); "
+                 "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))" % address)
+        status = sh([sys.executable, "-c", probe], node_home, RAY_AUTH_TOKEN_PATH=str(copy))
+        assert status.returncode == 0, status.stderr[-2000:]
+        assert status.stdout.strip().splitlines()[-1] == '["127.0.0.2", "127.0.0.2"]'
+        try:  # a driver with another token: refused (an error, or no answer until it gives up)
+            denied = sh([sys.executable, "-c", probe], node_home, RAY_AUTH_TOKEN_PATH=str(wrong), timeout=120)
+            assert denied.returncode != 0 and "127.0.0.2" not in denied.stdout
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        # Both nodes' processes name the head's GCS (127.0.0.2:PORT) or are their children.
+        ray_app.stop_local(port, grace=10, host="127.0.0.2")
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -26,8 +26,10 @@ from typing import Callable
 from sd35.inference import compilation
 from sd35.debugging import breakpoints
 from sd35 import models
+from sd35.inference import edit as edits
 from sd35.inference import generate as gen
 from sd35.weights import lora as lora_slots
+from sd35.inference.inputs import Picture, check_pair
 from sd35.weights.load import LoadedPipeline
 from sd35.weights.load import load as load_pipeline
 from sd35.settings import Settings
@@ -94,14 +96,19 @@ class Runtime:
 
     def check(self, *, prompt: str, negative_prompt: str | None = None, steps: int | None = None,
               guidance: float | None = None, height: int | None = None, width: int | None = None,
-              seed: int | str | None = None, lora: list | None = None) -> gen.GenerationRequest:
+              seed: int | str | None = None, image: Picture | None = None, mask: Picture | None = None,
+              strength: float | None = None, lora: list | None = None) -> gen.GenerationRequest:
         """A request filled with this model's defaults and checked against its limits and the armed
-        breakpoints. Raises InputError (a flag or field, and the fix). `lora`: LoraChoices from the LoRA
-        folder (None: the run's SD35_LORAS)."""
+        breakpoints; with `image` (+ `mask`, `strength`) an edit. Raises InputError (a flag or field, and the fix).
+        `lora`: LoraChoices from the LoRA folder (None: the run's SD35_LORAS)."""
+        if image is not None:  # an edit's size defaults to its input's, rounded to what the model takes
+            width, height = edit_size(self.info, image, width, height)
         request = gen.check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     height=height, width=width, seed=seed, info=self.info)
+        if image is not None:
+            request = with_edit(request, image, mask, strength)
         if self.breaks:
-            breakpoints.validate(self.breaks, self.pipe, request.steps)
+            breakpoints.validate(self.breaks, self.pipe, request.denoising_steps)
         if lora is not None:
             request = self._check_lora(request, lora)
         return request
@@ -192,5 +199,30 @@ def precheck(settings: Settings, **fields) -> gen.GenerationRequest:
     from sd35.weights import hub
 
     info = models.info_for(settings.model, hub.find_local(settings))
-    return gen.check_request(info=info, **{k: fields.get(k) for k in (
+    image = fields.get("image")
+    if image is not None:
+        fields["width"], fields["height"] = edit_size(info, image, fields.get("width"), fields.get("height"))
+    request = gen.check_request(info=info, **{k: fields.get(k) for k in (
         "prompt", "negative_prompt", "steps", "guidance", "height", "width", "seed")})
+    if image is not None:
+        request = with_edit(request, image, fields.get("mask"), fields.get("strength"))
+    return request
+
+
+# --- edits (img2img / inpainting): a generation request with an input image ------------------------------
+
+def edit_size(info: models.ModelInfo, image: Picture, width: int | None, height: int | None,
+              max_pixels: int | None = None) -> tuple[int | None, int | None]:
+    """The size of an edit: what was asked, the rest from the input's size rounded to what the model takes."""
+    w, h = edits.auto_size(*image.size, info.size_multiple, info.max_side, max_pixels, gen.MIN_SIZE)
+    return (w if width is None else width), (h if height is None else height)
+
+
+def with_edit(request: gen.GenerationRequest, image: Picture, mask: Picture | None,
+              strength: float | None) -> gen.GenerationRequest:
+    """`request` turned into an edit of `image` (inpainting with `mask`), inputs at its size."""
+    import dataclasses
+
+    check_pair(image, mask)
+    return dataclasses.replace(request, edit=edits.prepare(image, mask, strength, request.width, request.height,
+                                                           request.steps))

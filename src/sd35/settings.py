@@ -77,6 +77,9 @@ class Settings(BaseSettings):
         description="Where `sd35 cache quantize` writes and `--model NAME` finds pre-quantized folders; "
                     "default: sd35-quantized inside HF_HUB_CACHE.",
     )
+    lpips_weights: Path | None = Field(
+        default=None, description="AlexNet-LPIPS weights for `sd35 bench report` (a torchvision AlexNet checkpoint or "
+        "a full LPIPS state dict); default: the torch hub cache, then sd35-lpips inside HF_HUB_CACHE.")
     lean_load: bool = Field(
         default=True,
         description="Quantize the transformer/T5 of a bf16 source as its shards are read (host RAM: one FP8 "
@@ -130,11 +133,15 @@ class Settings(BaseSettings):
     max_images: int = Field(default=4, ge=1, le=16, description="Images per batch; `n` up to 10 runs in batches.")
     max_steps: int = Field(default=100, ge=1, le=500)
     max_prompt_chars: int = Field(default=32000, ge=1, le=32000, description="Hard cap before the tokenizers.")
-    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_body_bytes: int = Field(default=40 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 "
+                                "(40 MiB: a 2048² RGBA PNG and its mask, both incompressible, fit).")
     body_timeout: float = Field(default=30.0, gt=0, description="Seconds a client may take to send its body.")
     header_timeout: float = Field(default=15.0, gt=0, description="Seconds a connection may take to send headers.")
     image_url_ttl: float = Field(default=600.0, gt=0, description="Seconds `response_format: url` links last.")
-    image_store_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Memory for those images.")
+    image_store_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Memory (or disk, with "
+                                   "SD35_IMAGE_STORE_DIR) for those images.")
+    image_store_dir: Path | None = Field(default=None, description="Keep those images in this directory (shared "
+                                         "by every replica) instead of memory; unset: memory.")
     warmup: bool = Field(default=True, description="One 1-step generation after loading, before READY.")
     instances: int | None = Field(default=None, ge=1, le=64, description="Service processes that load at once "
                                   "(doctor's host-RAM check); default: the enabled sd35-api@ units, else 1.")

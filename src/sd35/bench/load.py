@@ -17,6 +17,8 @@ from sd35.bench.arch import build_transformer
 
 # Issue #11's targets, pre-quantized vs today's path (bf16 from disk, then quantize).
 LOAD_GOALS = {"disk_ratio_max": 0.52, "rss_peak_ratio_max": 0.6, "seconds_ratio_max": 0.5}
+# Issue #30's targets, our pre-quantized load vs diffusers' own from_pretrained of the same files.
+PEER_GOALS = {"seconds_ratio_max": 1.0, "rss_peak_ratio_max": 0.85}
 
 
 def _bf16_quantize(folder: Path):
@@ -39,10 +41,31 @@ def _lean(folder: Path):
 
 
 def _prequantized(folder: Path):
-    """FP8 data + scales as `sd35 cache quantize` stores them."""
-    from sd35.weights import lean
+    """FP8 data + scales as `sd35 cache quantize` stores them, memory-mapped and rebuilt by torchao."""
+    from sd35.weights import fp8io
 
-    return lean.load_transformer(folder, quantize=False)
+    return fp8io.load_transformer(folder)
+
+
+def _diffusers(folder: Path, **kw):
+    """The peers (issue #30): diffusers' own loader on the same files."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.bfloat16,
+                                                 use_safetensors=True, **kw)
+
+
+def _diffusers_torchao(folder: Path):
+    """diffusers quantizing the bf16 folder as it loads (TorchAoConfig, our KEEP_BF16 included)."""
+    from sd35.weights.fp8io import transformer_config
+
+    return _diffusers(folder, quantization_config=transformer_config())
+
+
+def _diffusers_prequantized(folder: Path):
+    """A stock `from_pretrained` of the pre-quantized folder."""
+    return _diffusers(folder)
 
 
 # path name -> (the folder it reads: "bf16" as published | "prequantized" as stored, its loader).
@@ -50,6 +73,8 @@ LOAD_PATHS = {
     "bf16-quantize": ("bf16", _bf16_quantize),
     "lean": ("bf16", _lean),
     "prequantized": ("prequantized", _prequantized),
+    "diffusers-torchao": ("bf16", _diffusers_torchao),
+    "diffusers-prequantized": ("prequantized", _diffusers_prequantized),
 }
 LOAD_MODES = tuple(LOAD_PATHS)
 
@@ -86,6 +111,30 @@ def _vm_hwm() -> int | None:
     return None
 
 
+def _touch(model) -> None:
+    """Read one byte of every page of every tensor's storage, so a memory-mapped load (`prequantized`) has
+    read its file by the time it is timed and its RSS measured, as the copying loaders have."""
+    import torch
+
+    seen = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        for part in (t.qdata, t.scale) if hasattr(t, "qdata") else (t,):
+            storage = part.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                torch.empty(0, dtype=torch.uint8).set_(storage)[::4096].sum()
+
+
+def _vs_diffusers(rows: dict) -> dict:
+    """Our pre-quantized load against diffusers' stock load of the same folder, with issue #30's goals."""
+    ours, peer = rows["prequantized"], rows["diffusers-prequantized"]
+    ratios = {"seconds_ratio": round(ours["seconds"] / peer["seconds"], 3),
+              "rss_peak_ratio": round(ours["rss_peak_bytes"] / peer["rss_peak_bytes"], 3)}
+    return {**ratios, "goal": {**PEER_GOALS, "met": {
+        "seconds": ratios["seconds_ratio"] <= PEER_GOALS["seconds_ratio_max"],
+        "rss_peak": ratios["rss_peak_ratio"] <= PEER_GOALS["rss_peak_ratio_max"]}}}
+
+
 def load_child(mode: str, folder: str) -> dict:
     """One load path, in this (fresh) process: load the transformer in `folder` into fp8-weight on the CPU."""
     import resource
@@ -104,6 +153,7 @@ def load_child(mode: str, folder: str) -> dict:
         raise ValueError(mode)
     t1 = time.perf_counter()
     model = LOAD_PATHS[mode][1](Path(folder))
+    _touch(model)  # a mapped load reads its pages on first use: count that reading here, for every mode alike
     seconds = time.perf_counter() - t1
     cov = precision.linear_coverage(model)
     return {"seconds": round(seconds, 2), "import_seconds": round(t_import, 2),
@@ -113,9 +163,7 @@ def load_child(mode: str, folder: str) -> dict:
 
 def _prepare(arch: str, root: Path) -> dict[str, Path]:
     """The folders on disk: bf16 (as published) and pre-quantized (as `sd35 cache quantize` writes it)."""
-    import json
-
-    from sd35.weights import fp8io, lean, store
+    from sd35.weights import fp8io, lean
 
     bf16 = root / "bf16"
     model = build_transformer(arch)
@@ -124,8 +172,7 @@ def _prepare(arch: str, root: Path) -> dict[str, Path]:
     gc.collect()
     stored = root / "prequantized"
     q = lean.load_transformer(bf16, quantize=True)
-    pos_embed = fp8io.store_transformer(q, stored)
-    (stored / store.RECORD).write_text(json.dumps({"pos_embed": pos_embed}))
+    fp8io.store_transformer(q, stored)  # what `sd35 cache quantize` writes for it
     del q
     gc.collect()
     return {"bf16": bf16, "prequantized": stored}
@@ -155,7 +202,8 @@ def _run_child(mode: str, folder: Path) -> dict:
 def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
     """Load one random-weight transformer of `arch` by every path in `LOAD_PATHS`, each in its own process:
     `bf16-quantize` (today: bf16 from disk, then quantize), `lean` (quantized as the shards are read),
-    `prequantized` (FP8 data + scales from disk). Reports seconds, peak RSS and bytes read from disk."""
+    `prequantized` (FP8 data + scales mapped from disk), and diffusers' own loader on the same files
+    (`diffusers-torchao`, `diffusers-prequantized`). Reports seconds, peak RSS and bytes read from disk."""
     import os
     import shutil
     import tempfile
@@ -184,6 +232,7 @@ def load_modes(arch: str, work_dir=None, keep: bool = False) -> dict:
            "seconds": ratios["seconds_ratio"] <= LOAD_GOALS["seconds_ratio_max"]}
     return {"arch": arch, "linear_parameters": base["fp8_linear_params"] + base["bf16_linear_params"],
             "modes": rows, "prequantized_vs_bf16_quantize": ratios, "goal": {**LOAD_GOALS, "met": met},
+            "prequantized_vs_diffusers": _vs_diffusers(rows),
             "prepare_seconds": round(prep, 1), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "versions": store.versions(),
             "notes": "seconds: the load itself (imports excluded, in import_seconds); rss_peak_bytes: the child "

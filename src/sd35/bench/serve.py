@@ -91,25 +91,32 @@ class _Service:
             self.proc.kill()
 
 
-def _burst(post, n: int) -> dict:
-    """`n` requests sent at once: status counts, images/s and the served requests' p50/p95."""
+def _burst(post, n: int, total: int | None = None) -> dict:
+    """`total` (default `n`) requests from `n` clients at once, each sending its next when the last is
+    answered: status counts, images/s and the served requests' p50/p95."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(n) as pool:
-        results = list(pool.map(post, range(n)))
+        results = list(pool.map(post, range(total or n)))
     seconds = time.perf_counter() - t0
     ok = [lat for code, lat in results if code == 200]
-    return {"concurrent": n, "seconds": round(seconds, 3),
+    return {"concurrent": n, "requests": total or n, "seconds": round(seconds, 3),
             "status_counts": {str(c): sum(1 for x, _ in results if x == c) for c in sorted({x for x, _ in results})},
             "images_per_s": round(len(ok) / seconds, 3),
             "served_p50_s": round(percentile(ok, 0.5), 4) if ok else None,
             "served_p95_s": round(percentile(ok, 0.95), 4) if ok else None}
 
 
+def _sweep(post, levels, rounds: int) -> list[dict]:
+    """At each concurrency c, c closed-loop clients send `rounds` requests each (c ≤ queue size + 1: every
+    request is served): latency p50/p95 and images/s against concurrency."""
+    return [_burst(post, c, total=c * rounds) for c in levels]
+
+
 def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 128, burst: int = 16,
-                   queue_size: int = 4) -> dict:
+                   queue_size: int = 4, levels=(1, 2, 4), rounds: int = 2) -> dict:
     """Latency of `requests` sequential generations called directly (in this process, as `sd35 generate`
-    does) vs. through a real `sd35 serve` process on loopback, then a burst of `burst` concurrent
-    requests against a queue of `queue_size`."""
+    does) vs. through a real `sd35 serve` process on loopback, a burst of `burst` concurrent requests
+    against a queue of `queue_size`, then the concurrency sweep (`levels`, `rounds` requests per client)."""
     import statistics
 
     from sd35.inference import generate as gen
@@ -140,6 +147,8 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
             http.append(post(i)[1])
         # 4. A burst against the bounded queue.
         burst_row = _burst(post, burst)
+        # 5. Latency and throughput against concurrency.
+        sweep = _sweep(post, [c for c in levels if c <= queue_size + 1], rounds)
     finally:
         service.stop()
 
@@ -153,5 +162,5 @@ def serve_overhead(settings, *, requests: int = 20, steps: int = 4, size: int = 
         "http_p95_s": round(percentile(http, 0.95), 4),
         "overhead_mean": round((h_mean - d_mean) / d_mean, 4), "overhead_p50": round((h50 - d50) / d50, 4),
         "goal_overhead_max": 0.05,
-        "burst": {**burst_row, "queue_size": queue_size},
+        "burst": {**burst_row, "queue_size": queue_size}, "sweep": sweep,
     }

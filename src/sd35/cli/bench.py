@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sd35.cli.common import Json, Model, Precision, handle_errors, out, settings
+from sd35.cli.common import Json, Model, Precision, err, handle_errors, out, settings
 from sd35.errors import InputError
 
 app = typer.Typer(help="Benchmarks (results belong in docs/benchmarks.md).", no_args_is_help=True)
@@ -66,10 +66,13 @@ def bench_load(
         print(json.dumps(report, indent=2))
         return
     for mode, r in report["modes"].items():
-        out.print(f"{mode:14} {r['seconds']:7.1f} s  RSS peak {r['rss_peak_bytes'] / 1e9:6.2f} GB  "
+        out.print(f"{mode:22} {r['seconds']:7.1f} s  RSS peak {r['rss_peak_bytes'] / 1e9:6.2f} GB  "
                   f"disk {r['disk_bytes'] / 1e9:6.2f} GB", highlight=False)
     out.print(f"pre-quantized vs today: {report['prequantized_vs_bf16_quantize']} · goals {report['goal']}",
               highlight=False)
+    peer = report["prequantized_vs_diffusers"]
+    out.print(f"pre-quantized vs diffusers' from_pretrained of the same files: time {peer['seconds_ratio']}×, "
+              f"peak RSS {peer['rss_peak_ratio']}× · goals {peer['goal']}", highlight=False)
 
 
 @app.command("serve")
@@ -220,6 +223,38 @@ def bench_summary(
                   f"  {r['summary']}", highlight=False)
 
 
+@app.command("report")
+@handle_errors
+def bench_report(
+    out_dir: Path = typer.Option(Path("bench-report"), "--out", help="folder for index.html, the PNGs, report.json"),
+    sources: Optional[list[Path]] = typer.Option(None, "--from", help="a saved `sd35 bench … --json` (or a "
+                                                 "report.json) to render instead of running; repeatable"),
+    only: str = typer.Option(",".join(("speed", "memory", "load", "serve", "quality")), "--only",
+                             help="the benchmarks to run (without --from)"),
+    model: Model = None,
+    device: Optional[str] = typer.Option(None, "--device", help="[SD35_DEVICE]"),
+    prompt: str = typer.Option("a bowl of ramen, studio photo", "--prompt", "-p", help="the quality grid's prompt"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """The benchmarks as a page: DIR/index.html (no CDN, no JavaScript) + PNG charts + report.json."""
+    try:
+        import matplotlib  # noqa: F401 - the charts
+
+        from sd35.bench import report
+    except ImportError as exc:
+        raise InputError(f"sd35 bench report needs matplotlib ({exc}).",
+                         "install the lab extra: make setup (or pip install -c constraints.txt -e '.[lab]').") from None
+    _bench_start(quiet=True)
+    wanted = [s.strip() for s in only.split(",") if s.strip()]
+    if not wanted or set(wanted) - set(report.SECTIONS):
+        raise InputError(f"--only {only!r}: unknown benchmark(s).", f"use a subset of {','.join(report.SECTIONS)}.")
+    s = settings(model=model, device=device)
+    if sources:
+        sections, head = report.read(sources, out_dir)
+    else:
+        sections, head = report.run(s, out_dir, only=wanted, prompt=prompt, seed=seed), {}
+    page = report.write(out_dir, sections, head or report.header(s, sections, sources))
+    err.print(f"wrote {page}", highlight=False)
 @app.command("lora")
 @handle_errors
 def bench_lora(

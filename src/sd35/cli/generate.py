@@ -38,6 +38,12 @@ def generate(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder [SD35_OUTPUT_DIR]"),
     breaks: Optional[str] = typer.Option(None, "--break", help="stop inside diffusers: block.K@STEP, attn.K@STEP, "
                                          "scheduler@STEP, transformer@STEP, vae.decode, nan [SD35_BREAK]"),
+    image: Optional[Path] = typer.Option(None, "--image", help="edit this png/webp/jpeg (img2img); the size defaults "
+                                         "to its own, rounded to what the model takes"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="with --image: a PNG whose transparent pixels are "
+                                        "repainted (inpainting); the rest of the image is kept"),
+    strength: Optional[float] = typer.Option(None, "--strength", help="with --image: how much to change, 0-1 "
+                                             "(default 0.6; 1.0 with --mask)"),
     lora: Lora = None,
     lora_fuse: LoraFuse = None,
     lora_allow_partial: LoraAllowPartial = None,
@@ -58,7 +64,7 @@ def generate(
     if not 1 <= n <= MAX_CLI_IMAGES:
         raise InputError(f"-n {n} is out of range.", f"pass -n from 1 to {MAX_CLI_IMAGES}.", param="n")
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
-                  width=width, seed=seed)
+                  width=width, seed=seed, **_edit_inputs(image, mask, strength))
     break_list = breakpoints.parse(s.breaks)
     draft = precheck(s, **fields)
     # 2. The debugger (when asked), then the model, then the request against the loaded model's limits.
@@ -68,7 +74,7 @@ def generate(
     # 3. Generate with a progress bar, then save PNG + sidecar per image.
     with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as progress:
-        task = progress.add_task("denoise", total=request.steps)
+        task = progress.add_task("denoise", total=request.denoising_steps)
         result = rt.generate(request, n=n, on_step=lambda i, total: progress.update(task, completed=i))
     written = rt.save(result, s.output_dir)
     for png, js in written:
@@ -88,6 +94,30 @@ def _print_loras(record: dict | None) -> None:
     for a in (record or {}).get("applied", []) + (record or {}).get("fused", []):
         err.print(f"LoRA {a['name']} ×{a['scale']:g} ({a.get('mode', record['mode'])}): applied to "
                   f"{a['layers_applied']} layers ({a['layers_in_file']} in the file)", highlight=False)
+
+
+def _edit_inputs(image: Path | None, mask: Path | None, strength: float | None) -> dict:
+    """--image / --mask / --strength → the Runtime's edit fields (files read and checked before loading)."""
+    from sd35.inference import inputs
+
+    if image is None:
+        for flag, value in (("--mask", mask), ("--strength", strength)):
+            if value is not None:
+                raise InputError(f"{flag} needs --image (the picture to edit).", f"pass --image IN.png {flag} ….",
+                                 param=flag.lstrip("-"))
+        return {}
+
+    def read(path: Path, flag: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"{flag} {path}: {exc.strerror or exc}.", f"pass {flag} with a readable file.",
+                             param=flag.lstrip("-")) from None
+
+    picture = inputs.read_image(read(image, "--image"), "--image")
+    repaint = inputs.read_mask(read(mask, "--mask"), "--mask") if mask is not None else None
+    inputs.check_pair(picture, repaint, "--image", "--mask")
+    return {"image": picture, "mask": repaint, "strength": strength}
 
 
 @handle_errors

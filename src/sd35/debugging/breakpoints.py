@@ -163,7 +163,10 @@ class Harness:
 
     def step(self) -> int:
         """The denoising step in progress (the scheduler's own counter; None before its first step)."""
-        return self.pipe.scheduler.step_index or 0
+        scheduler = self.pipe.scheduler  # an edit starts part-way into the schedule: its first step is 0 too
+        if scheduler.step_index is None:
+            return 0
+        return scheduler.step_index - (getattr(scheduler, "begin_index", None) or 0)
 
     def _fire(self, label: str, named: dict) -> dict:
         """A match: a new stop (fresh summary cache), recorded and, without a debugger, logged."""

@@ -10,6 +10,7 @@ an interrupted run never leaves a half-written image or an image without its rec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from typing import Callable
 
 from sd35 import __version__
 from sd35.errors import InputError
+from sd35.inference import edit as edits
 from sd35.weights.load import LoadedPipeline
 from sd35.models import ModelInfo
 
@@ -42,6 +44,19 @@ class GenerationRequest:
     width: int = 128
     seed: int = 0
     loras: tuple | None = None  # LoraChoice(name, scale)s; None: the run's defaults (SD35_LORAS); weights/lora.py
+    edit: edits.EditInput | None = field(default=None, compare=False, repr=False)  # img2img / inpainting
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps that really run: all of them, or an edit's share (strength) of the schedule."""
+        return self.steps if self.edit is None else self.edit.steps_run(self.steps)
+
+    def parameters(self) -> dict:
+        """The request as JSON: an edit's inputs by their sha256 (and its strength), not their pixels."""
+        record = {k: v for k, v in asdict(dataclasses.replace(self, edit=None)).items() if k != "edit"}
+        if self.edit is not None:
+            record["edit"] = self.edit.record()
+        return record
 
 
 def image_seeds(seed: int, n: int) -> list[int]:
@@ -204,16 +219,21 @@ def run(
             if on_latents is not None:
                 on_latents(i, kwargs["latents"])
             if on_step is not None:
-                on_step(i + 1, request.steps)
+                on_step(i + 1, request.denoising_steps)
             return kwargs
 
         t = time.perf_counter()
-        latents = pipe(
-            prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
-            negative_pooled_prompt_embeds=nppe, num_inference_steps=request.steps,
-            guidance_scale=request.guidance, height=request.height, width=request.width,
-            generator=generator, output_type="latent", callback_on_step_end=step_end,
-        ).images
+        if request.edit is not None:  # img2img / inpainting over the same components (edit.py)
+            latents = edits.denoise(pipe, request.edit, num_images, embeds=(pe, npe, ppe, nppe),
+                                    steps=request.steps, guidance=request.guidance, height=request.height,
+                                    width=request.width, generator=generator, step_end=step_end)
+        else:
+            latents = pipe(
+                prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
+                negative_pooled_prompt_embeds=nppe, num_inference_steps=request.steps,
+                guidance_scale=request.guidance, height=request.height, width=request.width,
+                generator=generator, output_type="latent", callback_on_step_end=step_end,
+            ).images
         _sync(device)
         timings["denoise"] = time.perf_counter() - t
 
@@ -223,6 +243,8 @@ def run(
         mode = decode_mode(free_memory(str(exec_device)), num_images, request.height, request.width)
         t = time.perf_counter()
         images = decode(pipe, latents, mode)
+        if request.edit is not None:
+            images = edits.composite(images, request.edit)  # inpainting: source pixels outside the mask
         _sync(device)
         timings["decode"] = time.perf_counter() - t
     pipe.maybe_free_model_hooks()
@@ -244,7 +266,7 @@ def sidecar(loaded: LoadedPipeline, result: GenerationResult, image_name: str, i
     record = {
         "image": image_name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "parameters": {**asdict(result.request), "seed": seeds[index]},
+        "parameters": {**result.request.parameters(), "seed": seeds[index]},
         "batch": {"n": len(seeds), "index": index, "seeds": seeds, "request_seed": result.request.seed},
         **loaded.describe(),
         **(extra or {}),

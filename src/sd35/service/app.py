@@ -21,8 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd35 import __version__
 from sd35.settings import Settings
-from sd35.service import notify, openapi, page
-from sd35.service.images import ImageStore
+from sd35.service import edits, notify, openapi, page
+from sd35.service.imagestore import make_store
 from sd35.service.limits import BodyLimitMiddleware, CutOffMiddleware
 from sd35.service.metrics import Metrics
 from sd35.service.routes import error, router
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("sd35.access")  # one line per request: who, what, how long
 OPEN_PATHS = {"/healthz"}  # everything else needs the API key when one is set
 JSON_BODY_PATHS = {"/v1/images/generations"}
-KNOWN_PATHS = {"/v1/images/generations", "/v1/models", "/v1/loras", "/healthz", "/readyz", "/metrics", "/openapi.json",
+KNOWN_PATHS = {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/loras", "/healthz", "/readyz",
+               "/metrics", "/openapi.json",
                "/docs"}
 
 
@@ -143,8 +144,9 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
     app.state.worker = worker
     app.state.metrics = Metrics(worker)
     app.state.started = int(time.time())
-    app.state.images = ImageStore(settings.image_url_ttl, settings.image_store_bytes)
+    app.state.images = make_store(settings)
     app.include_router(router)
+    app.include_router(edits.router)  # POST /v1/images/edits (multipart), answered by routes.answer
     app.include_router(page.router)  # GET /: the team's web page (its paths are open: page.PAGE_PATHS)
     app.openapi = lambda: app.openapi_schema or setattr(app, "openapi_schema", openapi.build(app)) \
         or app.openapi_schema

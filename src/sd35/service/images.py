@@ -1,9 +1,6 @@
 """What the image endpoint needs besides the GPU: quality → steps, prompt truncation notes and token
-usage, batching `n`, encoding (png/jpeg/webp), and the short-lived store behind `response_format: url`.
-
-Why a store in memory: OpenAI's `url` answers point at a download that expires; a service on a GPU box
-has no object storage, so the images are kept here for SD35_IMAGE_URL_TTL seconds (and at most
-SD35_IMAGE_STORE_BYTES in total, oldest dropped first) behind the same bearer auth as the API.
+usage, batching `n`, encoding (png/jpeg/webp). The short-lived store behind `response_format: url` is
+imagestore.py.
 """
 
 from __future__ import annotations
@@ -13,10 +10,7 @@ import copy
 import dataclasses
 import io
 import math
-import secrets
 import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from sd35.inference import generate as gen
@@ -141,46 +135,3 @@ def encode(image, fmt: str, compression: int | None) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-@dataclass
-class Stored:
-    data: bytes
-    media_type: str
-    expires: float
-
-
-class ImageStore:
-    """Images behind `response_format: url`: an id → bytes map that forgets after `ttl` seconds and keeps
-    at most `max_bytes` (oldest dropped first)."""
-
-    def __init__(self, ttl: float, max_bytes: int):
-        self.ttl, self.max_bytes = ttl, max_bytes
-        self._items: OrderedDict[str, Stored] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def put(self, data: bytes, media_type: str) -> str:
-        image_id = "img_" + secrets.token_urlsafe(18)
-        with self._lock:
-            self._expire()
-            self._items[image_id] = Stored(data, media_type, time.monotonic() + self.ttl)
-            self._bytes += len(data)
-            while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= len(old.data)
-        return image_id
-
-    def get(self, image_id: str) -> Stored | None:
-        with self._lock:
-            self._expire()
-            return self._items.get(image_id)
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        while self._items:
-            first = next(iter(self._items.values()))
-            if first.expires > now:
-                break
-            _, old = self._items.popitem(last=False)
-            self._bytes -= len(old.data)

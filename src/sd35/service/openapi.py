@@ -59,12 +59,27 @@ def build(app) -> dict:
     if metrics:
         metrics["responses"]["200"] = {"description": "Prometheus text exposition format",
                                        "content": {"text/plain": {"schema": {"type": "string"}}}}
-    generate = schema["paths"].get("/v1/images/generations", {}).get("post")
-    if generate:
-        ok = generate["responses"]["200"]
-        ok["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/ImagesResponse"}},
-                         **ok.get("content", {})}
-        generate["responses"]["429"] = _error("The GPU queue is full; Retry-After says when to come back")
-        generate["responses"]["503"] = _error("Model not ready, out of memory, or shutting down (Retry-After)")
-        generate["responses"]["504"] = _error("Not finished within SD35_REQUEST_TIMEOUT")
+    for path in ("/v1/images/generations", "/v1/images/edits"):
+        generate = schema["paths"].get(path, {}).get("post")
+        if generate:
+            ok = generate["responses"]["200"]
+            ok["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/ImagesResponse"}},
+                             **ok.get("content", {})}
+            generate["responses"]["429"] = _error("The GPU queue is full; Retry-After says when to come back")
+            generate["responses"]["503"] = _error("Model not ready, out of memory, or shutting down (Retry-After)")
+            generate["responses"]["504"] = _error("Not finished within SD35_REQUEST_TIMEOUT")
+    _edits(schema)
     return schema
+
+
+def _edits(schema: dict) -> None:
+    """POST /v1/images/edits takes multipart/form-data (its form, with the files, as a component)."""
+    from sd35.service.edits import form_schema
+
+    op = schema["paths"].get("/v1/images/edits", {}).get("post")
+    if op is None:
+        return
+    schema["components"]["schemas"]["ImageEditForm"] = form_schema()
+    op["responses"]["400"] = _error("An invalid field or file (`param` names it): not an image, truncated, too "
+                                    "many pixels, a mask without alpha or of another size")
+    op["responses"]["415"] = _error("Content-Type is not multipart/form-data")

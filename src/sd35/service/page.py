@@ -27,6 +27,7 @@ router = APIRouter(include_in_schema=False)
 
 # file name -> media type; only these are served (no directory listing, no path tricks).
 ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+          "edit.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8", "icon.svg": "image/svg+xml"}
 # The open (no API key) paths: the page, its assets and whether it must ask for a key. Nothing else.
 PAGE_PATHS = frozenset({"/", "/page/config.json", *(f"/page/{name}" for name in ASSETS)})

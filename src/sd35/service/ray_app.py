@@ -26,7 +26,8 @@ How the pieces map (docs/scale-out.md has the long form):
     caller's environment and .env; deploy/ray/serve.yaml and deploy/k8s/rayservice.yaml list them).
 
 Entry points: `app(args)` is the Serve application builder (`import_path: sd35.service.ray_app:app`);
-`python -m sd35.service.ray_app up|down` deploys to / removes from a running Ray cluster (`make serve-ray`).
+`python -m sd35.service.ray_app up|down` deploys to / removes from a running Ray cluster (`make serve-ray`);
+`… stop` stops the loopback Ray of RAY_ADDRESS that `make serve-ray` started, and no other.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import sys
+import tempfile
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -156,7 +160,29 @@ def app(args: dict):
     """Serve's application builder (`import_path: sd35.service.ray_app:app`): settings from the environment
     (the config's runtime_env) and `args` (setting names, e.g. `{ray_replicas: 2}`)."""
     settings = Settings(**(args or {}))
+    if not settings.image_store_dir and max(settings.ray_replicas, settings.ray_max_replicas or 0) > 1:
+        log.warning("SD35_IMAGE_STORE_DIR is not set: a `response_format: url` link works only on the replica "
+                    "that made it (set it to a directory every replica mounts)")
     return build(settings)
+
+
+def local_image_dir() -> Path:
+    """`make serve-ray`'s store for `response_format: url` images when SD35_IMAGE_STORE_DIR is unset: one box,
+    so a folder in /tmp every replica sees — made 0700 and refused unless it is a real directory of ours
+    that no one else can open (a predictable name in /tmp: another account could have made it first)."""
+    path = Path(tempfile.gettempdir()) / f"sd35-images-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = path.lstat()
+    except OSError as exc:
+        st, error = None, exc.strerror
+    if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        from sd35.errors import Sd35Error
+
+        raise Sd35Error(f"{path} cannot hold the replicas' url images: "
+                        + (error if st is None else "not a directory of yours, or others can open it"),
+                        "set SD35_IMAGE_STORE_DIR to a directory only you can open (mode 0700)")
+    return path
 
 
 def collect_env(settings_env_file: str | None = None) -> dict[str, str]:
@@ -175,10 +201,13 @@ def up(settings: Settings, address: str | None = None) -> str:
     from sd35.service.server import preflight
 
     preflight(settings)  # API keys, precision, the port: the same refusals as `sd35 serve`
+    env = collect_env()
+    if not settings.image_store_dir:  # one box: every replica shares /tmp, so url links work on each
+        env["SD35_IMAGE_STORE_DIR"] = str(local_image_dir())
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace="sd35", log_to_driver=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     try:
-        serve.run(build(settings, collect_env()), name=APP_NAME, route_prefix="/")
+        serve.run(build(settings, env), name=APP_NAME, route_prefix="/")
     except Exception as exc:  # noqa: BLE001 - Serve gave up on the replicas (a failed load, no resources)
         from sd35.errors import Sd35Error
 
@@ -194,6 +223,67 @@ def down(address: str | None = None) -> None:
 
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace="sd35", log_to_driver=False)
     serve.shutdown()
+
+
+def local_node_processes(port: int, uid: int | None = None, host: str = "127.0.0.1") -> list:
+    """The processes of the loopback Ray whose GCS is 127.0.0.1:`port` (the one `make serve-ray` starts),
+    with their children (the raylet's agents and workers, whose command lines Ray rewrites to `ray::…`).
+
+    Why not `ray stop`: it stops every Ray process on the machine that the account may signal — on a shared
+    box, another session's cluster too (and all of them, as root). Each of ours names the GCS in its command
+    line: `--gcs_server_port=PORT` (the GCS), `…=127.0.0.1:PORT` (raylet, monitor, dashboard, log monitor,
+    client server)."""
+    import psutil
+
+    uid = os.getuid() if uid is None else uid
+    marks = (f"--gcs_server_port={port}", f"={host}:{port}")
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found: dict[int, Any] = {}
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        try:
+            args, uids = proc.info["cmdline"] or [], proc.info["uids"]
+            if proc.pid in me or uids is None or uids.real != uid:
+                continue
+            if any(a == marks[0] or a.endswith(marks[1]) for a in args):
+                found[proc.pid] = proc
+                found.update((c.pid, c) for c in proc.children(recursive=True))
+        except psutil.Error:
+            continue
+    return [p for pid, p in found.items() if pid not in me]
+
+
+def stop_local(port: int, grace: float = 10.0, host: str = "127.0.0.1") -> int:
+    """SIGTERM the loopback Ray of `port` (`local_node_processes`), SIGKILL what is left after `grace` s.
+    Returns how many processes there were."""
+    import psutil
+
+    procs = local_node_processes(port, host=host)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return len(procs)
+
+
+def local_port(address: str | None) -> int:
+    """The GCS port of RAY_ADDRESS when it is a loopback address (`stop` never touches another machine's)."""
+    from sd35.errors import InputError
+    from sd35.net import is_loopback
+
+    host, _, port = (address or "").rpartition(":")
+    if not port.isdigit() or not host or not is_loopback(host):
+        raise InputError(f"RAY_ADDRESS={address or ''!r} is not a loopback Ray (127.0.0.1:PORT)",
+                        "`stop` only stops the local Ray that `make serve-ray` started: run it through "
+                        "`make serve-ray-stop` (RAY_PORT as for serve-ray)")
+    return int(port)
 
 
 def main(argv: list[str]) -> int:
@@ -220,7 +310,15 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["down"]:
         down()
         return 0
-    print("usage: python -m sd35.service.ray_app up|down", file=sys.stderr)
+    if argv[:1] == ["stop"]:
+        try:
+            port = local_port(os.environ.get("RAY_ADDRESS"))
+        except Sd35Error as exc:
+            print(f"error: {exc.cause}\nfix: {exc.fix}", file=sys.stderr)
+            return exc.exit_code
+        print(f"stopped the local Ray on 127.0.0.1:{port} ({stop_local(port)} process(es))")
+        return 0
+    print("usage: python -m sd35.service.ray_app up|down|stop", file=sys.stderr)
     return 2
 
 

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from sd35.inference import generate as gen
 from sd35.errors import InputError, Sd35Error
 from sd35.models import expand_alias
+from sd35.runtime import edit_size
 from sd35.service import images, page, stream
 from sd35.service.schemas import (ErrorBody, ImageGenerationRequest, ImagesResponse, LoraList, ModelList, ModelObject,
                                   error_body, has_lone_surrogate)
@@ -67,6 +68,8 @@ class Plan:
     text_tokens: int
     revised_prompt: str
     notes: list[str] = field(default_factory=list)
+    kind: str = "image_generation"  # or image_edit: the name of the streamed events
+    image_tokens: int = 0  # an edit's input image, in OpenAI's usage block
 
 
 def max_side(runtime) -> int:
@@ -86,7 +89,8 @@ def _text(value: str | None, name: str) -> JSONResponse | None:
     return None
 
 
-def _check(body: ImageGenerationRequest, settings, runtime, reader: images.PromptReader) -> Plan | JSONResponse:
+def _check(body: ImageGenerationRequest, settings, runtime, reader: images.PromptReader,
+           edit: dict | None = None) -> Plan | JSONResponse:
     """Validate a generation request against the model and the service's limits; a JSONResponse means
     refused (4xx naming the field and the allowed values)."""
     defaults = runtime.info.sampling
@@ -112,6 +116,8 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
     if body.guidance_scale is not None and not math.isfinite(body.guidance_scale):
         return _bad("guidance_scale must be a finite number", "guidance_scale")
     width, height = defaults.width, defaults.height
+    if edit is not None:  # an edit's "auto" size: its input's, rounded to what the model takes
+        width, height = edit_size(runtime.info, edit["image"], None, None, settings.max_pixels)
     if body.size not in (None, "auto"):
         m = _SIZE.match(body.size)
         if not m:
@@ -132,7 +138,7 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
                                                           images.quality_steps(quality, defaults.steps))
     try:
         req = runtime.check(prompt=prompt, negative_prompt=negative, steps=steps,
-                            guidance=body.guidance_scale, height=height, width=width, seed=body.seed,
+                            guidance=body.guidance_scale, height=height, width=width, seed=body.seed, **(edit or {}),
                             **_lora_picks(body))
     except InputError as exc:
         param = {"height": "size", "width": "size", "guidance": "guidance_scale"}.get(exc.param, exc.param)
@@ -154,15 +160,19 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
         notes.append("output_compression applies to jpeg and webp; png is lossless")
     if body.style is not None:
         notes.append("style has no effect on Stable Diffusion 3.5; describe the style in the prompt")
-    return Plan(req, body.n, f"{width}x{height}", quality, fmt, body.output_compression,
+    plan = Plan(req, body.n, f"{width}x{height}", quality, fmt, body.output_compression,
                 body.response_format or "b64_json", tokens, revised, notes)
+    if req.edit is not None:
+        plan.kind, plan.image_tokens = "image_edit", images.image_tokens(*req.edit.source_size)
+    return plan
 
 
 def _lora_picks(body: ImageGenerationRequest) -> dict:
     """The request's `lora` field as Runtime.check's (omitted: the service's SD35_LORAS)."""
     from sd35.weights.lora_catalog import LoraChoice
 
-    return {} if body.lora is None else {"lora": [LoraChoice(p.name, p.scale) for p in body.lora]}
+    picks = getattr(body, "lora", None)  # /v1/images/edits' form body has no `lora`
+    return {} if picks is None else {"lora": [LoraChoice(p.name, p.scale) for p in picks]}
 
 
 def _job_error(exc: BaseException, settings) -> JSONResponse:
@@ -237,9 +247,10 @@ async def _finish(result, plan: Plan, request: Request) -> tuple[list[dict], dic
     out_tokens = images.image_tokens(width, height)
 
     def usage(count: int) -> dict:
-        return {"input_tokens": plan.text_tokens,
-                "input_tokens_details": {"text_tokens": plan.text_tokens, "image_tokens": 0},
-                "output_tokens": out_tokens * count, "total_tokens": plan.text_tokens + out_tokens * count}
+        inputs = plan.text_tokens + plan.image_tokens
+        return {"input_tokens": inputs,
+                "input_tokens_details": {"text_tokens": plan.text_tokens, "image_tokens": plan.image_tokens},
+                "output_tokens": out_tokens * count, "total_tokens": inputs + out_tokens * count}
 
     items = []
     for data in encoded:
@@ -270,6 +281,13 @@ _GENERATE_RESPONSES = {**_ERRORS, 200: {"description": "The images (JSON), or wi
 async def create_image(body: ImageGenerationRequest, request: Request):
     """OpenAI's image generation. `stream: true` answers with Server-Sent Events (partial images, then
     the final ones); otherwise JSON. Extensions: seed, steps, guidance_scale, negative_prompt."""
+    return await answer(body, request)
+
+
+async def answer(body: ImageGenerationRequest, request: Request, edit: dict | None = None,
+                 notes: tuple[str, ...] = ()):
+    """Check, queue, wait or stream, respond: a generation, or with `edit` (image, mask, strength: the
+    Runtime.check fields) an edit (service/edits.py), whose `notes` join the plan's."""
     state = request.app.state
     settings, worker = state.settings, state.worker
     if worker.shutdown_deadline is not None:
@@ -279,15 +297,16 @@ async def create_image(body: ImageGenerationRequest, request: Request):
                      headers={"Retry-After": "10"})
     if getattr(state, "prompt_reader", None) is None:
         state.prompt_reader = images.PromptReader(worker.runtime.pipe)
-    plan = await run_in_threadpool(_check, body, settings, worker.runtime, state.prompt_reader)
+    plan = await run_in_threadpool(_check, body, settings, worker.runtime, state.prompt_reader, edit)
     if isinstance(plan, JSONResponse):
         return plan
+    plan.notes.extend(notes)
     request.state.access = access = {"size": plan.size, "n": plan.n, "steps": plan.request.steps}  # access log
     started = time.monotonic()
     previews: asyncio.Queue = asyncio.Queue()
     on_latents = None
     if body.stream and body.partial_images:
-        on_latents = stream.preview_callback(asyncio.get_running_loop(), previews, plan.request.steps,
+        on_latents = stream.preview_callback(asyncio.get_running_loop(), previews, plan.request.denoising_steps,
                                              body.partial_images)
     try:
         job = worker.submit(plan.request, plan.n, settings.request_timeout, on_latents=on_latents)
@@ -336,7 +355,8 @@ async def create_image(body: ImageGenerationRequest, request: Request):
         "sd35": {"seed": r.seed, "seeds": result.seeds, "steps": r.steps, "guidance_scale": r.guidance,
                  "size": plan.size, "quality": plan.quality, "precision": loaded.plan.transformer,
                  "device": loaded.device, "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
-                 "notes": plan.notes, "notice": loaded.source.notice, "lora": worker.runtime.lora_record(r)},
+                 "notes": plan.notes, "notice": loaded.source.notice, "lora": worker.runtime.lora_record(r),
+                 **({"edit": r.edit.record()} if r.edit is not None else {})},
     })
 
 
@@ -348,8 +368,8 @@ async def create_image(body: ImageGenerationRequest, request: Request):
     401: _ERRORS[401], 404: _ERRORS[404], 405: {"model": ErrorBody}})
 async def get_image(image_id: str, request: Request):
     """An image made with `response_format: url`, for SD35_IMAGE_URL_TTL seconds after it was made."""
-    if image_id == "generations":  # GET on the POST endpoint
-        return error(405, "use POST for /v1/images/generations", "invalid_request_error", None,
+    if image_id in ("generations", "edits"):  # GET on a POST endpoint
+        return error(405, f"use POST for /v1/images/{image_id}", "invalid_request_error", None,
                      "method_not_allowed", headers={"Allow": "POST"})
     item = request.app.state.images.get(image_id)
     if item is None:

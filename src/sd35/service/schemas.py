@@ -73,6 +73,17 @@ class ImageGenerationRequest(BaseModel):
                                         "request; omitted: the service's SD35_LORAS; []: none.")
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """POST /v1/images/edits (multipart/form-data): the generation fields (as form fields), the image files
+    (service/edits.py reads them) and `strength`."""
+
+    size: str | None = Field(default=None, pattern=SIZE_PATTERN,
+                             description='"WIDTHxHEIGHT" (multiples of 16) or "auto" (the input\'s size, rounded to '
+                             'what the model takes)')
+    strength: float | None = Field(default=None, gt=0, le=1, description="How much to change the input: 0.6 by "
+                                   "default, 1.0 with a mask (the masked area is repainted from noise).")
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
@@ -106,6 +117,8 @@ class GenerationInfo(BaseModel):
     notes: list[str] = []
     notice: str | None = None
     lora: dict | None = Field(default=None, description="The LoRAs applied: name, sha256, scale, layers applied.")
+    edit: dict | None = Field(default=None, description="An edit's mode (img2img | inpaint), strength, and its "
+                              "inputs' sha256 and size")
 
 
 class ImagesResponse(BaseModel):

@@ -7,6 +7,8 @@
     event: image_generation.completed           (one per image)
     data: {"type": ..., "b64_json": ..., "size", ..., "usage": {...}}
 
+An edit (/v1/images/edits) sends the same with `image_edit.partial_image` / `image_edit.completed`.
+
 Partial images are previews of the first image of the batch at evenly spaced denoising steps, made by
 `sd35.inference.preview` (a linear latent→RGB projection, no VAE) in the worker thread at the step boundary and
 handed to the event loop. An error after the stream started is an `event: error` with OpenAI's error
@@ -66,8 +68,8 @@ async def events(job, previews: asyncio.Queue, plan, finish, fail, cut_off):
                 data = await run_in_threadpool(
                     lambda: images.encode(preview.to_pil(rgb, (width, height)), plan.output_format,
                                           plan.output_compression))
-                yield event("image_generation.partial_image", {
-                    "type": "image_generation.partial_image", "b64_json": images.b64(data),
+                yield event(f"{plan.kind}.partial_image", {
+                    "type": f"{plan.kind}.partial_image", "b64_json": images.b64(data),
                     "partial_image_index": index, "created_at": int(time.time()), **fields})
                 continue
             getter.cancel()
@@ -87,8 +89,8 @@ async def events(job, previews: asyncio.Queue, plan, finish, fail, cut_off):
                 yield event("error", fail(exc))
                 return
             for item in await finish(result):
-                yield event("image_generation.completed", {
-                    "type": "image_generation.completed", "b64_json": item["b64_json"],
+                yield event(f"{plan.kind}.completed", {
+                    "type": f"{plan.kind}.completed", "b64_json": item["b64_json"],
                     "created_at": int(time.time()), **fields, "usage": item["usage"]})
             return
     finally:

@@ -1,6 +1,6 @@
-"""Lean loading: the transformer read tensor by tensor into a model built on the meta device, quantized to
-FP8 as each bf16 Linear weight arrives (a bf16 source) or rebuilt from the stored FP8 data (a pre-quantized
-folder); T5 through transformers' own loader with a torchao quantization_config.
+"""Lean loading of a bf16 source: the transformer read tensor by tensor into a model built on the meta
+device, quantized to FP8 as each Linear weight arrives; T5 through transformers' own loader with a torchao
+quantization_config. (A pre-quantized folder needs no quantizing: `fp8io.load_transformer` maps it.)
 
 Why: loading a bf16 checkpoint and quantizing it afterwards stages the whole bf16 pipeline in host RAM
 (≈ 28 GB for SD3.5 Large with T5). Why our own reader for the transformer rather than `from_pretrained`:
@@ -19,18 +19,13 @@ from pathlib import Path
 
 from sd35 import precision
 from sd35.errors import ModelError
-from sd35.models import QUANT_RECORD as RECORD
-from sd35.weights.fp8io import POS_EMBED, computed_pos_embed, t5_config
-from sd35.weights.safetensors_header import read_header
-
-_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-              "BOOL": "bool"}
+from sd35.weights.fp8io import t5_config
+from sd35.weights.safetensors_header import read_header, torch_dtype
 
 
 def return_large_frees_to_os() -> None:
     """Serve allocations above 4 MiB from mmap for the rest of the process (glibc `mallopt`): step 1 of every
-    lean or pre-quantized load, called there on purpose, never at import.
+    lean load, called there on purpose, never at import.
 
     Why: reading a component frees a bf16 tensor after each quantized one is kept. With glibc's default
     *dynamic* threshold, freed buffers up to 32 MiB soon come from the heap, where the long-lived FP8
@@ -66,7 +61,7 @@ def read_tensors(path: Path):
                 if not r:
                     raise ModelError(f"{path} ends early (reading {name}).", "download or re-create the file.")
                 got += r
-            yield name, buf.view(getattr(torch, _ST_DTYPES[info["dtype"]])).reshape(info["shape"])
+            yield name, buf.view(torch_dtype(info["dtype"])).reshape(info["shape"])
 
 
 def _assign(model, name: str, tensor) -> None:
@@ -84,9 +79,9 @@ def _assign(model, name: str, tensor) -> None:
 
 
 def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str], transform=None):
-    """Assign every tensor of `files` into the meta-built `model`: torchao-flattened FP8 weights rebuilt as
-    Float8Tensors; bf16 Linear weights quantized as they arrive when `quantize`; the rest cast to bf16.
-    `transform(name, bf16 tensor)` runs before quantizing (--lora-fuse bakes LoRAs in there: weights/lora.py)."""
+    """Assign every tensor of `files` into the meta-built `model`: bf16 Linear weights quantized as they
+    arrive when `quantize`; the rest cast to bf16. `transform(name, bf16 tensor)` runs before quantizing
+    (--lora-fuse bakes LoRAs in there: weights/lora.py)."""
     import fnmatch
 
     import torch
@@ -94,21 +89,9 @@ def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str], tra
 
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                and not any(fnmatch.fnmatch(n, p) for p in keep)}
-    pending: dict[str, dict] = {}
     for f in files:
-        meta = read_header(f).metadata
         for name, t in read_tensors(f):
             owner, _, leaf = name.rpartition(".")
-            if leaf in ("_weight_qdata", "_weight_scale"):  # torchao's flattened Float8Tensor
-                parts = pending.setdefault(owner, {})
-                parts[leaf] = t
-                if len(parts) == 2:
-                    info = json.loads(meta.get(f"{owner}.weight", "{}")).get("_data", {})
-                    block = info.get("block_size") or [1, parts["_weight_qdata"].shape[-1]]
-                    _assign(model, f"{owner}.weight", Float8Tensor(parts["_weight_qdata"], parts["_weight_scale"],
-                                                                    block_size=list(block), dtype=torch.bfloat16))
-                    del pending[owner]
-                continue
             if t.is_floating_point():
                 t = t.to(torch.bfloat16)
             if transform is not None:
@@ -116,9 +99,6 @@ def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str], tra
             if quantize and leaf == "weight" and owner in linears and t.dim() == 2:
                 t = Float8Tensor.from_hp(t, float8_dtype=torch.float8_e4m3fn, granularity=PerRow())
             _assign(model, name, t)
-    if pending:
-        raise ModelError(f"incomplete FP8 weights in {files[0].parent} ({next(iter(pending))}).",
-                         "re-create the folder with `sd35 cache quantize`.")
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -136,12 +116,13 @@ def _check_materialized(model, folder: Path) -> None:
 
 
 def load_transformer(folder: Path, *, quantize: bool, transform=None):
-    """The SD3 transformer from `folder/transformer`: FP8 as its tensors are read when `quantize` (bf16
-    source), or as stored (a pre-quantized folder), bf16 otherwise; built on meta, no bf16 copy.
+    """The SD3 transformer of a bf16 folder (`folder/transformer`): FP8 as its tensors are read when
+    `quantize`, bf16 otherwise; built on meta, no bf16 copy of the whole. (A pre-quantized folder is read
+    by `fp8io.load_transformer`.) `transform`: see `_fill`.
 
     1. Return large freed buffers to the OS from now on (`return_large_frees_to_os`, process-wide).
     2. Build the model on the meta device from its config: no tensor allocated, no table computed.
-    3. Fill it tensor by tensor (`_fill`), then the position table when the store left it out.
+    3. Fill it tensor by tensor (`_fill`).
     4. Check that nothing is left on meta; record where the weights came from.
     """
     import torch
@@ -157,9 +138,6 @@ def load_transformer(folder: Path, *, quantize: bool, transform=None):
         model = SD3Transformer2DModel.from_config(config)
     # 3. The tensors.
     _fill(model, _weight_files(sub), quantize=quantize, keep=precision.KEEP_BF16, transform=transform)
-    record = Path(folder) / RECORD
-    if record.is_file() and json.loads(record.read_text()).get("pos_embed") == "recomputed":
-        _assign(model, POS_EMBED, computed_pos_embed(model))  # left out of the store (store.quantize)
     # 4. Complete; as from_pretrained records it: where the weights came from (the debugger's compare_bf16
     # reads the original bf16 weights of one module there).
     _check_materialized(model, sub)
@@ -176,5 +154,6 @@ def load_t5(folder: Path, *, quantize: bool):
     from transformers import T5EncoderModel
 
     kw = {"quantization_config": t5_config()} if quantize else {}
-    return T5EncoderModel.from_pretrained(Path(folder) / "text_encoder_3", dtype=torch.bfloat16, **kw)
+    return T5EncoderModel.from_pretrained(Path(folder) / "text_encoder_3", dtype=torch.bfloat16,
+                                          use_safetensors=True, **kw)
 

@@ -9,9 +9,9 @@ The procedure, in order:
   2. Resolve the model to a local diffusers folder (tiny | local folder | Hub cache | pre-quantized store);
      with SD35_TRANSFORMER the transformer comes from one SAI/ComfyUI file instead (singlefile.py),
      checked from its header first and refused unless it has the folder's architecture.
-  3. Read the pipeline on the CPU, component by component (lean.py; store.py for pre-quantized folders):
+  3. Read the pipeline on the CPU, component by component, safetensors only (lean.py; fp8io.py for pre-quantized):
      - a pre-quantized folder (`sd35 cache quantize`): transformer and T5 come off disk as FP8 data +
-       scales, no bf16 copy anywhere;
+       scales, mapped from the files as stored (torchao's own deserializer), no bf16 copy anywhere;
      - a bf16 source in an FP8 mode (SD35_LEAN_LOAD=1, the default): transformer and T5 are quantized
        as their shards are read, so host RAM holds one FP8 component, never the bf16 pipeline;
      - otherwise everything in bf16 (`StableDiffusion3Pipeline.from_pretrained`).
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from sd35 import hardware, precision
-from sd35.weights import hub, lean, retarget, singlefile, store
+from sd35.weights import fp8io, hub, lean, retarget, singlefile, store
 from sd35.weights.fp8io import QUANT_MODES
 from sd35.errors import ModelError
 from sd35.settings import Settings
@@ -122,12 +122,15 @@ def load(settings: Settings) -> LoadedPipeline:
     try:
         if file_info is not None:
             extra["transformer"], _ = singlefile.load_transformer(settings.transformer, source.path, plan.transformer)
-        elif record is not None or lean_read:
-            extra["transformer"] = lean.load_transformer(source.path, quantize=record is None,
+        elif record is not None:
+            extra["transformer"] = fp8io.load_transformer(source.path)
+        elif lean_read:
+            extra["transformer"] = lean.load_transformer(source.path, quantize=True,
                                                          transform=_lora_transform(fused))
         if with_t5 and (fp8_t5_on_disk or (settings.lean_load and plan.t5 in QUANT_MODES)):
             extra["text_encoder_3"] = lean.load_t5(source.path, quantize=not fp8_t5_on_disk)
-        pipe = StableDiffusion3Pipeline.from_pretrained(source.path, dtype=torch.bfloat16, **extra)
+        pipe = StableDiffusion3Pipeline.from_pretrained(source.path, dtype=torch.bfloat16, use_safetensors=True,
+                                                        **extra)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign folder gets a cause and a fix

@@ -48,6 +48,15 @@ def _parse(path: Path) -> tuple[Header | None, str | None]:
     return Header(table, metadata, 8 + n), None
 
 
+def torch_dtype(code: str):
+    """The torch dtype of a header's dtype code ("BF16", "F8_E4M3", …)."""
+    import torch
+
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}[code]
+
+
 def truncated(path: Path) -> str | None:
     """Why a .safetensors file is cut short or not safetensors (header vs file size), or None when whole."""
     return _parse(Path(path))[1]

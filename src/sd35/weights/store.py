@@ -27,11 +27,11 @@ from sd35.models import QUANT_RECORD as RECORD
 from sd35.models import lookup
 from sd35.settings import Settings
 from sd35.weights import lean
-from sd35.weights.fp8io import QUANT_MODES, save_component, store_transformer, t5_config
+from sd35.weights.fp8io import QUANT_MODES, store_t5, store_transformer
 
 log = logging.getLogger(__name__)
 
-FORMAT = "sd35-quantized/1"
+FORMAT = "sd35-quantized/2"  # 2: the position table is stored (a stock diffusers load reproduces the image)
 
 
 # --- the record ------------------------------------------------------------------------------------------------
@@ -177,13 +177,12 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
                 _link_or_copy(f, tmp / rel)
         # 4. FP8 components, one at a time (peak host memory: one FP8 component plus a shard of bf16).
         transformer = lean.load_transformer(source.path, quantize=True)
-        pos_embed = store_transformer(transformer, tmp)
+        store_transformer(transformer, tmp)
         coverage = precision.linear_coverage(transformer)
         del transformer
         if t5_mode != "bf16":
             enc = lean.load_t5(source.path, quantize=True)
-            enc.config.save_pretrained(tmp / "text_encoder_3")
-            save_component(enc, tmp / "text_encoder_3", "model.safetensors", t5_config())
+            store_t5(enc, tmp)
             del enc
         # 5. Record and publish.
         record = {
@@ -197,9 +196,6 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
                        "repo_id": source.repo_id, "revision": source.revision, "commit": source.commit,
                        "path": str(source.path)},
             "kept_bf16": {"transformer": precision.KEEP_BF16, "t5": precision.T5_KEEP_BF16},
-            # "recomputed": not stored, computed from the config at load (checked bit-identical to the source's
-            # table when this folder was made); "stored": the source's table differs from the computed one.
-            "pos_embed": pos_embed,
             "transformer_linear_params": coverage,
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -232,6 +232,7 @@ function loraText(lora) {
 
 function pickedLoras() {
   if ($("lora-field").hidden) return undefined; // no LoRA folder: the field is not sent
+  if (window.sd35Edit && window.sd35Edit.active()) return undefined; // /v1/images/edits takes no `lora` (yet)
   return [...$("loras").querySelectorAll("input[type=checkbox]:checked")].map((c) => ({
     name: c.dataset.lora,
     scale: Number(c.closest(".lora").querySelector("input[type=range]").value),
@@ -259,7 +260,13 @@ async function generate() {
   if (state.busy) return;
   if (!state.card) { await connect(); if (!state.card) return; }
   showError(null);
+  const editing = window.sd35Edit && window.sd35Edit.active(); // Edit mode (edit.js): POST /v1/images/edits
+  if (window.sd35Edit && window.sd35Edit.wanted()) {
+    showError(new Error("choose an image to edit first (or switch back to Generate)"));
+    return;
+  }
   const params = requestBody();
+  if (editing) params.edit = { strength: window.sd35Edit.strength(), mask: window.sd35Edit.masked() };
   const partials = Math.min(state.card.max_partial_images || 3, 3);
   const started = performance.now();
   setBusy(true);
@@ -273,16 +280,19 @@ async function generate() {
   refreshQueue();
   const finals = [];
   try {
-    const resp = await fetch("/v1/images/generations", {
-      method: "POST",
-      headers: { ...headers(true), Accept: "text/event-stream" },
-      body: JSON.stringify({ ...params, stream: true, partial_images: partials, response_format: "b64_json" }),
-      signal: controller.signal,
-    });
+    const fields = { ...params, stream: true, partial_images: partials, response_format: "b64_json" };
+    delete fields.edit;
+    const resp = editing ? await window.sd35Edit.send(fields, controller.signal, headers(false))
+      : await fetch("/v1/images/generations", {
+        method: "POST",
+        headers: { ...headers(true), Accept: "text/event-stream" },
+        body: JSON.stringify(fields),
+        signal: controller.signal,
+      });
     if (!resp.ok) throw await apiError(resp);
     let previews = 0;
     for await (const ev of sseEvents(resp)) {
-      if (ev.name === "image_generation.partial_image") {
+      if (ev.name === "image_generation.partial_image" || ev.name === "image_edit.partial_image") {
         previews += 1;
         const src = `data:image/${ev.data.output_format || "png"};base64,${ev.data.b64_json}`;
         $("live-images").replaceChildren(imageElement(src, `preview ${ev.data.partial_image_index + 1}`));
@@ -292,7 +302,7 @@ async function generate() {
         fig.append(imageElement(src, cap.textContent), cap);
         $("partials").append(fig);
         $("live-status").textContent = `— preview ${previews} of up to ${partials}`;
-      } else if (ev.name === "image_generation.completed") {
+      } else if (ev.name === "image_generation.completed" || ev.name === "image_edit.completed") {
         const src = `data:image/${ev.data.output_format || "png"};base64,${ev.data.b64_json}`;
         finals.push(src);
         if (finals.length === 1) $("live-images").replaceChildren();
@@ -333,6 +343,7 @@ function seedsOf(entry) {
 }
 
 function curlSnippet(params) {
+  if (params.edit) return editCurlSnippet(params);
   const url = location.origin + "/v1/images/generations";
   const json = JSON.stringify(params, null, 2).replace(/'/g, "'\\''");
   const auth = state.authRequired ? ` \\\n  -H "Authorization: Bearer $SD35_API_KEY"` : "";
@@ -342,6 +353,7 @@ function curlSnippet(params) {
 }
 
 function pythonSnippet(params) {
+  if (params.edit) return editPythonSnippet(params);
   // a JSON string is a Python str; the `lora` list ([{name: str, scale: number}]) is a Python literal as JSON
   const py = (v) => (typeof v === "string" || typeof v === "object" ? JSON.stringify(v) : String(v));
   const std = ["model", "prompt", "size", "n"].filter((k) => params[k] !== undefined);
@@ -363,6 +375,39 @@ function pythonSnippet(params) {
     "        f.write(base64.b64decode(image.b64_json))",
   ];
   return lines.join("\n");
+}
+
+// An edit's snippets: the input saved as input.png (and the painted mask as mask.png) beside them.
+function editFields(params) {
+  const f = { prompt: params.prompt, n: params.n, size: "auto", seed: params.seed, strength: params.edit.strength };
+  for (const k of ["negative_prompt", "steps", "guidance_scale"]) if (params[k] !== undefined) f[k] = params[k];
+  return f;
+}
+
+function editCurlSnippet(params) {
+  const auth = state.authRequired ? ` \\\n  -H "Authorization: Bearer $SD35_API_KEY"` : "";
+  const form = Object.entries(editFields(params))
+    .map(([k, v]) => ` \\\n  -F '${k}=${String(v).replace(/'/g, "'\\''")}'`).join("");
+  return `curl -sS ${location.origin}/v1/images/edits${auth} \\\n  -F image=@input.png` +
+    (params.edit.mask ? ` \\\n  -F mask=@mask.png` : "") + form;
+}
+
+function editPythonSnippet(params) {
+  const py = (v) => (typeof v === "string" ? JSON.stringify(v) : String(v));
+  const { prompt, n, size, ...extra } = editFields(params);
+  const key = state.authRequired ? 'os.environ["SD35_API_KEY"]' : '"unused"';
+  return [
+    ...(state.authRequired ? ["import os", ""] : []),
+    "from openai import OpenAI",
+    "",
+    `client = OpenAI(base_url=${py(location.origin + "/v1")}, api_key=${key})`,
+    "result = client.images.edit(",
+    '    image=open("input.png", "rb"),',
+    ...(params.edit.mask ? ['    mask=open("mask.png", "rb"),  # transparent = repaint'] : []),
+    `    prompt=${py(prompt)}, n=${n}, size=${py(size)},`,
+    `    extra_body={${Object.entries(extra).map(([k, v]) => `${py(k)}: ${py(v)}`).join(", ")}},`,
+    ")",
+  ].join("\n");
 }
 
 async function copyText(text, button) {
@@ -402,14 +447,17 @@ function renderEntry(entry) {
   const figures = entry.images.map((src, i) => {
     const ext = (src.match(/^data:image\/(\w+)/) || [, "png"])[1];
     const link = el("a", { href: src, download: `sd35-${seeds[i]}.${ext}`, textContent: "Download" });
+    const editThis = el("button", { type: "button", className: "link", textContent: "Edit this" });
+    editThis.addEventListener("click", () => window.sd35Edit && window.sd35Edit.load(src));
     return el("figure", {}, imageElement(src, `${p.prompt} (seed ${seeds[i]})`),
-      el("figcaption", {}, el("span", { className: "muted", textContent: `seed ${seeds[i]}` }), link));
+      el("figcaption", {}, el("span", { className: "muted", textContent: `seed ${seeds[i]}` }), link, editThis));
   });
   const params = el("dl", { className: "params" });
   const facts = [["Prompt", p.prompt], ["Negative prompt", p.negative_prompt], ["Size", p.size],
     ["Steps", p.steps ?? `${state.card?.defaults?.steps ?? "default"} (default)`],
     ["Guidance", p.guidance_scale ?? `${state.card?.defaults?.guidance_scale ?? "default"} (default)`],
-    ["Seed", p.seed], ["n", p.n], ["LoRAs", loraText(p.lora)], ["Time", `${entry.seconds.toFixed(1)} s`]];
+    ["Seed", p.seed], ["n", p.n], ["LoRAs", loraText(p.lora)], ["Time", `${entry.seconds.toFixed(1)} s`],
+    ["Edit", p.edit && `${p.edit.mask ? "inpaint" : "img2img"}, strength ${p.edit.strength}`]];
   for (const [k, v] of facts) {
     if (v === undefined || v === null || v === "") continue;
     params.append(el("div", {}, el("dt", { textContent: k }), el("dd", { textContent: String(v) })));
@@ -497,12 +545,19 @@ $("form").addEventListener("keydown", (e) => {
   }
 });
 function saveKey() {
+  clearTimeout(keyTimer);
   const key = $("key").value.trim();
   if (key) sessionStorage.setItem(KEY_STORE, key); else sessionStorage.removeItem(KEY_STORE);
   state.card = null;
   connect();
 }
 $("key-save").addEventListener("click", saveKey);
+// A key pasted or typed works at once: no Enter or "Use key" needed (connect once the typing pauses).
+let keyTimer = null;
+$("key").addEventListener("input", () => {
+  clearTimeout(keyTimer);
+  keyTimer = setTimeout(() => { if ($("key").value.trim()) saveKey(); }, 250);
+});
 $("key").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.ctrlKey && !e.metaKey) { e.preventDefault(); saveKey(); }
 });
