@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd35 import __version__
 from sd35.settings import Settings
-from sd35.service import edits, notify, openapi, page
+from sd35.service import edits, loras, notify, openapi, page
 from sd35.service.imagestore import make_store
 from sd35.service.limits import BodyLimitMiddleware, CutOffMiddleware
 from sd35.service.metrics import Metrics
@@ -147,6 +147,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
     app.state.images = make_store(settings)
     app.include_router(router)
     app.include_router(edits.router)  # POST /v1/images/edits (multipart), answered by routes.answer
+    app.include_router(loras.router)  # GET /v1/loras: what SD35_LORA_DIR offers
     app.include_router(page.router)  # GET /: the team's web page (its paths are open: page.PAGE_PATHS)
     app.openapi = lambda: app.openapi_schema or setattr(app, "openapi_schema", openapi.build(app)) \
         or app.openapi_schema

@@ -25,9 +25,8 @@ from sd35.inference import generate as gen
 from sd35.errors import InputError, Sd35Error
 from sd35.models import expand_alias
 from sd35.runtime import edit_size
-from sd35.service import images, page, stream
-from sd35.service.schemas import (ErrorBody, ImageGenerationRequest, ImagesResponse, LoraList, ModelList, ModelObject,
-                                  error_body, has_lone_surrogate)
+from sd35.service import images, loras, page, stream
+from sd35.service.schemas import ErrorBody, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject, error_body, has_lone_surrogate
 from sd35.service.worker import Busy, Cancelled, NotReady, OutOfMemory, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
     try:
         req = runtime.check(prompt=prompt, negative_prompt=negative, steps=steps,
                             guidance=body.guidance_scale, height=height, width=width, seed=body.seed, **(edit or {}),
-                            **_lora_picks(body))
+                            **loras.picks(body))
     except InputError as exc:
         param = {"height": "size", "width": "size", "guidance": "guidance_scale"}.get(exc.param, exc.param)
         return _bad(exc.cause, param)
@@ -165,14 +164,6 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
     if req.edit is not None:
         plan.kind, plan.image_tokens = "image_edit", images.image_tokens(*req.edit.source_size)
     return plan
-
-
-def _lora_picks(body: ImageGenerationRequest) -> dict:
-    """The request's `lora` field as Runtime.check's (omitted: the service's SD35_LORAS)."""
-    from sd35.weights.lora_catalog import LoraChoice
-
-    picks = getattr(body, "lora", None)  # /v1/images/edits' form body has no `lora`
-    return {} if picks is None else {"lora": [LoraChoice(p.name, p.scale) for p in picks]}
 
 
 def _job_error(exc: BaseException, settings) -> JSONResponse:
@@ -396,37 +387,6 @@ async def get_model(model_id: str, request: Request):
                      "invalid_request_error", "model", "model_not_found")
     return {"id": model_id, "object": "model", "created": request.app.state.started, "owned_by": "sd35",
             "sd35": page.model_card(settings, request.app.state.worker)}
-
-
-@router.get("/v1/loras", response_model=LoraList, responses={401: _ERRORS[401], 503: _ERRORS[503]})
-async def list_loras(request: Request):
-    """The LoRAs of SD35_LORA_DIR a request's `lora` field can name: name, rank, layers, size, sha256, and
-    whether each fits the loaded model (checked against it once ready)."""
-    from sd35.weights import lora_catalog
-    from sd35.weights.lora_files import LoraError
-
-    settings, worker = request.app.state.settings, request.app.state.worker
-    adapters = worker.runtime.lora if worker.state == "ready" and worker.runtime is not None else None
-
-    def listing() -> list[dict]:
-        data = []
-        for path in lora_catalog.folder_files(settings.lora_dir):
-            item = {"name": path.stem, "rank": 0, "layers": 0, "size": path.stat().st_size, "sha256": "",
-                    "usable": True, "error": None}
-            try:
-                item.update(lora_catalog.describe(path))
-                if adapters is not None:
-                    adapters.plan(path, path.stem)
-            except LoraError as exc:
-                item.update(usable=False, error=exc.cause)
-            data.append(item)
-        return data
-
-    try:
-        data = await run_in_threadpool(listing)
-    except LoraError as exc:
-        return error(503, f"{exc.cause} {exc.fix or ''}".strip(), "server_error", None, "lora_dir")
-    return {"object": "list", "data": data, "max_rank": adapters.slot_rank if adapters is not None else None}
 
 
 @router.get("/healthz")
