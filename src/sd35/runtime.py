@@ -28,6 +28,7 @@ from sd35.debugging import breakpoints
 from sd35 import hardware, models
 from sd35.inference import edit as edits
 from sd35.inference import generate as gen
+from sd35.weights import lora as lora_slots
 from sd35.inference.inputs import Picture, check_pair
 from sd35.weights.load import LoadedPipeline
 from sd35.weights.load import load as load_pipeline
@@ -48,8 +49,10 @@ class Runtime:
     """A loaded pipeline, the facts about its model (`info`) and the armed breakpoints."""
 
     def __init__(self, loaded: LoadedPipeline, breaks: list[breakpoints.Break] | None = None,
-                 compile_plan: compilation.CompilePlan | None = None, out_dir: Path | str | None = None):
+                 compile_plan: compilation.CompilePlan | None = None, out_dir: Path | str | None = None,
+                 lora: lora_slots.Adapters | None = None):
         self.loaded = loaded
+        self.lora = lora  # unfused LoRAs: slots installed before compiling (below), so switching never recompiles
         self.out_dir = out_dir  # where `sd35_dump()` at a breakpoint writes
         # Defaults and limits from the loaded folder's own configs (a Turbo folder gets Turbo's steps).
         self.info: models.ModelInfo = models.describe_folder(loaded.source.path, loaded.source.requested)
@@ -73,7 +76,9 @@ class Runtime:
         # Before loading: a compile cache that must be refused is refused in a second, not after the load.
         plan = compilation.resolve(settings, device=hardware.detect(settings.device).device, purpose=purpose)
         loaded = load_pipeline(settings)
-        return cls(loaded, breaks, plan, settings.output_dir)
+        adapters = lora_slots.prepare(loaded.pipe.transformer, settings,
+                                      hotswap=purpose == "serve" or plan.mode != "off")
+        return cls(loaded, breaks, plan, settings.output_dir, lora=adapters)
 
     # --- facts ----------------------------------------------------------------------------------------
 
@@ -94,9 +99,10 @@ class Runtime:
     def check(self, *, prompt: str, negative_prompt: str | None = None, steps: int | None = None,
               guidance: float | None = None, height: int | None = None, width: int | None = None,
               seed: int | str | None = None, image: Picture | None = None, mask: Picture | None = None,
-              strength: float | None = None) -> gen.GenerationRequest:
+              strength: float | None = None, lora: list | None = None) -> gen.GenerationRequest:
         """A request filled with this model's defaults and checked against its limits and the armed
-        breakpoints; with `image` (+ `mask`, `strength`) an edit. Raises InputError (a flag or field, and the fix)."""
+        breakpoints; with `image` (+ `mask`, `strength`) an edit. Raises InputError (a flag or field, and the fix).
+        `lora`: LoraChoices from the LoRA folder (None: the run's SD35_LORAS)."""
         if image is not None:  # an edit's size defaults to its input's, rounded to what the model takes
             width, height = edit_size(self.info, image, width, height)
         request = gen.check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
@@ -105,7 +111,29 @@ class Runtime:
             request = with_edit(request, image, mask, strength)
         if self.breaks:
             breakpoints.validate(self.breaks, self.pipe, request.denoising_steps)
+        if lora is not None:
+            request = self._check_lora(request, lora)
         return request
+
+    def _check_lora(self, request: gen.GenerationRequest, lora: list) -> gen.GenerationRequest:
+        import dataclasses
+
+        from sd35.weights.lora_files import LoraError
+
+        if lora and self.lora is None:
+            raise LoraError("this run has no LoRA slots (no SD35_LORA_DIR, no unfused SD35_LORAS).",
+                            "set SD35_LORA_DIR to the folder of LoRAs to offer, and restart.")
+        if self.lora is not None:
+            self.lora.selection(list(lora))  # names, scales, shapes and ranks checked now: 400 before the queue
+        return dataclasses.replace(request, loras=tuple(lora))
+
+    def lora_record(self, request: gen.GenerationRequest) -> dict | None:
+        """The LoRAs of a generation (unfused ones active for it, fused ones baked in), for its record."""
+        fused = self.loaded.lora_fused
+        if self.lora is None:
+            return {"mode": "fused", "applied": fused} if fused else None
+        record = self.lora.record(self.lora.selection(_choices(request)))
+        return {**record, "fused": fused} if fused else record
 
     # --- 2. generate ----------------------------------------------------------------------------------
 
@@ -122,6 +150,8 @@ class Runtime:
             if on_step is not None:
                 on_step(i, total)
 
+        if self.lora is not None:  # the request's LoRAs into the slots (in place: no recompile)
+            self.lora.activate(self.lora.selection(_choices(request)))
         with compilation.FirstCall(self.compile):
             return gen.run(self.loaded, request, num_images=n, on_step=step, on_latents=on_latents)
 
@@ -155,8 +185,14 @@ class Runtime:
 
     def save(self, result: gen.GenerationResult, out_dir: Path | str) -> list[tuple[Path, Path]]:
         """PNG + JSON sidecar per image, written atomically; returns the (png, json) pairs."""
+        lora = self.lora_record(result.request)
         return gen.save(self.loaded, result, Path(out_dir),
-                        extra={"model_info": self.info.as_dict(), "compile": self.compile.as_dict()})
+                        extra={"model_info": self.info.as_dict(), "compile": self.compile.as_dict(),
+                               **({"lora": lora} if lora else {})})
+
+
+def _choices(request: gen.GenerationRequest) -> list | None:
+    return None if request.loras is None else list(request.loras)
 
 
 def precheck(settings: Settings, **fields) -> gen.GenerationRequest:

@@ -99,6 +99,17 @@ class Settings(BaseSettings):
         description="Take the transformer from this single .safetensors file (SAI/ComfyUI checkpoint, plain or "
                     "FP8 scaled); the other components come from the file or from SD35_MODEL.",
     )
+    # --- LoRAs (docs/lora.md) ---
+    loras: str = Field(default="", description="LoRAs for every run, comma-separated PATH_OR_NAME[:SCALE] (a name "
+                       "is a file in SD35_LORA_DIR); the service's default when a request names none.")
+    lora_dir: Path | None = Field(default=None, description="The folder of .safetensors LoRAs the service offers "
+                                  "(GET /v1/loras; a request's `lora` names files here only).")
+    lora_max_rank: int = Field(default=64, ge=1, le=1024, description="Rank of the hot-swap LoRA slots (serving, "
+                               "compiled): LoRAs up to it switch per request without a recompile.")
+    lora_fuse: bool = Field(default=False, description="Bake SD35_LORAS into the bf16 weights before quantizing "
+                            "(no side-path cost; fixed for the process, not switchable per request).")
+    lora_allow_partial: bool = Field(default=False, description="Apply the LoRA layers that fit and skip (and "
+                                     "record) text-encoder and unknown keys instead of refusing the file.")
     cache_dir: Path = Field(
         default_factory=lambda: Path(_default_sd35_cache()),
         description="Where the embedded tiny model is built (not the Hugging Face cache).",
@@ -192,7 +203,7 @@ class Settings(BaseSettings):
             value = value.get_secret_value()
         return value.strip() or None if isinstance(value, str) else value
 
-    @field_validator("api_keys_file", "lab_socket", mode="before")
+    @field_validator("api_keys_file", "lab_socket", "lora_dir", mode="before")
     @classmethod
     def _empty_path_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value

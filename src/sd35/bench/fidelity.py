@@ -134,6 +134,7 @@ def compare(reference: Runtime, candidate: Runtime, request: gen.GenerationReque
 def per_block(settings, *, prompt: str, seed: int, steps: int | None = None, step: int | None = None) -> dict:
     """`sd35 fidelity --per-block`: load the model in bf16 and in the candidate precision (settings.precision),
     run the same request through both, and report each block's error at one step (default: the middle one).
+    SD35_LORAS (`--lora`) are applied to both: FP8 + LoRA against bf16 + LoRA.
     Returns the JSON document: {"model", "device", "reference", "candidate", "step", "steps", "seed",
     "blocks": [{block, image_rel_err, image_cosine, text_rel_err, text_cosine}, …], "image": {…}}."""
     from sd35.errors import InputError
@@ -158,6 +159,6 @@ def per_block(settings, *, prompt: str, seed: int, steps: int | None = None, ste
     report = compare(reference, candidate, request, step=step)
     return {"model": settings.model, "device": candidate.device, "reference": report.reference,
             "candidate": report.candidate, "step": step, "steps": request.steps, "seed": request.seed,
-            "blocks": report.rows(),
+            "blocks": report.rows(), "lora": candidate.lora_record(request),
             "image": {"rel_err": report.image_rel_err, "ssim": report.ssim,
                       "psnr_db": None if report.psnr_db == float("inf") else report.psnr_db}}  # JSON has no inf

@@ -277,3 +277,49 @@ def bench_report(
         sections, head = report.run(s, out_dir, only=wanted, prompt=prompt, seed=seed), {}
     page = report.write(out_dir, sections, head or report.header(s, sections, sources))
     err.print(f"wrote {page}", highlight=False)
+@app.command("lora")
+@handle_errors
+def bench_lora(
+    arch: str = typer.Option("large", "--arch", help="medium | large (published configs) | tiny"),
+    size: int = typer.Option(1024, "--size", help="square image side"),
+    modes: str = typer.Option("bf16,fp8-weight,fp8", "--modes", help="comma-separated precision modes"),
+    ranks: str = typer.Option("0,16,64", "--ranks", help="comma-separated slot ranks (0: no LoRA)"),
+    eager_only: bool = typer.Option(False, "--eager-only", help="skip the compiled runs"),
+    repeats: int = typer.Option(10, "--repeats"),
+    as_json: Json = False,
+) -> None:
+    """Per-step cost of an unfused LoRA (rank 16, 64) against none, per precision, eager and compiled, and the
+    recompiles when swapping LoRAs on the compiled model (random weights)."""
+    from sd35.bench import lora as bench
+    from sd35.settings import PRECISIONS
+
+    _bench_start(arch, quiet=True)
+    wanted = [m.strip() for m in modes.split(",") if m.strip()]
+    try:
+        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
+    except ValueError:
+        raise InputError(f"--ranks {ranks!r} must be comma-separated integers.", "pass --ranks 0,16,64.") from None
+    bad = [m for m in wanted if m not in PRECISIONS or m == "auto"]
+    if bad or not wanted or not rank_list or any(not 0 <= r <= 1024 for r in rank_list):
+        raise InputError(f"--modes {modes!r} / --ranks {ranks!r}: unknown mode or rank out of 0..1024.",
+                         "use --modes bf16,fp8-weight,fp8 --ranks 0,16,64.")
+    if size % 16 or not 64 <= size <= 4096:
+        raise InputError(f"--size {size} must be a multiple of 16 from 64 to 4096.", "pass --size 1024.")
+    report = bench.run(arch, size, modes=wanted, ranks=rank_list, compiled=not eager_only, repeats=repeats)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out.print(f"{report['arch']} at {report['size']}² on {report['device_name']} ({report['device']}), median of "
+              f"{report['repeats']} steps / min; LoRA slots on every linear" +
+              (f"\n[yellow]{report['note']}[/]" if report["note"] else ""), highlight=False)
+    for mode, rows in report["modes"].items():
+        for rank, r in rows.items():
+            if "note" in r:
+                out.print(f"  {mode:11} rank {rank:>3}: {r['note']}", highlight=False)
+                continue
+            parts = [f"{kind} {r[f'{kind}_ms']:.1f} / {r[f'{kind}_min_ms']:.1f} ms"
+                     + (f" ({r[f'{kind}_overhead'] * 100:+.0f}% min)" if f"{kind}_overhead" in r else "")
+                     for kind in ("eager", "compiled") if f"{kind}_ms" in r]
+            if "recompiles_on_swap" in r:
+                parts.append(f"recompiles on swap: {r['recompiles_on_swap']}")
+            out.print(f"  {mode:11} rank {rank:>3}: " + " · ".join(parts), highlight=False)

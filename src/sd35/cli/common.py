@@ -35,8 +35,21 @@ Compile = Annotated[Optional[str], typer.Option(
     "off for one-off runs) [SD35_COMPILE]")]
 Transformer = Annotated[Optional[Path], typer.Option(
     "--transformer", help="transformer from one SAI/ComfyUI .safetensors file, plain or FP8 scaled [SD35_TRANSFORMER]")]
+Lora = Annotated[Optional[list[str]], typer.Option(
+    "--lora", help="PATH_OR_NAME[:SCALE], repeatable: a LoRA file (diffusers/PEFT, SAI/kohya or ComfyUI layout) or "
+    "a name in SD35_LORA_DIR [SD35_LORAS]")]
+LoraFuse = Annotated[Optional[bool], typer.Option(
+    "--lora-fuse/--no-lora-fuse", help="bake the LoRAs into the bf16 weights before quantizing [SD35_LORA_FUSE]")]
+LoraAllowPartial = Annotated[Optional[bool], typer.Option(
+    "--lora-allow-partial/--no-lora-allow-partial", help="skip (and record) LoRA keys that do not fit instead of "
+    "refusing the file [SD35_LORA_ALLOW_PARTIAL]")]
 Json = Annotated[bool, typer.Option("--json", help="print JSON")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="show the libraries' own logs")]
+
+
+def lora_flags(lora: list[str] | None, fuse: bool | None, allow_partial: bool | None) -> dict:
+    """--lora/--lora-fuse/--lora-allow-partial as Settings fields (None: not given)."""
+    return {"loras": ",".join(lora) if lora else None, "lora_fuse": fuse, "lora_allow_partial": allow_partial}
 
 
 def fail(exc: Sd35Error) -> None:

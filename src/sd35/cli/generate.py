@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from sd35.cli.common import (Compile, Device, Model, Precision, Revision, T5, Transformer, Verbose, err,
-                                 handle_errors, listen_for_debugger, out, settings)
+from sd35.cli.common import (Compile, Device, Lora, LoraAllowPartial, LoraFuse, Model, Precision, Revision, T5,
+                             Transformer, Verbose, err, handle_errors, listen_for_debugger, lora_flags, out, settings)
 from sd35.errors import InputError
 
 MAX_CLI_IMAGES = 16
@@ -44,6 +44,9 @@ def generate(
                                         "repainted (inpainting); the rest of the image is kept"),
     strength: Optional[float] = typer.Option(None, "--strength", help="with --image: how much to change, 0-1 "
                                              "(default 0.6; 1.0 with --mask)"),
+    lora: Lora = None,
+    lora_fuse: LoraFuse = None,
+    lora_allow_partial: LoraAllowPartial = None,
     verbose: Verbose = False,
 ) -> None:
     """Generate images; write <out>/<timestamp>-<seed>.png and a .json sidecar beside each."""
@@ -56,7 +59,8 @@ def generate(
     # 1. Flags → settings; bad input is refused before the model loads (and nothing is written).
     logs.configure(verbose)
     s = settings(model=model, revision=revision, precision=precision, t5=t5, device=device, offload=offload,
-                 output_dir=out_dir, breaks=breaks, compile=compile_mode, transformer=transformer)
+                 output_dir=out_dir, breaks=breaks, compile=compile_mode, transformer=transformer,
+                 **lora_flags(lora, lora_fuse, lora_allow_partial))
     if not 1 <= n <= MAX_CLI_IMAGES:
         raise InputError(f"-n {n} is out of range.", f"pass -n from 1 to {MAX_CLI_IMAGES}.", param="n")
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
@@ -82,6 +86,14 @@ def generate(
               f"seed{'s' if n > 1 else ''} {', '.join(map(str, result.seeds))}", highlight=False)
     if rt.loaded.source.notice:
         err.print(f"[yellow]note:[/] {rt.loaded.source.notice}", highlight=False)
+    _print_loras(rt.lora_record(result.request))
+
+
+def _print_loras(record: dict | None) -> None:
+    """One line per LoRA: what was applied (the sidecar has the same under "lora")."""
+    for a in (record or {}).get("applied", []) + (record or {}).get("fused", []):
+        err.print(f"LoRA {a['name']} ×{a['scale']:g} ({a.get('mode', record['mode'])}): applied to "
+                  f"{a['layers_applied']} layers ({a['layers_in_file']} in the file)", highlight=False)
 
 
 def _edit_inputs(image: Path | None, mask: Path | None, strength: float | None) -> dict:
@@ -121,14 +133,15 @@ def fidelity(
     steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the model's)"),
     step: Optional[int] = typer.Option(None, "--step", help="the step whose block outputs are compared (default: "
                                        "middle)"),
+    lora: Lora = None,
 ) -> None:
     """FP8 vs bf16 on the same prompt and seed: per-block error (relative L2, cosine) and the final image."""
     from sd35 import logs
     from sd35.bench import fidelity as fid
 
     logs.configure(False)
-    r = fid.per_block(settings(model=model, precision=precision, device=device), prompt=prompt, seed=seed,
-                      steps=steps, step=step)
+    r = fid.per_block(settings(model=model, precision=precision, device=device, **lora_flags(lora, None, None)),
+                      prompt=prompt, seed=seed, steps=steps, step=step)
     if as_json:
         print(json.dumps(r if per_block else {k: v for k, v in r.items() if k != "blocks"}, indent=2))
         return
@@ -138,6 +151,7 @@ def fidelity(
             worst = max(r["blocks"], key=lambda b: b["image_rel_err"])
             out.print(f"worst block: {worst['block']} (image rel. err {worst['image_rel_err']:.5f})", highlight=False)
     i = r["image"]
+    _print_loras(r.get("lora"))
     out.print(f"final image: rel. err {i['rel_err']:.4f}, PSNR {_f(i['psnr_db'], '.1f')} dB, SSIM {i['ssim']:.4f}",
               highlight=False)
 

@@ -43,6 +43,7 @@ class GenerationRequest:
     height: int = 128
     width: int = 128
     seed: int = 0
+    loras: tuple | None = None  # LoraChoice(name, scale)s; None: the run's defaults (SD35_LORAS); weights/lora.py
     edit: edits.EditInput | None = field(default=None, compare=False, repr=False)  # img2img / inpainting
 
     @property

@@ -25,7 +25,7 @@ from sd35.inference import generate as gen
 from sd35.errors import InputError, Sd35Error
 from sd35.models import expand_alias
 from sd35.runtime import edit_size
-from sd35.service import images, imagestore, page, stream
+from sd35.service import images, imagestore, loras, page, stream
 from sd35.service.schemas import ErrorBody, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject, error_body, has_lone_surrogate
 from sd35.runtime import Cancelled
 from sd35.service.worker import Busy, NotReady, OutOfMemory, ShuttingDown, WorkerFailed
@@ -132,7 +132,8 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
                                                           images.quality_steps(quality, defaults.steps))
     try:
         req = runtime.check(prompt=prompt, negative_prompt=negative, steps=steps,
-                            guidance=body.guidance_scale, height=height, width=width, seed=body.seed, **(edit or {}))
+                            guidance=body.guidance_scale, height=height, width=width, seed=body.seed, **(edit or {}),
+                            **loras.picks(body))
     except InputError as exc:
         param = {"height": "size", "width": "size", "guidance": "guidance_scale"}.get(exc.param, exc.param)
         return _bad(exc.cause, param)
@@ -358,7 +359,7 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
         "sd35": {"seed": r.seed, "seeds": result.seeds, "steps": r.steps, "guidance_scale": r.guidance,
                  "size": plan.size, "quality": plan.quality, "precision": loaded.plan.transformer,
                  "device": loaded.device, "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
-                 "notes": plan.notes, "notice": loaded.source.notice,
+                 "notes": plan.notes, "notice": loaded.source.notice, "lora": worker.runtime.lora_record(r),
                  **({"edit": r.edit.record()} if r.edit is not None else {})},
     })
 

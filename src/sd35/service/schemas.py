@@ -28,6 +28,15 @@ def has_lone_surrogate(text: str) -> bool:
     return False
 
 
+class LoraPick(BaseModel):
+    """One LoRA of a request: a name GET /v1/loras lists (a file in SD35_LORA_DIR) and its strength."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=255, description="A name from GET /v1/loras (no paths).")
+    scale: float = Field(default=1.0, ge=-10, le=10, description="1.0: as trained; 0: no effect.")
+
+
 class ImageGenerationRequest(BaseModel):
     """POST /v1/images/generations: OpenAI's fields, then sd35's extensions (all optional)."""
 
@@ -58,6 +67,8 @@ class ImageGenerationRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     steps: int | None = Field(default=None, ge=1, le=500)
     guidance_scale: float | None = Field(default=None, ge=0, le=30)
+    lora: list[LoraPick] | None = Field(default=None, max_length=8, description="LoRAs from SD35_LORA_DIR for this "
+                                        "request; omitted: the service's SD35_LORAS; []: none.")
 
 
 class ImageEditRequest(ImageGenerationRequest):
@@ -103,6 +114,7 @@ class GenerationInfo(BaseModel):
     timings_s: dict[str, float]
     notes: list[str] = []
     notice: str | None = None
+    lora: dict | None = Field(default=None, description="The LoRAs applied: name, sha256, scale, layers applied.")
     edit: dict | None = Field(default=None, description="An edit's mode (img2img | inpaint), strength, and its "
                               "inputs' sha256 and size")
 
@@ -116,6 +128,22 @@ class ImagesResponse(BaseModel):
     size: str
     usage: Usage
     sd35: GenerationInfo
+
+
+class LoraObject(BaseModel):
+    name: str
+    rank: int
+    layers: int = Field(description="LoRA layers in the file (a fused qkv counts once)")
+    size: int = Field(description="bytes")
+    sha256: str
+    usable: bool = Field(description="false: the file does not fit the loaded model (see error)")
+    error: str | None = None
+
+
+class LoraList(BaseModel):
+    object: Literal["list"]
+    data: list[LoraObject]
+    max_rank: int | None = Field(default=None, description="SD35_LORA_MAX_RANK: the hot-swap slots' rank")
 
 
 class ModelCard(BaseModel):

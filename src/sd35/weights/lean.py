@@ -78,9 +78,10 @@ def _assign(model, name: str, tensor) -> None:
                          "the folder's weights and config.json do not belong together: re-download or re-create it.")
 
 
-def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str]):
+def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str], transform=None):
     """Assign every tensor of `files` into the meta-built `model`: bf16 Linear weights quantized as they
-    arrive when `quantize`; the rest cast to bf16."""
+    arrive when `quantize`; the rest cast to bf16. `transform(name, bf16 tensor)` runs before quantizing
+    (--lora-fuse bakes LoRAs in there: weights/lora.py)."""
     import fnmatch
 
     import torch
@@ -93,6 +94,8 @@ def _fill(model, files: list[Path], *, quantize: bool, keep: dict[str, str]):
             owner, _, leaf = name.rpartition(".")
             if t.is_floating_point():
                 t = t.to(torch.bfloat16)
+            if transform is not None:
+                t = transform(name, t)
             if quantize and leaf == "weight" and owner in linears and t.dim() == 2:
                 t = Float8Tensor.from_hp(t, float8_dtype=torch.float8_e4m3fn, granularity=PerRow())
             _assign(model, name, t)
@@ -112,10 +115,10 @@ def _check_materialized(model, folder: Path) -> None:
                          "re-download or re-create the folder (`sd35 cache verify`).")
 
 
-def load_transformer(folder: Path, *, quantize: bool):
+def load_transformer(folder: Path, *, quantize: bool, transform=None):
     """The SD3 transformer of a bf16 folder (`folder/transformer`): FP8 as its tensors are read when
     `quantize`, bf16 otherwise; built on meta, no bf16 copy of the whole. (A pre-quantized folder is read
-    by `fp8io.load_transformer`.)
+    by `fp8io.load_transformer`.) `transform`: see `_fill`.
 
     1. Return large freed buffers to the OS from now on (`return_large_frees_to_os`, process-wide).
     2. Build the model on the meta device from its config: no tensor allocated, no table computed.
@@ -134,7 +137,7 @@ def load_transformer(folder: Path, *, quantize: bool):
     with torch.device("meta"):
         model = SD3Transformer2DModel.from_config(config)
     # 3. The tensors.
-    _fill(model, _weight_files(sub), quantize=quantize, keep=precision.KEEP_BF16)
+    _fill(model, _weight_files(sub), quantize=quantize, keep=precision.KEEP_BF16, transform=transform)
     # 4. Complete; as from_pretrained records it: where the weights came from (the debugger's compare_bf16
     # reads the original bf16 weights of one module there).
     _check_materialized(model, sub)

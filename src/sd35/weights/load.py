@@ -51,6 +51,7 @@ class LoadedPipeline:
     load_seconds: float
     weight_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     load_path: str = "bf16-quantize"  # prequantized | lean | bf16-quantize | single-file (how step 3 read them)
+    lora_fused: list[dict] = field(default_factory=list)  # --lora-fuse: LoRAs baked into the weights (lora.py)
 
     @property
     def device(self) -> str:
@@ -64,6 +65,7 @@ class LoadedPipeline:
             "offload": self.offload,
             "weight_bytes": self.weight_bytes,
             "load_path": self.load_path,
+            **({"lora_fused": self.lora_fused} if self.lora_fused else {}),
         }
 
 
@@ -116,13 +118,15 @@ def load(settings: Settings) -> LoadedPipeline:
     load_path = "prequantized" if record is not None else ("lean" if lean_read else "bf16-quantize")
     if file_info is not None:
         load_path = "single-file"
+    fused = _lora_fuse_plan(settings, source.path, load_path)  # [] unless --lora-fuse
     try:
         if file_info is not None:
             extra["transformer"], _ = singlefile.load_transformer(settings.transformer, source.path, plan.transformer)
         elif record is not None:
             extra["transformer"] = fp8io.load_transformer(source.path)
         elif lean_read:
-            extra["transformer"] = lean.load_transformer(source.path, quantize=True)
+            extra["transformer"] = lean.load_transformer(source.path, quantize=True,
+                                                         transform=_lora_transform(fused))
         if with_t5 and (fp8_t5_on_disk or (settings.lean_load and plan.t5 in QUANT_MODES)):
             extra["text_encoder_3"] = lean.load_t5(source.path, quantize=not fp8_t5_on_disk)
         pipe = StableDiffusion3Pipeline.from_pretrained(  # safetensors only: a pickle runs its writer's code
@@ -139,6 +143,10 @@ def load(settings: Settings) -> LoadedPipeline:
                                    else "."),
         ) from None
     pipe.set_progress_bar_config(disable=True)
+    if fused and load_path != "lean":  # bf16 weights, not yet quantized: baked in now
+        from sd35.weights import lora
+
+        lora.fuse_into(pipe.transformer, fused)
 
     # 4. Quantize once, layer by layer on the target device (or rewrap what came off disk as FP8).
     target = hw.device
@@ -167,4 +175,36 @@ def load(settings: Settings) -> LoadedPipeline:
     log.info("loaded in %.1f s; transformer weights %.3f GB", seconds, weights["transformer"]["total"] / 1e9)
     if source.notice:
         log.warning("%s", source.notice)
-    return LoadedPipeline(pipe, source, hw, plan, offload, seconds, weights, load_path)
+    from sd35.weights import lora
+
+    return LoadedPipeline(pipe, source, hw, plan, offload, seconds, weights, load_path, lora.fused_record(fused))
+
+
+def _lora_fuse_plan(settings: Settings, folder, load_path: str) -> list:
+    """--lora-fuse: SD35_LORAS read and checked against the folder's transformer config (a meta-built
+    model: no weights), before the weights they are baked into are read."""
+    if not settings.lora_fuse or not settings.loras:
+        return []
+    import json
+
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from sd35.weights import lora, lora_files
+
+    if load_path == "prequantized":
+        raise lora_files.LoraError(
+            f"--lora-fuse needs bf16 weights to bake the LoRA into; {folder} is pre-quantized (FP8 on disk).",
+            "drop --lora-fuse (unfused LoRAs work on FP8), or load the bf16 model.")
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    with torch.device("meta"):
+        meta = SD3Transformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    return lora.fuse_plan(settings, lora_files.ModelShape.of(meta))
+
+
+def _lora_transform(fused: list):
+    if not fused:
+        return None
+    from sd35.weights import lora
+
+    return lambda name, t: lora.fused_weight(name[: -len(".weight")], t, fused) if name.endswith(".weight") else t

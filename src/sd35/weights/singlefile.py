@@ -316,3 +316,41 @@ def load_transformer(path: Path, folder: Path, mode: str):
         p.requires_grad_(False)
     log.info("transformer from %s: %s", path, info.describe())
     return model.eval(), info
+
+
+def sai_module_map(num_layers: int, dual_attention_layers, qk_norm: bool) -> dict[str, list[tuple[str, list[int]]]]:
+    """SAI module name → [(diffusers module name, row pieces)], read off diffusers' own converter.
+
+    The same converter `load_transformer` runs, here on marker tensors instead of weights: every SAI
+    weight is 6 rows numbered `6 × (its index) + row`, so where each row lands in the converted dict says
+    which diffusers module takes which sixths of it — a fused qkv splits into q, k, v (2 sixths each), the
+    final AdaLN's swapped halves come out as [3, 4, 5, 0, 1, 2]. LoRA files (lora_files.py) use this to
+    split their `lora_up` rows exactly as the weights are split, with no second name map to keep in step."""
+    import torch
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    parts, names = 6, []
+
+    class Marks(dict):
+        def _mark(self, key):
+            names.append(key)
+            return torch.arange(parts) + parts * (len(names) - 1)
+
+        def pop(self, key, *default):
+            return self._mark(key)
+
+        def __getitem__(self, key):
+            return self._mark(key)
+
+    keys = (["context_embedder.weight"] + [f"joint_blocks.{i}.x_block.attn.qkv.weight" for i in range(num_layers)]
+            + [f"joint_blocks.{i}.x_block.attn2.qkv.weight" for i in dual_attention_layers]
+            + (["joint_blocks.0.x_block.attn.ln_q.weight"] if qk_norm else []))
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(Marks.fromkeys(keys))
+    out: dict[str, list[tuple[str, list[int]]]] = {}
+    for key, t in converted.items():
+        if not key.endswith(".weight") or t.dim() != 1:
+            continue
+        ids = t.tolist()
+        source = names[ids[0] // parts].removesuffix(".weight")
+        out.setdefault(source, []).append((key.removesuffix(".weight"), [i % parts for i in ids]))
+    return out

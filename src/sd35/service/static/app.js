@@ -165,6 +165,7 @@ async function connect() {
       return;
     }
     fillForm(state.card);
+    loadLoras();
     $("generate").disabled = false;
     refreshQueue();
   } catch (err) {
@@ -196,7 +197,46 @@ function requestBody() {
   if (steps !== undefined) body.steps = steps;
   const guidance = readNumber("guidance");
   if (guidance !== undefined) body.guidance_scale = guidance;
+  const lora = pickedLoras();
+  if (lora !== undefined) body.lora = lora;
   return body;
+}
+
+// --- the LoRA picker (GET /v1/loras; a request's `lora: [{name, scale}]`) ----------------------------------
+
+async function loadLoras() {
+  let list = [];
+  try { list = (await getJSON("/v1/loras")).data || []; } catch (_) { list = []; }
+  const box = $("loras");
+  box.replaceChildren();
+  list.forEach((l) => {
+    const id = "lora-" + l.name.replace(/[^A-Za-z0-9_-]/g, "_");
+    const check = el("input", { type: "checkbox", id, disabled: !l.usable });
+    check.dataset.lora = l.name;
+    const scale = el("input", { type: "range", min: "-2", max: "2", step: "0.05", value: "1" });
+    scale.setAttribute("aria-label", `${l.name} scale`);
+    const shown = el("output", { textContent: "1.00" });
+    scale.addEventListener("input", () => { shown.textContent = Number(scale.value).toFixed(2); });
+    const label = el("label", { htmlFor: id, textContent: `${l.name} `,
+                                title: l.usable ? `sha256 ${l.sha256}` : l.error });
+    label.append(el("small", { className: "muted",
+                               textContent: l.usable ? `rank ${l.rank} · ${l.layers} layers` : "does not fit this model" }));
+    box.append(el("div", { className: "row lora" }, check, label, scale, shown));
+  });
+  $("lora-field").hidden = list.length === 0;
+}
+
+function loraText(lora) {
+  return lora && lora.length ? lora.map((l) => `${l.name} ×${l.scale}`).join(", ") : undefined;
+}
+
+function pickedLoras() {
+  if ($("lora-field").hidden) return undefined; // no LoRA folder: the field is not sent
+  if (window.sd35Edit && window.sd35Edit.active()) return undefined; // /v1/images/edits takes no `lora` (yet)
+  return [...$("loras").querySelectorAll("input[type=checkbox]:checked")].map((c) => ({
+    name: c.dataset.lora,
+    scale: Number(c.closest(".lora").querySelector("input[type=range]").value),
+  }));
 }
 
 // --- generate ----------------------------------------------------------------------------------------------
@@ -314,9 +354,10 @@ function curlSnippet(params) {
 
 function pythonSnippet(params) {
   if (params.edit) return editPythonSnippet(params);
-  const py = (v) => (typeof v === "string" ? JSON.stringify(v) : String(v)); // a JSON string is a Python str
+  // a JSON string is a Python str; the `lora` list ([{name: str, scale: number}]) is a Python literal as JSON
+  const py = (v) => (typeof v === "string" || typeof v === "object" ? JSON.stringify(v) : String(v));
   const std = ["model", "prompt", "size", "n"].filter((k) => params[k] !== undefined);
-  const extra = ["negative_prompt", "steps", "guidance_scale", "seed"].filter((k) => params[k] !== undefined);
+  const extra = ["negative_prompt", "steps", "guidance_scale", "seed", "lora"].filter((k) => params[k] !== undefined);
   const key = state.authRequired ? 'os.environ["SD35_API_KEY"]' : '"unused"';
   const lines = [
     "import base64",
@@ -415,7 +456,7 @@ function renderEntry(entry) {
   const facts = [["Prompt", p.prompt], ["Negative prompt", p.negative_prompt], ["Size", p.size],
     ["Steps", p.steps ?? `${state.card?.defaults?.steps ?? "default"} (default)`],
     ["Guidance", p.guidance_scale ?? `${state.card?.defaults?.guidance_scale ?? "default"} (default)`],
-    ["Seed", p.seed], ["n", p.n], ["Time", `${entry.seconds.toFixed(1)} s`],
+    ["Seed", p.seed], ["n", p.n], ["LoRAs", loraText(p.lora)], ["Time", `${entry.seconds.toFixed(1)} s`],
     ["Edit", p.edit && `${p.edit.mask ? "inpaint" : "img2img"}, strength ${p.edit.strength}`]];
   for (const [k, v] of facts) {
     if (v === undefined || v === null || v === "") continue;
