@@ -108,16 +108,21 @@ def generate(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder [SD35_OUTPUT_DIR]"),
     breaks: Optional[str] = typer.Option(None, "--break", help="stop inside diffusers: block.K@STEP, attn.K@STEP, "
                                          "scheduler@STEP, transformer@STEP, vae.decode [SD35_BREAK]"),
+    fp8_emulate: Optional[bool] = typer.Option(None, "--fp8-emulate", help="let --precision fp8 run on a CPU "
+                                               "(torch's CPU float8 matmul; numerics only, slow) [SD35_FP8_EMULATE]"),
+    keep_nonfinite: bool = typer.Option(False, "--keep-nonfinite", help="write an image whose pixels hold NaN/Inf "
+                                        "(all black) anyway; the exit code is still 3"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show the libraries' own logs"),
 ) -> None:
     """Generate images; write <out>/<timestamp>-<seed>.png and a .json sidecar beside each."""
     from sd35.debugging import breakpoints
     from sd35 import logs
-    from sd35.runtime import Runtime, precheck
+    from sd35.runtime import Runtime, nonfinite_error, precheck
 
     logs.configure(verbose)
     settings = _settings(model=model, revision=revision, precision=precision, t5=t5, device=device,
-                         offload=offload, output_dir=out_dir, breaks=breaks, compile=compile_mode, transformer=transformer)
+                         offload=offload, output_dir=out_dir, breaks=breaks, compile=compile_mode, transformer=transformer,
+                         fp8_emulate=fp8_emulate)
     if not 1 <= n <= MAX_CLI_IMAGES:
         raise InputError(f"-n {n} is out of range.", f"pass -n from 1 to {MAX_CLI_IMAGES}.", param="n")
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
@@ -135,7 +140,8 @@ def generate(
     with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as progress:
         task = progress.add_task("denoise", total=request.steps)
-        result = rt.generate(request, n=n, on_step=lambda i, total: progress.update(task, completed=i))
+        result = rt.generate(request, n=n, on_step=lambda i, total: progress.update(task, completed=i),
+                             keep_nonfinite=keep_nonfinite)
     written = rt.save(result, settings.output_dir)
     t = result.timings
     for png, js in written:
@@ -146,6 +152,8 @@ def generate(
               f"seed{'s' if n > 1 else ''} {', '.join(map(str, result.seeds))}", highlight=False)
     if rt.loaded.source.notice:
         err.print(f"[yellow]note:[/] {rt.loaded.source.notice}", highlight=False)
+    if not result.finite:  # kept as asked (--keep-nonfinite), still a failure
+        raise nonfinite_error(result, rt.loaded.plan.as_dict(), kept=True)
 
 
 @app.command()

@@ -29,6 +29,7 @@ from sd35 import models
 from sd35.inference import generate as gen
 from sd35.weights.load import LoadedPipeline
 from sd35.weights.load import load as load_pipeline
+from sd35.errors import NonFiniteOutput
 from sd35.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,12 @@ class Runtime:
     # --- 2. generate ----------------------------------------------------------------------------------
 
     def generate(self, request: gen.GenerationRequest, *, n: int = 1, on_step: StepCallback | None = None,
-                 on_latents: LatentsCallback | None = None,
-                 cancel: threading.Event | None = None) -> gen.GenerationResult:
+                 on_latents: LatentsCallback | None = None, cancel: threading.Event | None = None,
+                 keep_nonfinite: bool = False) -> gen.GenerationResult:
         """Generate `n` images (image i uses seed `request.seed + i`). `on_step(step, total)` after every
         denoising step; `on_latents(step, latents)` hands over the latents (previews, trajectories);
-        setting `cancel` stops the run at the next step with `Cancelled`."""
+        setting `cancel` stops the run at the next step with `Cancelled`. An image whose pixels hold NaN/Inf
+        raises NonFiniteOutput (it would be saved all black) unless `keep_nonfinite`."""
 
         def step(i: int, total: int) -> None:
             if cancel is not None and cancel.is_set():
@@ -114,7 +116,12 @@ class Runtime:
                 on_step(i, total)
 
         with compilation.FirstCall(self.compile):
-            return gen.run(self.loaded, request, num_images=n, on_step=step, on_latents=on_latents)
+            result = gen.run(self.loaded, request, num_images=n, on_step=step, on_latents=on_latents)
+        if self.harness is not None:
+            self.harness.report_nan_watch()
+        if not result.finite and not keep_nonfinite:
+            raise nonfinite_error(result, self.loaded.plan.as_dict(), kept=False)
+        return result
 
     def warm_up(self, on_step: StepCallback | None = None) -> gen.GenerationResult:
         """A 1-step generation through the same path as a request (kernels, allocator, caches). Compiled, a
@@ -130,7 +137,9 @@ class Runtime:
             self.harness.disarm()
         started = time.perf_counter()
         try:
-            result = self.generate(request, on_step=on_step)
+            result = self.generate(request, on_step=on_step, keep_nonfinite=True)
+            if not result.finite:  # the warm-up's prompt only: each request is checked on its own
+                log.warning("%s", nonfinite_error(result, self.loaded.plan.as_dict(), kept=False).cause)
             if self.compile.mode != "off":
                 other = max(gen.MIN_SIZE, side - 2 * self.info.size_multiple)
                 self.generate(gen.GenerationRequest("warm-up", steps=1, guidance=d.guidance, height=other,
@@ -148,6 +157,19 @@ class Runtime:
         """PNG + JSON sidecar per image, written atomically; returns the (png, json) pairs."""
         return gen.save(self.loaded, result, Path(out_dir),
                         extra={"model_info": self.info.as_dict(), "compile": self.compile.as_dict()})
+
+
+def nonfinite_error(result: gen.GenerationResult, plan: dict, *, kept: bool) -> NonFiniteOutput:
+    """The error for images whose decoded pixels hold NaN/Inf: which ones, and how to find where it began."""
+    bad = [f"seed {s}: {k:,} values" for s, k in zip(result.seeds, result.nonfinite) if k]
+    mode = plan["transformer"] + (" (emulated)" if plan.get("emulated") else "")
+    cause = (f"{len(bad)} of {len(result.nonfinite)} image(s) decoded with NaN/Inf ({'; '.join(bad)}) with "
+             f"precision {mode}: saved, such an image is all black. "
+             + ("It was kept as asked (--keep-nonfinite); its sidecar says \"finite\": false." if kept
+                else "Nothing was written."))
+    fix = ("find the first module whose output stops being finite with SD35_BREAK=nan (or --break nan), and "
+           "compare with --precision bf16; --keep-nonfinite writes the image anyway.")
+    return NonFiniteOutput(cause, fix)
 
 
 def precheck(settings: Settings, **fields) -> gen.GenerationRequest:

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from sd35.inference import generate as gen
-from sd35.errors import InputError, Sd35Error
+from sd35.errors import InputError, NonFiniteOutput, Sd35Error
 from sd35.models import expand_alias
 from sd35.service import images, page, stream
 from sd35.service.schemas import ErrorBody, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject, error_body, has_lone_surrogate
@@ -168,6 +168,8 @@ def _job_error(exc: BaseException, settings) -> JSONResponse:
     if isinstance(exc, ShuttingDown):
         return error(503, "the service is restarting and could not finish this request; retry in a moment",
                      "server_error", None, "shutting_down", headers={"Retry-After": "10"})
+    if isinstance(exc, NonFiniteOutput):  # the model's fault, not the request's: no black image, a 500
+        return error(500, f"{exc.cause} {exc.fix}", "server_error", None, "nonfinite_output")
     if isinstance(exc, Sd35Error):
         return _bad(f"{exc.cause} {exc.fix}".strip(), getattr(exc, "param", None))
     raise exc
@@ -326,7 +328,7 @@ async def create_image(body: ImageGenerationRequest, request: Request):
         "usage": usage,
         "sd35": {"seed": r.seed, "seeds": result.seeds, "steps": r.steps, "guidance_scale": r.guidance,
                  "size": plan.size, "quality": plan.quality, "precision": loaded.plan.transformer,
-                 "device": loaded.device, "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+                 "emulated": loaded.plan.emulated, "device": loaded.device, "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
                  "notes": plan.notes, "notice": loaded.source.notice},
     })
 

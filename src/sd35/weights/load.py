@@ -76,7 +76,7 @@ def load(settings: Settings) -> LoadedPipeline:
 
     # 1. Hardware and precision: an impossible request stops here, before any download or load.
     hw = hardware.detect(settings.device)
-    plan = precision.resolve(settings.precision, settings.t5, hw)
+    plan = precision.resolve(settings.precision, settings.t5, hw, emulate=settings.fp8_emulate)
     log.info("device: %s", hw.describe())
     log.info("precision: transformer %s (%s); T5 %s (%s)", plan.transformer, plan.transformer_reason,
              plan.t5, plan.t5_reason)
@@ -144,7 +144,7 @@ def load(settings: Settings) -> LoadedPipeline:
             if mode == "fp8":
                 quantized.retarget(module, mode)
         else:
-            precision.apply(module, mode, device=target, component=component)
+            precision.apply(module, mode, device=target, component=component, emulated=plan.emulated)
 
     # 5. Placement.
     if offload == "model":
