@@ -12,7 +12,7 @@ Modes (transformer):
   any device, CPU included.
 - `fp8`: FP8 weights and dynamically quantized FP8 activations (per-row scales), so the matmuls run on
   FP8 tensor cores. Needs CUDA SM >= 8.9.
-- `auto`: `fp8` where the GPU can, otherwise `fp8-weight`.
+- `auto`: `fp8` where the GPU can and the run compiles, otherwise `fp8-weight`.
 - `fp8` emulated (`SD35_FP8_EMULATE=1`, CPU only): the same torchao tensors and the same dynamic per-row
   activation quantization, computed by torch's CPU `_scaled_mm`. Slow, and for numerics only: it lets the
   test suite run the real `fp8` code path on a machine without FP8 tensor cores. Every record says
@@ -73,9 +73,13 @@ class PrecisionPlan:
         }
 
 
-def resolve(requested: str, t5_requested: str, hw: Hardware, *, emulate: bool = False) -> PrecisionPlan:
+def resolve(requested: str, t5_requested: str, hw: Hardware, *, emulate: bool = False,
+            compiled: bool | None = None) -> PrecisionPlan:
     """Turn the requested modes into concrete ones for this hardware, or refuse before loading.
-    `emulate` (SD35_FP8_EMULATE) lets an explicit `fp8` run on a CPU; it never changes what `auto` picks."""
+    `emulate` (SD35_FP8_EMULATE) lets an explicit `fp8` run on a CPU; it never changes what `auto` picks.
+    `compiled`: whether this run compiles the MMDiT (None: not known yet, e.g. `sd35 doctor`). Eager, torchao's
+    quantize/scale kernels around every matmul can make `fp8` slower than bf16, so `auto` picks `fp8` only
+    for a run that compiles."""
     if requested not in PRECISIONS:
         raise InputError(
             f"unknown precision {requested!r}.",
@@ -91,7 +95,11 @@ def resolve(requested: str, t5_requested: str, hw: Hardware, *, emulate: bool = 
             "install the pinned torch (`make setup`), or use --precision bf16.",
         )
 
-    if requested == "auto":
+    if requested == "auto" and hw.fp8_compute and compiled is False:
+        mode = "fp8-weight"
+        reason = (f"auto: {hw.fp8_reason}, but this run stays eager and FP8 compute pays off only compiled "
+                  "(--compile blocks, or --precision fp8 to force it)")
+    elif requested == "auto":
         mode = "fp8" if hw.fp8_compute else "fp8-weight"
         reason = f"auto: {hw.fp8_reason}"
     elif requested == "fp8" and emulate and not hw.fp8_compute:

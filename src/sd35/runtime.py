@@ -25,7 +25,7 @@ from typing import Callable
 
 from sd35.inference import compilation
 from sd35.debugging import breakpoints
-from sd35 import models
+from sd35 import hardware, models
 from sd35.inference import generate as gen
 from sd35.weights.load import LoadedPipeline
 from sd35.weights.load import load as load_pipeline
@@ -68,8 +68,9 @@ class Runtime:
         """Load the model `settings` describe, arm SD35_BREAK (`breaks` overrides it) and compile as
         SD35_COMPILE says for `purpose` ("generate": a one-off run, "serve": many requests)."""
         breaks = breakpoints.parse(settings.breaks) if breaks is None else breaks
-        loaded = load_pipeline(settings)
-        plan = compilation.resolve(settings, device=loaded.device, purpose=purpose)
+        # The compile plan first: `auto` precision picks fp8 only for a run that compiles.
+        plan = compilation.resolve(settings, device=hardware.detect(settings.device).device, purpose=purpose)
+        loaded = load_pipeline(settings, compiled=plan.mode != "off")
         return cls(loaded, breaks, plan, settings.output_dir)
 
     # --- facts ----------------------------------------------------------------------------------------
