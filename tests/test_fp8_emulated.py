@@ -297,3 +297,32 @@ def test_doctor_explains_emulation():
                          root=Path(__file__).resolve().parents[1])
     c = doctor.check_precision(ctx)
     assert c.status == "ok" and "fp8-weight" in c.finding and "no effect" in c.finding
+
+
+# --- 3. no recompile while serving ----------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("mode", ["bf16", "fp8"])
+def test_no_recompile_after_ready_across_n_guidance_and_sizes(tiny_cache, tmp_path, mode):
+    """Blocks compiled during the warm-up; then n ∈ {1, 2, 4} × guidance ∈ {0, 4.5} × three sizes, none of them
+    the warm-up's: sd35_recompiles_total stays 0."""
+    from test_service import KEY, InProcessServer, call
+
+    from sd35.settings import Settings
+
+    settings = Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu", precision=mode,
+                        fp8_emulate=True, port=free_port(), api_key=KEY, compile="blocks",
+                        compile_cache=tmp_path / "cc", max_images=4, request_timeout=600)
+    with InProcessServer(settings) as srv:
+        before = call(srv.url + "/metrics")[2]
+        assert "sd35_recompiles_total 0.0" in before and "sd35_ready 1.0" in before
+        for size in ("80x80", "112x96", "144x144"):
+            for n in (1, 2, 4):
+                for guidance in (0.0, 4.5):
+                    status, _, body = call(srv.url + "/v1/images/generations", "POST",
+                                           {"prompt": "x", "size": size, "n": n, "steps": 1,
+                                            "guidance_scale": guidance}, timeout=600)
+                    assert status == 200 and len(body["data"]) == n, body
+        metrics = call(srv.url + "/metrics")[2]
+    assert "sd35_recompiles_total 0.0" in metrics, [m for m in metrics.splitlines() if "recompiles" in m]

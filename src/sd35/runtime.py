@@ -141,12 +141,18 @@ class Runtime:
             result = self.generate(request, on_step=on_step, keep_nonfinite=True)
             if not result.finite:  # the warm-up's prompt only: each request is checked on its own
                 log.warning("%s", nonfinite_error(result, self.loaded.plan.as_dict(), kept=False).cause)
-            if self.compile.mode != "off":
+            if self.compile.mode != "off":  # the shapes requests bring (compilation.py: New sizes)
                 other = max(gen.MIN_SIZE, side - 2 * self.info.size_multiple)
-                self.generate(gen.GenerationRequest("warm-up", steps=1, guidance=d.guidance, height=other,
-                                                    width=request.width, seed=0), on_step=on_step)
+                cfg = max(d.guidance, 4.5)
+                self.generate(gen.GenerationRequest("warm-up", steps=1, guidance=cfg, height=other,
+                                                    width=request.width, seed=0), n=2, on_step=on_step,
+                              keep_nonfinite=True)
+                self.generate(gen.GenerationRequest("warm-up", steps=1, guidance=0.0, height=side,
+                                                    width=request.width, seed=0), on_step=on_step,
+                              keep_nonfinite=True)
                 self.compile.seconds = round(time.perf_counter() - started, 3)
                 self.compile.cache = compilation.cache_counters()
+                self.compile.compiles_at_ready = compilation.compiles()
             return result
         finally:
             if self.harness is not None:
