@@ -314,7 +314,19 @@ def test_no_recompile_after_ready_across_n_guidance_and_sizes(tiny_cache, tmp_pa
     settings = Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu", precision=mode,
                         fp8_emulate=True, port=free_port(), api_key=KEY, compile="blocks",
                         compile_cache=tmp_path / "cc", max_images=4, request_timeout=600)
-    with InProcessServer(settings) as srv:
+    srv = InProcessServer(settings)
+    srv.thread.start()  # the compiled warm-up on a CPU takes minutes: wait longer than InProcessServer does
+    import time
+
+    deadline = time.time() + 2400
+    while time.time() < deadline:
+        try:
+            if call(srv.url + "/readyz")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(1)
+    try:
         before = call(srv.url + "/metrics")[2]
         assert "sd35_recompiles_total 0.0" in before and "sd35_ready 1.0" in before
         for size in ("80x80", "112x96", "144x144"):
@@ -325,4 +337,6 @@ def test_no_recompile_after_ready_across_n_guidance_and_sizes(tiny_cache, tmp_pa
                                             "guidance_scale": guidance}, timeout=600)
                     assert status == 200 and len(body["data"]) == n, body
         metrics = call(srv.url + "/metrics")[2]
+    finally:
+        srv.__exit__(None, None, None)
     assert "sd35_recompiles_total 0.0" in metrics, [m for m in metrics.splitlines() if "recompiles" in m]
