@@ -24,14 +24,16 @@ $(error CUDA=$(CUDA) is not a CUDA line: use 12 or 13 (the torch-cudaNN lines in
 endif
 endif
 TORCH_INDEX_URL ?=
-TORCH_INDEX := $(or $(TORCH_INDEX_URL),$(if $(TORCH_CUDA_TAG),https://download.pytorch.org/whl/$(TORCH_CUDA_TAG)))
+TORCH_INDEX := $(if $(OFFLINE),,$(or $(TORCH_INDEX_URL),$(if $(TORCH_CUDA_TAG),https://download.pytorch.org/whl/$(TORCH_CUDA_TAG))))
 # The local version (+cu126) makes pip replace a torch of another build; a stamp per build re-runs setup.
 TORCH_SPEC := torch==$(TORCH_VERSION)$(if $(TORCH_CUDA_TAG),+$(TORCH_CUDA_TAG))
 STAMP := $(VENV)/.sd35-setup$(if $(TORCH_CUDA_TAG),-$(TORCH_CUDA_TAG))
-PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt $(if $(wildcard $(WHEELHOUSE)),--find-links $(WHEELHOUSE))
+# OFFLINE=1 (an air-gapped server): install only from WHEELHOUSE (`make wheelhouse` filled it), no index at all.
+OFFLINE ?=
+PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt $(if $(or $(OFFLINE),$(wildcard $(WHEELHOUSE))),--find-links $(WHEELHOUSE)) $(if $(OFFLINE),--no-index --no-build-isolation)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup browser run test test-fast test-gpu doctor serve serve-ray serve-ray-stop lab bench-memory clean
+.PHONY: help setup browser run test test-fast test-gpu gpu-check wheelhouse doctor serve serve-ray serve-ray-stop lab bench-memory clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -47,6 +49,8 @@ browser:
 
 $(STAMP): constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# Offline, the editable install builds without isolation: its build backend comes from the wheelhouse.
+	$(if $(OFFLINE),$(PIP_INSTALL) setuptools wheel)
 	@# torch first and exactly pinned: a looser spec would pull the CUDA 13 build (GBs) from PyPI.
 	$(PIP_INSTALL) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PIP_INSTALL) -e ".[dev,ray]"
@@ -63,6 +67,28 @@ test-fast: setup ## Run the tests not marked slow
 
 test-gpu: setup ## Run only the GPU / FP8 tests (on a GPU machine)
 	$(BIN)/python -m pytest -m "gpu or fp8" $(PYTEST_ARGS)
+
+gpu-check: setup ## GPU acceptance on one GPU, offline: test tier, step times, memory, compile, fp8 error (docs/benchmarks.md)
+	$(BIN)/sd35 bench gpu $(ARGS)
+
+# Air-gapped GPU servers: on a machine with an index, download every pinned wheel (torch's CUDA build and its
+# nvidia-* wheels included) for the server's platform; copy wheelhouse/ over; then
+# `make setup OFFLINE=1 CUDA=12 WHEELHOUSE=/path/to/wheelhouse` there installs with no index.
+WHEEL_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 linux_x86_64
+WHEEL_PYTHON ?= 3.11
+WHEEL_DIR ?= wheelhouse
+wheelhouse: ## Download every pinned wheel for CUDA=12|13 servers into wheelhouse/ (for `make setup OFFLINE=1`)
+	@test -n "$(TORCH_CUDA_TAG)" || { echo "pass CUDA=12 or CUDA=13 (the server's torch line)"; exit 2; }
+	@mkdir -p $(WHEEL_DIR)
+	@grep -E '^[A-Za-z0-9_.-]+(\[[^]]*\])?==' constraints.txt | grep -v '^torch==' > $(WHEEL_DIR)/.pinned.txt
+	$(PYTHON) -m pip download -q --disable-pip-version-check -d $(WHEEL_DIR) --only-binary=:all: \
+	  --python-version $(WHEEL_PYTHON) $(foreach p,$(WHEEL_PLATFORMS),--platform $(p)) \
+	  --index-url https://download.pytorch.org/whl/$(TORCH_CUDA_TAG) --extra-index-url https://pypi.org/simple \
+	  "$(TORCH_SPEC)"
+	$(PYTHON) -m pip download -q --disable-pip-version-check -d $(WHEEL_DIR) --only-binary=:all: --no-deps \
+	  --python-version $(WHEEL_PYTHON) $(foreach p,$(WHEEL_PLATFORMS),--platform $(p)) \
+	  -r $(WHEEL_DIR)/.pinned.txt setuptools wheel
+	@echo "$(WHEEL_DIR)/: $$(ls $(WHEEL_DIR)/*.whl | wc -l) wheels; on the server: make setup OFFLINE=1 CUDA=$(CUDA) WHEELHOUSE=$$PWD/$(WHEEL_DIR)"
 
 doctor: setup ## Check this machine for every onboarding pitfall (GPU, FP8, token, cache, ports)
 	$(BIN)/sd35 doctor

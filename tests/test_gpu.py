@@ -52,9 +52,12 @@ def test_offload_modes_generate(offload):
 
 @requires_fp8
 @pytest.mark.fp8
-def test_auto_picks_fp8_on_an_fp8_gpu():
-    loaded = load(Settings(device="cuda"))
+def test_auto_picks_fp8_on_an_fp8_gpu_only_for_a_compiled_run():
+    loaded = load(Settings(device="cuda"), compiled=True)
     assert loaded.plan.transformer == "fp8" and "8.9" in loaded.plan.transformer_reason
+    assert not loaded.plan.emulated
+    eager = load(Settings(device="cuda"), compiled=False)  # FP8 compute pays off only compiled
+    assert eager.plan.transformer == "fp8-weight" and "only compiled" in eager.plan.transformer_reason
 
 
 @requires_gpu

@@ -42,6 +42,13 @@ class ModelError(Sd35Error):
     exit_code = 2
 
 
+class NonFiniteOutput(Sd35Error):
+    """The decoded image holds NaN/Inf (saved, it would be all black): exit code 3, nothing written unless
+    asked (--keep-nonfinite)."""
+
+    exit_code = 3
+
+
 class HardwareError(Sd35Error):
     """The machine cannot do what was asked (FP8 compute on a GPU without FP8 tensor cores)."""
 

@@ -12,7 +12,11 @@ Modes (transformer):
   any device, CPU included.
 - `fp8`: FP8 weights and dynamically quantized FP8 activations (per-row scales), so the matmuls run on
   FP8 tensor cores. Needs CUDA SM >= 8.9.
-- `auto`: `fp8` where the GPU can, otherwise `fp8-weight`.
+- `auto`: `fp8` where the GPU can and the run compiles, otherwise `fp8-weight`.
+- `fp8` emulated (`SD35_FP8_EMULATE=1`, CPU only): the same torchao tensors and the same dynamic per-row
+  activation quantization, computed by torch's CPU `_scaled_mm`. Slow, and for numerics only: it lets the
+  test suite run the real `fp8` code path on a machine without FP8 tensor cores. Every record says
+  `"emulated": true`; `auto` never picks it. See `_emulation` for the one torchao check it bypasses.
 
 T5-XXL (the largest component, 4.7 B parameters) runs once per prompt, so it never needs FP8
 compute: `auto` stores it as fp8-weight whenever the transformer is in an FP8 mode, else bf16.
@@ -23,6 +27,7 @@ The few layers kept in bf16 are listed in KEEP_BF16 below, each with its reason.
 from __future__ import annotations
 
 import fnmatch
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +61,7 @@ class PrecisionPlan:
     transformer_reason: str
     t5: str  # bf16 | fp8-weight | off
     t5_reason: str
+    emulated: bool = False  # fp8 computed by torch's CPU float8 matmul (SD35_FP8_EMULATE=1), not tensor cores
 
     def as_dict(self) -> dict:
         return {
@@ -63,11 +69,17 @@ class PrecisionPlan:
             "transformer_reason": self.transformer_reason,
             "t5": self.t5,
             "t5_reason": self.t5_reason,
+            "emulated": self.emulated,
         }
 
 
-def resolve(requested: str, t5_requested: str, hw: Hardware) -> PrecisionPlan:
-    """Turn the requested modes into concrete ones for this hardware, or refuse before loading."""
+def resolve(requested: str, t5_requested: str, hw: Hardware, *, emulate: bool = False,
+            compiled: bool | None = None) -> PrecisionPlan:
+    """Turn the requested modes into concrete ones for this hardware, or refuse before loading.
+    `emulate` (SD35_FP8_EMULATE) lets an explicit `fp8` run on a CPU; it never changes what `auto` picks.
+    `compiled`: whether this run compiles the MMDiT (None: not known yet, e.g. `sd35 doctor`). Eager, torchao's
+    quantize/scale kernels around every matmul can make `fp8` slower than bf16, so `auto` picks `fp8` only
+    for a run that compiles."""
     if requested not in PRECISIONS:
         raise InputError(
             f"unknown precision {requested!r}.",
@@ -83,15 +95,29 @@ def resolve(requested: str, t5_requested: str, hw: Hardware) -> PrecisionPlan:
             "install the pinned torch (`make setup`), or use --precision bf16.",
         )
 
-    if requested == "auto":
+    if requested == "auto" and hw.fp8_compute and compiled is False:
+        mode = "fp8-weight"
+        reason = (f"auto: {hw.fp8_reason}, but this run stays eager and FP8 compute pays off only compiled "
+                  "(--compile blocks, or --precision fp8 to force it)")
+    elif requested == "auto":
         mode = "fp8" if hw.fp8_compute else "fp8-weight"
         reason = f"auto: {hw.fp8_reason}"
+    elif requested == "fp8" and emulate and not hw.fp8_compute:
+        if hw.is_cuda:
+            raise HardwareError(
+                f"SD35_FP8_EMULATE=1 emulates fp8 on a CPU only; the device is {hw.describe()}: {hw.fp8_reason}.",
+                "add --device cpu to emulate (numerics only, slow), or use --precision fp8-weight on this GPU.",
+            )
+        mode = "fp8"
+        reason = ("requested; emulated (SD35_FP8_EMULATE=1): FP8 weights and activations computed by torch's CPU "
+                  "float8 matmul, for numerics only, no FP8 tensor cores")
     elif requested == "fp8":
         if not hw.fp8_compute:
             raise HardwareError(
                 f"precision fp8 needs FP8 tensor cores (CUDA compute capability >= 8.9); found "
                 f"{hw.describe()}: {hw.fp8_reason}.",
-                "use --precision fp8-weight (FP8 storage, bf16 compute; any device) or auto.",
+                "use --precision fp8-weight (FP8 storage, bf16 compute; any device) or auto "
+                "(or SD35_FP8_EMULATE=1 --device cpu to check fp8's numerics on a CPU, slowly).",
             )
         mode, reason = "fp8", f"requested; {hw.fp8_reason}"
     else:
@@ -102,7 +128,28 @@ def resolve(requested: str, t5_requested: str, hw: Hardware) -> PrecisionPlan:
         t5_reason = f"auto: follows transformer {mode} (T5 runs once per prompt, weight-only FP8 suffices)"
     else:
         t5, t5_reason = t5_requested, "requested"
-    return PrecisionPlan(mode, reason, t5, t5_reason)
+    emulated = mode == "fp8" and not hw.fp8_compute
+    return PrecisionPlan(mode, reason, t5, t5_reason, emulated)
+
+
+@contextmanager
+def _emulation(active: bool):
+    """The one place SD35_FP8_EMULATE touches torchao. `Float8DynamicActivationFloat8WeightConfig` refuses a
+    device without FP8 tensor cores only through `_check_hardware_support`, as `quantize_` calls it from
+    `torchao.quantization.quant_api` (torchao 0.18); torch's CPU `_scaled_mm` computes the float8 matmuls
+    themselves. While `active` (an emulated plan, which `resolve` grants on a CPU only), that name is a no-op
+    for the duration of one `quantize_` call and restored after: a real GPU run never sees the bypass."""
+    if not active:
+        yield
+        return
+    from torchao.quantization import quant_api
+
+    original = quant_api._check_hardware_support
+    quant_api._check_hardware_support = lambda granularity: None
+    try:
+        yield
+    finally:
+        quant_api._check_hardware_support = original
 
 
 def _config(mode: str):
@@ -127,8 +174,9 @@ def _linear_filter(keep: dict[str, str]):
     return filter_fn
 
 
-def apply(module: nn.Module, mode: str, device: str | torch.device | None = None, *, component="transformer"):
-    """Quantize `module` in place for `mode` (no-op for bf16).
+def apply(module: nn.Module, mode: str, device: str | torch.device | None = None, *, component="transformer",
+          emulated: bool = False):
+    """Quantize `module` in place for `mode` (no-op for bf16). `emulated`: fp8 on a CPU (see `_emulation`).
 
     With `device` set, torchao moves one layer at a time to the device and quantizes it there, so the
     GPU never holds the full bf16 copy next to the FP8 copy.
@@ -138,7 +186,8 @@ def apply(module: nn.Module, mode: str, device: str | torch.device | None = None
     from torchao.quantization import quantize_
 
     keep = KEEP_BF16 if component == "transformer" else T5_KEEP_BF16
-    quantize_(module, _config(mode), filter_fn=_linear_filter(keep), device=device)
+    with _emulation(emulated and mode == "fp8"):
+        quantize_(module, _config(mode), filter_fn=_linear_filter(keep), device=device)
     return module
 
 

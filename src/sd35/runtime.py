@@ -32,6 +32,7 @@ from sd35.weights import lora as lora_slots
 from sd35.inference.inputs import Picture, check_pair
 from sd35.weights.load import LoadedPipeline
 from sd35.weights.load import load as load_pipeline
+from sd35.errors import NonFiniteOutput
 from sd35.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,10 @@ class Runtime:
         """Load the model `settings` describe, arm SD35_BREAK (`breaks` overrides it) and compile as
         SD35_COMPILE says for `purpose` ("generate": a one-off run, "serve": many requests)."""
         breaks = breakpoints.parse(settings.breaks) if breaks is None else breaks
-        # Before loading: a compile cache that must be refused is refused in a second, not after the load.
+        # The compile plan first: `auto` precision picks fp8 only for a run that compiles, and a compile cache
+        # that must be refused is refused in a second, not after the load.
         plan = compilation.resolve(settings, device=hardware.detect(settings.device).device, purpose=purpose)
-        loaded = load_pipeline(settings)
+        loaded = load_pipeline(settings, compiled=plan.mode != "off")
         adapters = lora_slots.prepare(loaded.pipe.transformer, settings,
                                       hotswap=purpose == "serve" or plan.mode != "off")
         return cls(loaded, breaks, plan, settings.output_dir, lora=adapters)
@@ -138,11 +140,12 @@ class Runtime:
     # --- 2. generate ----------------------------------------------------------------------------------
 
     def generate(self, request: gen.GenerationRequest, *, n: int = 1, on_step: StepCallback | None = None,
-                 on_latents: LatentsCallback | None = None,
-                 cancel: threading.Event | None = None) -> gen.GenerationResult:
+                 on_latents: LatentsCallback | None = None, cancel: threading.Event | None = None,
+                 keep_nonfinite: bool = False) -> gen.GenerationResult:
         """Generate `n` images (image i uses seed `request.seed + i`). `on_step(step, total)` after every
         denoising step; `on_latents(step, latents)` hands over the latents (previews, trajectories);
-        setting `cancel` stops the run at the next step with `Cancelled`."""
+        setting `cancel` stops the run at the next step with `Cancelled`. An image whose pixels hold NaN/Inf
+        raises NonFiniteOutput (it would be saved all black) unless `keep_nonfinite`."""
 
         def step(i: int, total: int) -> None:
             if cancel is not None and cancel.is_set():
@@ -153,12 +156,18 @@ class Runtime:
         if self.lora is not None:  # the request's LoRAs into the slots (in place: no recompile)
             self.lora.activate(self.lora.selection(_choices(request)))
         with compilation.FirstCall(self.compile):
-            return gen.run(self.loaded, request, num_images=n, on_step=step, on_latents=on_latents)
+            result = gen.run(self.loaded, request, num_images=n, on_step=step, on_latents=on_latents)
+        if self.harness is not None:
+            self.harness.report_nan_watch()
+        if not result.finite and not keep_nonfinite:
+            raise nonfinite_error(result, self.loaded.plan.as_dict(), kept=False)
+        return result
 
     def warm_up(self, on_step: StepCallback | None = None) -> gen.GenerationResult:
-        """A 1-step generation through the same path as a request (kernels, allocator, caches). Compiled, a
-        second one at another size makes the compiled graphs size-generic before any request comes
-        (compilation.py: automatic dynamic shapes), and the compile time recorded covers both."""
+        """A 1-step generation through the same path as a request (kernels, allocator, caches). Compiled, two
+        more cover the shapes requests bring — n=2 with CFG at another size (batch and sequence become
+        symbolic), then n=1 without CFG (a batch of 1 is its own graph) — so no request recompiles
+        (compilation.py: New sizes); the compile time recorded covers all three."""
         import time
 
         d = self.info.sampling
@@ -169,13 +178,21 @@ class Runtime:
             self.harness.disarm()
         started = time.perf_counter()
         try:
-            result = self.generate(request, on_step=on_step)
-            if self.compile.mode != "off":
+            result = self.generate(request, on_step=on_step, keep_nonfinite=True)
+            if not result.finite:  # the warm-up's prompt only: each request is checked on its own
+                log.warning("%s", nonfinite_error(result, self.loaded.plan.as_dict(), kept=False).cause)
+            if self.compile.mode != "off":  # the shapes requests bring (compilation.py: New sizes)
                 other = max(gen.MIN_SIZE, side - 2 * self.info.size_multiple)
-                self.generate(gen.GenerationRequest("warm-up", steps=1, guidance=d.guidance, height=other,
-                                                    width=request.width, seed=0), on_step=on_step)
+                cfg = max(d.guidance, 4.5)
+                self.generate(gen.GenerationRequest("warm-up", steps=1, guidance=cfg, height=other,
+                                                    width=request.width, seed=0), n=2, on_step=on_step,
+                              keep_nonfinite=True)
+                self.generate(gen.GenerationRequest("warm-up", steps=1, guidance=0.0, height=side,
+                                                    width=request.width, seed=0), on_step=on_step,
+                              keep_nonfinite=True)
                 self.compile.seconds = round(time.perf_counter() - started, 3)
                 self.compile.cache = compilation.cache_counters()
+                self.compile.compiles_at_ready = compilation.compiles()
             return result
         finally:
             if self.harness is not None:
@@ -193,6 +210,19 @@ class Runtime:
 
 def _choices(request: gen.GenerationRequest) -> list | None:
     return None if request.loras is None else list(request.loras)
+
+
+def nonfinite_error(result: gen.GenerationResult, plan: dict, *, kept: bool) -> NonFiniteOutput:
+    """The error for images whose decoded pixels hold NaN/Inf: which ones, and how to find where it began."""
+    bad = [f"seed {s}: {k:,} values" for s, k in zip(result.seeds, result.nonfinite) if k]
+    mode = plan["transformer"] + (" (emulated)" if plan.get("emulated") else "")
+    cause = (f"{len(bad)} of {len(result.nonfinite)} image(s) decoded with NaN/Inf ({'; '.join(bad)}) with "
+             f"precision {mode}: saved, such an image is all black. "
+             + ("It was kept as asked (--keep-nonfinite); its sidecar says \"finite\": false." if kept
+                else "Nothing was written."))
+    fix = ("find the first module whose output stops being finite with SD35_BREAK=nan (or --break nan), and "
+           "compare with --precision bf16; --keep-nonfinite writes the image anyway.")
+    return NonFiniteOutput(cause, fix)
 
 
 def precheck(settings: Settings, **fields) -> gen.GenerationRequest:

@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     )
     precision: Precision = Field(default="auto", description="Transformer precision mode.")
     t5: T5Mode = Field(default="auto", description="T5-XXL text encoder: bf16, fp8-weight, off, or auto.")
+    fp8_emulate: bool = Field(default=False, description="Run precision fp8 on a CPU through torch's CPU float8 "
+                              "matmul (numerics only, slow; records say emulated). auto never picks it.")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     offload: Offload = Field(default="none", description="accelerate CPU offload for small GPUs.")
     output_dir: Path = Field(default=Path("outputs"), description="Where images and sidecars are written.")

@@ -158,7 +158,7 @@ def per_block(settings, *, prompt: str, seed: int, steps: int | None = None, ste
     request = candidate.check(prompt=prompt, steps=steps, seed=request.seed)
     report = compare(reference, candidate, request, step=step)
     return {"model": settings.model, "device": candidate.device, "reference": report.reference,
-            "candidate": report.candidate, "step": step, "steps": request.steps, "seed": request.seed,
-            "blocks": report.rows(), "lora": candidate.lora_record(request),
+            "candidate": report.candidate, "emulated": candidate.loaded.plan.emulated, "step": step,
+            "steps": request.steps, "seed": request.seed, "blocks": report.rows(), "lora": candidate.lora_record(request),
             "image": {"rel_err": report.image_rel_err, "ssim": report.ssim,
                       "psnr_db": None if report.psnr_db == float("inf") else report.psnr_db}}  # JSON has no inf

@@ -203,6 +203,25 @@ def bench_speed(
                   f"(goal ≤ {c['goal_ratio_max']})", highlight=False)
 
 
+@app.command("gpu")
+@handle_errors
+def bench_gpu(
+    rehearse: bool = typer.Option(False, "--rehearse", help="without CUDA: the same sequence on this CPU with the "
+                                  "tiny model and emulated fp8 (minutes; not GPU figures)"),
+    as_json: bool = typer.Option(False, "--json", help="print the JSON report instead of the markdown table"),
+) -> None:
+    """GPU acceptance, offline: the GPU test tier, bf16/fp8-weight/fp8 step times eager and compiled, peak
+    memory, compile cold/warm, fp8's error per block (random weights of the published architectures)."""
+    from sd35.bench import gpu
+
+    _bench_start(quiet=True)
+    report = gpu.run(rehearse=rehearse)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print(gpu.markdown(report))
+
+
 @app.command("break")
 @handle_errors
 def bench_break(

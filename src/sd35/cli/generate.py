@@ -47,6 +47,10 @@ def generate(
     lora: Lora = None,
     lora_fuse: LoraFuse = None,
     lora_allow_partial: LoraAllowPartial = None,
+    fp8_emulate: Optional[bool] = typer.Option(None, "--fp8-emulate", help="let --precision fp8 run on a CPU "
+                                               "(torch's CPU float8 matmul; numerics only, slow) [SD35_FP8_EMULATE]"),
+    keep_nonfinite: bool = typer.Option(False, "--keep-nonfinite", help="write an image whose pixels hold NaN/Inf "
+                                        "(all black) anyway; the exit code is still 3"),
     verbose: Verbose = False,
 ) -> None:
     """Generate images; write <out>/<timestamp>-<seed>.png and a .json sidecar beside each."""
@@ -54,13 +58,13 @@ def generate(
 
     from sd35 import logs
     from sd35.debugging import breakpoints
-    from sd35.runtime import Runtime, precheck
+    from sd35.runtime import Runtime, nonfinite_error, precheck
 
     # 1. Flags → settings; bad input is refused before the model loads (and nothing is written).
     logs.configure(verbose)
     s = settings(model=model, revision=revision, precision=precision, t5=t5, device=device, offload=offload,
                  output_dir=out_dir, breaks=breaks, compile=compile_mode, transformer=transformer,
-                 **lora_flags(lora, lora_fuse, lora_allow_partial))
+                 fp8_emulate=fp8_emulate, **lora_flags(lora, lora_fuse, lora_allow_partial))
     if not 1 <= n <= MAX_CLI_IMAGES:
         raise InputError(f"-n {n} is out of range.", f"pass -n from 1 to {MAX_CLI_IMAGES}.", param="n")
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
@@ -75,7 +79,8 @@ def generate(
     with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as progress:
         task = progress.add_task("denoise", total=request.denoising_steps)
-        result = rt.generate(request, n=n, on_step=lambda i, total: progress.update(task, completed=i))
+        result = rt.generate(request, n=n, on_step=lambda i, total: progress.update(task, completed=i),
+                             keep_nonfinite=keep_nonfinite)
     written = rt.save(result, s.output_dir)
     for png, js in written:
         print(png, js, sep="\n")  # plain stdout: paths are for scripts
@@ -87,6 +92,8 @@ def generate(
     if rt.loaded.source.notice:
         err.print(f"[yellow]note:[/] {rt.loaded.source.notice}", highlight=False)
     _print_loras(rt.lora_record(result.request))
+    if not result.finite:  # kept as asked (--keep-nonfinite), still a failure
+        raise nonfinite_error(result, rt.loaded.plan.as_dict(), kept=True)
 
 
 def _print_loras(record: dict | None) -> None:

@@ -254,6 +254,14 @@ class Harness:
         return _stop_here(f"{label} {shown}", mod, named, summary, mod.forward, args, kwargs,
                           output=output, name=qualname, tools=_Tools(self))
 
+    def report_nan_watch(self) -> None:
+        """After a generation with `nan` armed: a run whose watch found nothing says so (silence would read
+        as "not armed"). The watch fires once per arming, so after a finding it stays quiet."""
+        nan = [b for b in self.breaks if b.target == "nan"]
+        if nan and not any(h.startswith("nan@") for h in self.hits):
+            log.info("SD35_BREAK nan: no non-finite output in the %d watched modules of the transformer from "
+                     "step %d to the end of the run", len(self.watched_modules()), min(b.step for b in nan))
+
     def watched_modules(self) -> list[str]:
         return nanwatch.watched_names(self.pipe.transformer)
 

@@ -21,8 +21,11 @@ Modes (`SD35_COMPILE` / `--compile`):
 New sizes: the first call compiles for its exact shapes; the first call at a *different* size recompiles
 once with the sequence length (and batch) symbolic — torch's automatic dynamic shapes — and every later
 size and `n` reuses that graph (measured on the tiny model: 3 block variants → 3 graphs at 128², 6 after
-192×160, still 6 after 256² and 128×192). So the warm-up (`Runtime.warm_up`) runs at two sizes when
-compiled, and no request pays a recompile. (`torch.compile(dynamic=True)` on a module did not make the
+192×160, still 6 after 256² and 128×192). A batch of 1 (n=1 without CFG) is always its own graph (torch
+specializes size-1 dimensions). So the warm-up (`Runtime.warm_up`), compiled, runs n=1 with CFG, then n=2
+with CFG at another size (batch and sequence become symbolic at once), then n=1 without CFG, and no
+request pays a recompile: `compiles()` counts every dynamo compilation, and /metrics'
+`sd35_recompiles_total` (those after READY) must stay 0. (`torch.compile(dynamic=True)` on a module did not make the
 sequence dimension symbolic here: its guards still failed on the new length.)
 
 The kernel cache: inductor's FX-graph and Triton caches go to `SD35_COMPILE_CACHE` (default
@@ -61,6 +64,7 @@ class CompilePlan:
     cache_dir: str | None = None
     seconds: float | None = None  # wall time of the first compiled generation (compile + one run)
     cache: dict = field(default_factory=dict)  # fxgraph cache hits/misses in this process
+    compiles_at_ready: int | None = None  # dynamo compilations when the warm-up ended (serve)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -203,6 +207,7 @@ def apply(transformer, plan: CompilePlan) -> CompilePlan:
     if plan.mode == "off":
         return plan
     _use_cache(plan.cache_dir)
+    count_compiles()
     if plan.mode == "blocks":
         for block in transformer.transformer_blocks:
             block.compile()
@@ -210,6 +215,28 @@ def apply(transformer, plan: CompilePlan) -> CompilePlan:
         transformer.compile()
     log.info("compile: %s (%s); kernel cache %s", plan.mode, plan.reason, plan.cache_dir)
     return plan
+
+
+_COMPILES = {"count": 0, "counting": False}
+
+
+def count_compiles() -> None:
+    """From now on, count every dynamo compilation of this process (once registered, for good)."""
+    if _COMPILES["counting"]:
+        return
+    from torch._dynamo import callback
+
+    def started(args) -> None:
+        if args.callback_trigger == callback.CallbackTrigger.DYNAMO:
+            _COMPILES["count"] += 1
+
+    callback.on_compile_start(started)
+    _COMPILES["counting"] = True
+
+
+def compiles() -> int:
+    """Dynamo compilations of this process so far (0 before anything compiled)."""
+    return _COMPILES["count"]
 
 
 def cache_counters() -> dict:

@@ -120,6 +120,11 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory: dict = field(default_factory=dict)
     decode_mode: str = "batched"  # batched | sliced | tiled (see decode_mode)
+    nonfinite: list[int] = field(default_factory=list)  # NaN/Inf values in each image's pixels (0: finite)
+
+    @property
+    def finite(self) -> bool:
+        return not any(self.nonfinite)
 
 
 def _sync(device: str) -> None:
@@ -159,8 +164,8 @@ def decode_mode(free_bytes: int | None, n: int, height: int, width: int) -> str:
     return "sliced" if n > 1 and n * one > free_bytes else "batched"
 
 
-def decode(pipe, latents, mode: str = "batched") -> list:
-    """Latents → PIL images with the VAE (SD3's scaling and shift factors), batched, sliced or tiled."""
+def decode_pixels(pipe, latents, mode: str = "batched"):
+    """Latents → the VAE's pixel tensor in [-1, 1] (SD3's scaling and shift factors), batched, sliced or tiled."""
     import torch
 
     vae = pipe.vae
@@ -169,13 +174,25 @@ def decode(pipe, latents, mode: str = "batched") -> list:
         vae.enable_tiling()
     try:
         if mode == "sliced":
-            decoded = torch.cat([vae.decode(one.to(vae.dtype), return_dict=False)[0] for one in latents.split(1)])
-        else:
-            decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+            return torch.cat([vae.decode(one.to(vae.dtype), return_dict=False)[0] for one in latents.split(1)])
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     finally:
         if mode == "tiled":
             vae.disable_tiling()
-    return pipe.image_processor.postprocess(decoded, output_type="pil")
+
+
+def decode(pipe, latents, mode: str = "batched") -> list:
+    """Latents → PIL images (see `decode_pixels`)."""
+    return pipe.image_processor.postprocess(decode_pixels(pipe, latents, mode), output_type="pil")
+
+
+def nonfinite_counts(pixels) -> list[int]:
+    """NaN/Inf values per image of a decoded batch. Why here, before the PNG: postprocessing turns NaN into
+    black (numpy's cast), so after it an FP8 overflow is a silent all-black image. One reduction over the
+    pixels, a few milliseconds against a denoising step of seconds (measured in docs/benchmarks.md)."""
+    import torch
+
+    return [int(c) for c in (~torch.isfinite(pixels)).flatten(1).sum(1).tolist()]
 
 
 def run(
@@ -242,13 +259,15 @@ def run(
 
         mode = decode_mode(free_memory(str(exec_device)), num_images, request.height, request.width)
         t = time.perf_counter()
-        images = decode(pipe, latents, mode)
+        pixels = decode_pixels(pipe, latents, mode)
+        nonfinite = nonfinite_counts(pixels)  # 4. before postprocessing turns NaN into black
+        images = pipe.image_processor.postprocess(pixels, output_type="pil")
         if request.edit is not None:
             images = edits.composite(images, request.edit)  # inpainting: source pixels outside the mask
         _sync(device)
         timings["decode"] = time.perf_counter() - t
     pipe.maybe_free_model_hooks()
-    return GenerationResult(images, request, seeds, timings, _peak_memory(device), mode)
+    return GenerationResult(images, request, seeds, timings, _peak_memory(device), mode, nonfinite)
 
 
 def sidecar(loaded: LoadedPipeline, result: GenerationResult, image_name: str, index: int = 0,
@@ -273,6 +292,8 @@ def sidecar(loaded: LoadedPipeline, result: GenerationResult, image_name: str, i
         "timings_s": timings,
         "peak_memory": result.peak_memory,
         "decode_mode": result.decode_mode,
+        "finite": not (result.nonfinite and result.nonfinite[index]),
+        "nonfinite_values": result.nonfinite[index] if result.nonfinite else 0,
         "versions": {"sd35": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "torchao": torchao.__version__},
     }

@@ -31,6 +31,17 @@ class Metrics:
         cache_hits = Gauge("sd35_compile_cache_hits", "Inductor FX-graph cache hits of this process's compilation",
                            registry=self.registry)
         cache_hits.set_function(lambda: float((plan().cache or {}).get("fxgraph_cache_hit", 0)) if plan() else 0.0)
+        from sd35.inference import compilation
+
+        recompiles = Gauge("sd35_recompiles_total", "torch.compile compilations after READY (a request at a shape the "
+                           "warm-up did not cover pays its compile inside its latency); stays 0",
+                           registry=self.registry)
+        recompiles.set_function(lambda: float(compilation.compiles() - plan().compiles_at_ready)
+                                if plan() is not None and plan().compiles_at_ready is not None else 0.0)
+        emulated = Gauge("sd35_fp8_emulated", "1 when precision fp8 is emulated on a CPU (SD35_FP8_EMULATE=1: numerics "
+                         "only, no FP8 tensor cores)", registry=self.registry)
+        emulated.set_function(lambda: 1.0 if getattr(getattr(getattr(worker, "runtime", None), "loaded", None), "plan",
+                                                     None) is not None and worker.runtime.loaded.plan.emulated else 0.0)
 
         import torch
 

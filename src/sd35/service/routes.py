@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from sd35.inference import generate as gen
-from sd35.errors import InputError, Sd35Error
+from sd35.errors import InputError, NonFiniteOutput, Sd35Error
 from sd35.models import expand_alias
 from sd35.runtime import edit_size
 from sd35.service import images, imagestore, loras, page, stream
@@ -183,6 +183,8 @@ def _job_error(exc: BaseException, settings) -> JSONResponse:
     if isinstance(exc, ShuttingDown):
         return error(503, "the service is restarting and could not finish this request; retry in a moment",
                      "server_error", None, "shutting_down", headers={"Retry-After": "10"})
+    if isinstance(exc, NonFiniteOutput):  # the model's fault, not the request's: no black image, a 500
+        return error(500, f"{exc.cause} {exc.fix}", "server_error", None, "nonfinite_output")
     if isinstance(exc, Sd35Error):
         return _bad(f"{exc.cause} {exc.fix}".strip(), getattr(exc, "param", None))
     raise exc
@@ -358,7 +360,8 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
         "usage": usage,
         "sd35": {"seed": r.seed, "seeds": result.seeds, "steps": r.steps, "guidance_scale": r.guidance,
                  "size": plan.size, "quality": plan.quality, "precision": loaded.plan.transformer,
-                 "device": loaded.device, "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+                 "emulated": loaded.plan.emulated, "device": loaded.device,
+                 "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
                  "notes": plan.notes, "notice": loaded.source.notice, "lora": worker.runtime.lora_record(r),
                  **({"edit": r.edit.record()} if r.edit is not None else {})},
     })

@@ -51,7 +51,7 @@ def preflight(settings: Settings) -> None:
     if keys:
         log.info("API keys: %s", ", ".join(keys.names()))
     hw = hardware.detect(settings.device)
-    precision.resolve(settings.precision, settings.t5, hw)
+    precision.resolve(settings.precision, settings.t5, hw, emulate=settings.fp8_emulate)
     if not hw.is_cuda and settings.model != "tiny":
         log.warning("serving %s from the CPU (SD35_DEVICE=%s found no GPU): every request will take minutes. "
                     "On a GPU server set SD35_DEVICE=cuda:0 so a missing GPU fails the start instead.",

@@ -69,8 +69,9 @@ class LoadedPipeline:
         }
 
 
-def load(settings: Settings) -> LoadedPipeline:
-    """Load the pipeline described by `settings` (see the module docstring for the steps)."""
+def load(settings: Settings, *, compiled: bool | None = None) -> LoadedPipeline:
+    """Load the pipeline described by `settings` (see the module docstring for the steps). `compiled`:
+    whether the caller will compile the MMDiT (`auto` precision picks fp8 only then)."""
     import torch
 
     from sd35 import logs
@@ -79,7 +80,7 @@ def load(settings: Settings) -> LoadedPipeline:
 
     # 1. Hardware and precision: an impossible request stops here, before any download or load.
     hw = hardware.detect(settings.device)
-    plan = precision.resolve(settings.precision, settings.t5, hw)
+    plan = precision.resolve(settings.precision, settings.t5, hw, emulate=settings.fp8_emulate, compiled=compiled)
     log.info("device: %s", hw.describe())
     log.info("precision: transformer %s (%s); T5 %s (%s)", plan.transformer, plan.transformer_reason,
              plan.t5, plan.t5_reason)
@@ -158,7 +159,7 @@ def load(settings: Settings) -> LoadedPipeline:
             if mode == "fp8":
                 retarget.retarget(module, mode)
         else:
-            precision.apply(module, mode, device=target, component=component)
+            precision.apply(module, mode, device=target, component=component, emulated=plan.emulated)
 
     # 5. Placement.
     if offload == "model":

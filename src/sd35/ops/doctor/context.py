@@ -78,7 +78,7 @@ class Context:
         if hw is None or self.settings is None:
             return None
         try:
-            return resolve(self.settings.precision, self.settings.t5, hw)
+            return resolve(self.settings.precision, self.settings.t5, hw, emulate=self.settings.fp8_emulate)
         except Sd35Error:
             return None
 

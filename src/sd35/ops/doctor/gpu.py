@@ -197,8 +197,16 @@ def check_precision(ctx: Context) -> Check:
     if hw is None or ctx.settings is None:
         return Check("precision", SKIP, "no usable device or settings (see above)")
     try:
-        plan = resolve(ctx.settings.precision, ctx.settings.t5, hw)
+        plan = resolve(ctx.settings.precision, ctx.settings.t5, hw, emulate=ctx.settings.fp8_emulate)
     except Sd35Error as exc:
         return Check("precision", FAIL, exc.cause, exc.fix)
-    return Check("precision", OK, f"{ctx.settings.precision} → transformer {plan.transformer} "
-                 f"({plan.transformer_reason}); T5 {plan.t5}")
+    said = f"{ctx.settings.precision} → transformer {plan.transformer} ({plan.transformer_reason}); T5 {plan.t5}"
+    if plan.emulated:  # SD35_FP8_EMULATE: the real fp8 code path, computed by the CPU — never a speed figure
+        return Check("precision", WARN, said + ". Emulated: the same torchao FP8 weights and per-row FP8 "
+                     "activations as on a GPU, multiplied by torch's CPU float8 matmul; several times slower than "
+                     "bf16 here, for numerics and tests only; every record says \"emulated\": true",
+                     "unset SD35_FP8_EMULATE for real work (auto never picks emulation); fp8's speed needs an "
+                     "SM >= 8.9 GPU (`sd35 bench gpu`)")
+    if ctx.settings.fp8_emulate:
+        said += "; SD35_FP8_EMULATE=1 has no effect here (it only lets an explicit --precision fp8 run on a CPU)"
+    return Check("precision", OK, said)
