@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd35 import __version__
 from sd35.settings import Settings
-from sd35.service import notify, openapi, page
+from sd35.service import notify, openapi, page, queueview
 from sd35.service.images import ImageStore
 from sd35.service.limits import BodyLimitMiddleware, CutOffMiddleware
 from sd35.service.metrics import Metrics
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("sd35.access")  # one line per request: who, what, how long
 OPEN_PATHS = {"/healthz"}  # everything else needs the API key when one is set
 JSON_BODY_PATHS = {"/v1/images/generations"}
-KNOWN_PATHS = {"/v1/images/generations", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json",
+KNOWN_PATHS = {"/v1/images/generations", "/v1/models", "/v1/queue", "/healthz", "/readyz", "/metrics", "/openapi.json",
                "/docs"}
 
 
@@ -95,6 +95,8 @@ class GuardMiddleware:
                                 "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             else:
                 who = name
+                scope.setdefault("state", {})["key"] = name  # sharing: whose turn/quota (queueview.owner)
+        scope.setdefault("state", {})["request_id"] = request_id  # sharing: the job's id in GET /v1/queue
         if refused is None and method == "POST" and path in JSON_BODY_PATHS:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
@@ -145,6 +147,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
     app.state.started = int(time.time())
     app.state.images = ImageStore(settings.image_url_ttl, settings.image_store_bytes)
     app.include_router(router)
+    app.include_router(queueview.router)  # GET /v1/queue, DELETE /v1/queue/{id} (sharing)
     app.include_router(page.router)  # GET /: the team's web page (its paths are open: page.PAGE_PATHS)
     app.openapi = lambda: app.openapi_schema or setattr(app, "openapi_schema", openapi.build(app)) \
         or app.openapi_schema
@@ -152,6 +155,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
     from sd35.service.auth import load as load_keys
 
     app.state.keys = load_keys(settings)
+    worker.queue.policies = {e.name: e.policy for e in app.state.keys.entries}  # sharing: priority, quota
     # The last added runs first: the guard (auth, content type, ids, metrics, access log), the body limits,
     # then the shutdown's last-resort 503.
     app.add_middleware(CutOffMiddleware)

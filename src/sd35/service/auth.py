@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd35.errors import InputError
+from sd35.service.quotas import Policy, split as split_options
 
 DEFAULT_FILE = Path("/etc/sd35/api-keys")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -65,6 +66,7 @@ def verify(key: str, encoded: str) -> bool:
 class Entry:
     name: str
     encoded: str
+    policy: Policy = Policy()  # options after the hash: priority, daily_images (service/quotas.py)
 
 
 def _check_mode(path: Path, *, for_writing: bool) -> None:
@@ -90,6 +92,7 @@ def read(path: Path) -> list[Entry]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        line, policy = split_options(line, f"{path}:{i}")
         name, sep, encoded = line.partition(":")
         if not sep or not NAME.match(name) or not encoded.startswith("scrypt$") or encoded.count("$") != 5:
             raise InputError(f"{path}:{i} is not NAME:scrypt$N$r$p$SALT$HASH.",
@@ -97,7 +100,7 @@ def read(path: Path) -> list[Entry]:
         if any(e.name == name for e in entries):
             raise InputError(f"{path}:{i}: the name {name!r} appears twice.", "keep one line per name.",
                              param="api_keys_file")
-        entries.append(Entry(name, encoded))
+        entries.append(Entry(name, encoded, policy))
     return entries
 
 
