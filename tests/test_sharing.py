@@ -188,3 +188,108 @@ def test_keep_alive_durations():
         Settings(_env_file=None, keep_alive="soon")
     r = run_cli("serve", env={"SD35_KEEP_ALIVE": "-5m"})
     assert r.returncode == 2 and "keep_alive" in r.stderr.lower() and "Traceback" not in r.stderr
+
+
+# --- over HTTP: the tiny model behind a keys file ----------------------------------------------------------
+
+def _keys(tmp_path) -> tuple[Path, dict]:
+    from sd35.service import auth
+
+    path = tmp_path / "api-keys"
+    keys = {name: auth.add(path, name) for name in ("alice", "bob", "robot")}
+    quotas.set_policy(path, "bob", daily_images=2)
+    quotas.set_policy(path, "robot", priority="batch")
+    return path, keys
+
+
+def _wait_for(predicate, timeout: float = 60, every: float = 0.05):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def test_fair_turns_queue_view_cancel_limits_and_usage_over_http(tmp_path, tiny_cache):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sd35.settings import Settings
+    from test_service import InProcessServer, call, free_port
+
+    path, keys = _keys(tmp_path)
+    settings = Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu", port=free_port(),
+                        api_keys_file=path, api_key="test-key", queue_size=12, queue_per_key=7, request_timeout=120, max_steps=400,
+                        state_dir=tmp_path / "state")
+    body = {"prompt": "x", "size": "128x128", "steps": 40}
+    finished: list[str] = []
+    statuses: dict[str, int] = {}
+
+    with InProcessServer(settings) as srv, ThreadPoolExecutor(12) as pool:
+        def post(name: str, label: str, extra: dict | None = None):
+            status, _, out = call(srv.url + "/v1/images/generations", "POST", {**body, "prompt": label, **(extra or {})},
+                                  key=keys[name], headers={"X-Request-Id": label}, timeout=120)
+            statuses[label] = status
+            finished.append(label)
+            return status, out
+
+        def mine(name: str) -> dict:
+            return call(srv.url + "/v1/queue", key=keys[name])[2]
+
+        futures = {}
+        for i in range(8):  # one at a time, each seen in the queue before the next: a known order
+            label = f"A{i + 1}"
+            futures[label] = pool.submit(post, "alice", label)
+            _wait_for(lambda: any(j["id"] == label for j in mine("alice")["data"]))
+        # alice: A1 running, A2..A8 waiting = SD35_QUEUE_PER_KEY: her next one gets 429, bob is unaffected.
+        status, headers, out = call(srv.url + "/v1/images/generations", "POST", body, key=keys["alice"])
+        assert status == 429 and out["error"]["code"] == "key_queue_full" and int(headers["Retry-After"]) >= 1
+        futures["B1"] = pool.submit(post, "bob", "B1")
+        view = _wait_for(lambda: mine("bob")["data"] and mine("bob"))
+        b1 = view["data"][0]
+        assert b1["id"] == "B1" and b1["position"] == 1 and b1["state"] == "queued"  # bob's turn is next
+        assert b1["estimated_end_s"] > b1["estimated_start_s"] >= 0 and b1["prompt"] == "B1"
+        assert view["others"] == {"queued": 7, "keys": 1, "running": 1} and "A2" not in json.dumps(view)
+        a = mine("alice")["data"]
+        assert [j["position"] for j in a] == [0, 2, 3, 4, 5, 6, 7, 8] and a[0]["state"] == "running"
+        # bob's quota is 2 images a day: 1 queued + 2 more is over it; alice cannot cancel bob's job.
+        status, headers, out = call(srv.url + "/v1/images/generations", "POST", {**body, "n": 2}, key=keys["bob"])
+        assert status == 429 and out["error"]["code"] == "quota_exceeded" and "00:00 UTC" in out["error"]["message"]
+        assert int(headers["Retry-After"]) >= 1 and headers["X-Quota-Reset"].endswith("T00:00:00Z")
+        assert call(srv.url + "/v1/queue/B1", "DELETE", key=keys["alice"])[0] == 404
+        status, _, out = call(srv.url + "/v1/queue/A8", "DELETE", key=keys["alice"])
+        assert status == 200 and out["cancelled"] is True
+        for f in futures.values():
+            f.result(timeout=300)
+        assert statuses["A8"] == 409 and all(statuses[k] == 200 for k in statuses if k != "A8")
+        done = [label for label in finished if label != "A8"]  # A8 answered 409 the moment it was cancelled
+        assert done.index("B1") in (1, 2) and done[0] == "A1", done  # bob's one job finishes 2nd or 3rd, not 9th
+        metrics = call(srv.url + "/metrics", key=keys["alice"])[2]
+        assert 'sd35_images_total{key="alice"} 7.0' in metrics and 'sd35_images_total{key="bob"} 1.0' in metrics
+        assert re.search(r'sd35_gpu_seconds_total\{key="bob"\} [0-9.]+', metrics)
+        assert "sd35_model_loaded 1.0" in metrics
+    usage = json.loads((tmp_path / "state" / "usage.json").read_text())[quotas.today()]
+    assert usage["alice"]["images"] == 7 and usage["bob"]["images"] == 1 and usage["bob"]["gpu_seconds"] > 0
+
+
+def test_keep_alive_releases_the_model_and_the_next_request_reloads_it(tmp_path, tiny_cache):
+    from sd35.settings import Settings
+    from test_service import InProcessServer, call, free_port
+
+    settings = Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu", port=free_port(),
+                        keep_alive="1s", state_dir=tmp_path / "state", warmup=False)
+    body = {"prompt": "x", "size": "128x128", "steps": 2}
+    with InProcessServer(settings) as srv:
+        worker = srv.app.state.worker
+        assert call(srv.url + "/v1/images/generations", "POST", body, key=None)[0] == 200
+        ready = _wait_for(lambda: (r := call(srv.url + "/readyz", key=None))[0] == 200 and not r[2]["loaded"] and r,
+                          timeout=30, every=0.2)
+        assert ready[2]["status"] == "ready" and ready[2]["waking_up"] is False
+        assert "sd35_model_loaded 0.0" in call(srv.url + "/metrics", key=None)[2]
+        assert not hasattr(worker.runtime.pipe, "transformer")  # the weights are gone; the tokenizers stay
+        assert worker.keep_alive.last_release["rss_bytes"] > 0
+        status, _, out = call(srv.url + "/v1/images/generations", "POST", body, key=None)
+        assert status == 200 and out["sd35"]["steps"] == 2
+        assert worker.keep_alive.releases == 1 and worker.keep_alive.last_release["reload_seconds"] > 0
+        assert call(srv.url + "/readyz", key=None)[2]["loaded"] in (True, False)  # 1 s later it may be gone again

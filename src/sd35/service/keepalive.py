@@ -59,10 +59,10 @@ class KeepAlive:
             runtime.loaded = dataclasses.replace(runtime.loaded, pipe=keep)
             runtime.harness = None
             del pipe
-            self.loaded = False
         _free_memory(compiled=getattr(runtime.compile, "mode", "off") != "off")
         self.releases += 1
         self.last_release = {"release_seconds": round(time.perf_counter() - started, 3), "rss_bytes": rss_bytes()}
+        self.loaded = False
         log.info("idle for SD35_KEEP_ALIVE=%s: model released (RSS now %.0f MiB)", worker.settings.keep_alive,
                  self.last_release["rss_bytes"] / 2 ** 20)
 
