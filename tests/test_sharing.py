@@ -293,3 +293,94 @@ def test_keep_alive_releases_the_model_and_the_next_request_reloads_it(tmp_path,
         assert status == 200 and out["sd35"]["steps"] == 2
         assert worker.keep_alive.releases == 1 and worker.keep_alive.last_release["reload_seconds"] > 0
         assert call(srv.url + "/readyz", key=None)[2]["loaded"] in (True, False)  # 1 s later it may be gone again
+
+
+# --- the page: position, estimate, cancel while queued ------------------------------------------------------
+
+@pytest.mark.slow
+def test_page_shows_position_and_estimate_and_cancels_while_queued(tmp_path, tiny_cache):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from playwright.sync_api import expect
+
+    from sd35.settings import Settings
+    from test_page import CHROMIUM, CHROMIUM_ARGS, Page
+    from test_service import KEY, InProcessServer, call, free_port
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is missing: make setup")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (make setup and .ci/run do it as root)")
+    settings = Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu", port=free_port(),
+                        api_key=KEY, queue_size=4, max_steps=500, request_timeout=120, state_dir=tmp_path / "s")
+    long = {"prompt": "blocker", "size": "128x128", "steps": 500}
+    with InProcessServer(settings) as srv, ThreadPoolExecutor(2) as pool, sync_playwright() as pw:
+        blockers = [pool.submit(call, srv.url + "/v1/images/generations", "POST", long, None, KEY, 120)]
+        _wait_for(lambda: call(srv.url + "/metrics")[2].count("sd35_worker_busy 1.0"))
+        blockers.append(pool.submit(call, srv.url + "/v1/images/generations", "POST", long, None, KEY, 120))
+        _wait_for(lambda: call(srv.url + "/v1/queue")[2]["total"]["queued"] == 1)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = Page(browser, srv.url)
+        p = page.page
+        page.use_key(KEY)
+        p.locator("#size option").nth(1).wait_for(state="attached")
+        p.get_by_label("Prompt", exact=True).fill("mine")
+        p.get_by_role("button", name="Generate").click()
+        expect(p.locator("#live-status")).to_contain_text("position 2, about", timeout=20_000)
+        assert re.search(r"position 2, about \d+ s", p.locator("#live-status").inner_text())
+        p.get_by_role("button", name="Cancel (queued)").click()
+        expect(p.locator("#live-status")).to_contain_text("cancelled while queued", timeout=20_000)
+        assert p.locator("#error").is_hidden() and p.locator("#gallery .entry").count() == 0
+        assert call(srv.url + "/v1/queue")[2]["total"]["queued"] <= 1  # only the second blocker may still wait
+        assert page.js_errors() == []
+        page.close()
+        browser.close()
+        assert all(f.result(timeout=120)[0] == 200 for f in blockers)
+
+
+# --- the host's dashboards: every metric they name exists ---------------------------------------------------
+
+PROMETHEUS_BUILTINS = {"up"}
+
+
+def _names_used() -> dict[str, set[str]]:
+    alerts = (ROOT / "deploy" / "prometheus" / "alerts.yaml").read_text()
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "sd35.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs += [v["query"] for v in dashboard["templating"]["list"] if v.get("type") == "query"]
+    import yaml
+
+    rules = [r["expr"] for g in yaml.safe_load(alerts)["groups"] for r in g["rules"]]
+    word = re.compile(r"\b(sd35_[a-z0-9_]+|up)\b(?!\s*\()")
+    return {"grafana": {m for e in exprs for m in word.findall(e)},
+            "alerts": {m for e in rules for m in word.findall(e)}}
+
+
+def test_every_metric_in_the_dashboard_and_alerts_is_served(tiny_cache):
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sd35.service.app import create_app
+    from sd35.settings import Settings
+
+    app = create_app(Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu"))
+    served = set()
+    for family in text_string_to_metric_families(TestClient(app).get("/metrics").text):  # the real /metrics
+        served |= {family.name, f"{family.name}_total"} if family.type == "counter" else {family.name}
+        served |= {f"{family.name}_{s}" for s in ("bucket", "sum", "count")} if family.type == "histogram" else set()
+    used = _names_used()
+    assert used["grafana"] >= {"sd35_queue_depth", "sd35_images_total", "sd35_gpu_seconds_total", "sd35_model_loaded",
+                               "sd35_generation_latency_seconds_bucket", "sd35_requests_total",
+                               "sd35_gpu_memory_reserved_bytes"}
+    for where, names in used.items():
+        assert names - served - PROMETHEUS_BUILTINS == set(), f"{where} names metrics /metrics does not serve"
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool not installed (Debian: apt-get install prometheus)")
+def test_alert_rules_pass_promtool():
+    r = subprocess.run(["promtool", "check", "rules", str(ROOT / "deploy" / "prometheus" / "alerts.yaml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS: 5 rules found" in r.stdout

@@ -108,10 +108,10 @@ class FairQueue:
                 pending = sum(j.n for j in mine) + (self._running[key].n if key in self._running else 0)
                 if used + pending + job.n > limit:
                     raise QuotaExceeded(key, limit, used, pending, reset_at())
+            if self.qsize() >= self.capacity:  # everybody's limit first: a lone user sees queue_full as before
+                raise queue.Full
             if len(mine) >= self.per_key:
                 raise KeyBusy(key, len(mine), self._retry_for(key))
-            if self.qsize() >= self.capacity:
-                raise queue.Full
             if not mine and key not in self._running:
                 self._turns[key] = self.clock()
             self._waiting.setdefault(key, deque()).append(job)
