@@ -384,3 +384,63 @@ def test_alert_rules_pass_promtool():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS: 5 rules found" in r.stdout
+
+
+# --- sd35 gpus: a faked nvidia-smi, real processes --------------------------------------------------------
+
+def test_gpus_names_users_and_what_each_process_is(tmp_path):
+    import pwd
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    sleeper = "import time; time.sleep(120)"
+    procs = [subprocess.Popen([sys.executable, "-c", sleeper, "sd35", "serve", "--port", "8001"]),
+             subprocess.Popen([sys.executable, "-c", sleeper, "-m", "ipykernel_launcher", "-f", "kernel-1.json"]),
+             subprocess.Popen([sys.executable, "-c", sleeper, "train.py"])]
+    gone = 4_000_000  # a PID /proc does not show (another container's)
+    try:
+        uuid0, uuid1 = "GPU-aaaa", "GPU-bbbb"
+        apps = "\n".join([f"{uuid0}, {procs[0].pid}, 20480", f"{uuid0}, {procs[1].pid}, 3072",
+                          f"{uuid1}, {procs[2].pid}, [N/A]", f"{uuid1}, {gone}, 1024"])
+        smi = tmp_path / "nvidia-smi"
+        smi.write_text(f"""#!/bin/sh
+case "$1" in
+  --query-gpu=*) printf '%s\\n' "0, {uuid0}, NVIDIA H100 80GB HBM3, 24000, 81559" "1, {uuid1}, NVIDIA H100 80GB HBM3, 1500, 81559" ;;
+  --query-compute-apps=*) printf '%s\\n' "{apps}" ;;
+  *) exit 9 ;;
+esac
+""")
+        smi.chmod(0o755)
+        env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+        r = run_cli("gpus", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        gpus = json.loads(r.stdout)
+        assert [(g["index"], g["used_mib"], g["total_mib"]) for g in gpus] == [("0", 24000, 81559), ("1", 1500, 81559)]
+        by_pid = {p["pid"]: p for g in gpus for p in g["processes"]}
+        assert by_pid[procs[0].pid]["kind"] == "sd35 service" and by_pid[procs[0].pid]["user"] == me
+        assert by_pid[procs[0].pid]["used_mib"] == 20480
+        assert by_pid[procs[1].pid]["kind"] == "lab kernel" and by_pid[procs[2].pid]["kind"] == "other"
+        assert by_pid[procs[2].pid]["used_mib"] is None and "train.py" in by_pid[procs[2].pid]["what"]
+        assert by_pid[gone]["user"] == "?" and by_pid[gone]["kind"] == "unknown"
+        text = run_cli("gpus", env=env).stdout
+        assert "GPU 0  NVIDIA H100 80GB HBM3  23.4 / 79.6 GiB in use  (2 processes)" in text
+        assert re.search(rf"pid {procs[1].pid}\s+{me}\s+3\.0 GiB\s+lab kernel", text)
+        smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it couldn''t communicate with the driver' >&2\n"
+                       "exit 9\n")
+        r = run_cli("gpus", env=env)
+        assert r.returncode == 1 and "nvidia-smi failed" in r.stderr and "fix:" in r.stderr.lower()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_gpus_knows_a_service_instance_by_its_unit(tmp_path):
+    from sd35.ops import gpus
+
+    proc = tmp_path / "proc" / "123"
+    proc.mkdir(parents=True)
+    (proc / "cmdline").write_bytes(b"/opt/sd35-workspace/.venv/bin/python\0/opt/sd35-workspace/.venv/bin/sd35\0"
+                                   b"serve\0--port\0008001\0")
+    (proc / "cgroup").write_text("0::/system.slice/system-sd35\\x2dapi.slice/sd35-api@1.service\n")
+    user, kind, what = gpus.identify(123, proc=tmp_path / "proc")
+    assert kind == "sd35 service" and what == "sd35-api@1"
