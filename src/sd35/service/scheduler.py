@@ -117,6 +117,10 @@ class FairQueue:
             self._waiting.setdefault(key, deque()).append(job)
             self._ready.notify()
 
+    def put(self, job, block: bool = False, timeout: float | None = None) -> None:
+        """queue.Queue's put, never blocking: a full queue is refused at once (the worker's Busy)."""
+        self.put_nowait(job)
+
     def get(self, block: bool = True, timeout: float | None = None):
         with self._ready:
             end = None if timeout is None else self.clock() + timeout
