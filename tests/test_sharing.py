@@ -281,13 +281,17 @@ def test_keep_alive_releases_the_model_and_the_next_request_reloads_it(tmp_path,
                         keep_alive="1s", state_dir=tmp_path / "state", warmup=False)
     body = {"prompt": "x", "size": "128x128", "steps": 2}
     with InProcessServer(settings) as srv:
+        import weakref
+
         worker = srv.app.state.worker
+        transformer = weakref.ref(worker.runtime.pipe.transformer)
         assert call(srv.url + "/v1/images/generations", "POST", body, key=None)[0] == 200
         ready = _wait_for(lambda: (r := call(srv.url + "/readyz", key=None))[0] == 200 and not r[2]["loaded"] and r,
                           timeout=30, every=0.2)
         assert ready[2]["status"] == "ready" and ready[2]["waking_up"] is False
         assert "sd35_model_loaded 0.0" in call(srv.url + "/metrics", key=None)[2]
         assert not hasattr(worker.runtime.pipe, "transformer")  # the weights are gone; the tokenizers stay
+        assert transformer() is None  # nothing else holds the released weights: their memory is free
         assert worker.keep_alive.last_release["rss_bytes"] > 0
         status, _, out = call(srv.url + "/v1/images/generations", "POST", body, key=None)
         assert status == 200 and out["sd35"]["steps"] == 2
@@ -444,3 +448,10 @@ def test_gpus_knows_a_service_instance_by_its_unit(tmp_path):
     (proc / "cgroup").write_text("0::/system.slice/system-sd35\\x2dapi.slice/sd35-api@1.service\n")
     user, kind, what = gpus.identify(123, proc=tmp_path / "proc")
     assert kind == "sd35 service" and what == "sd35-api@1"
+
+
+def test_serve_refuses_a_state_dir_it_cannot_write(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = run_cli("serve", env={"SD35_STATE_DIR": str(blocker / "state"), "SD35_DEVICE": "cpu"})
+    assert r.returncode == 2 and "SD35_STATE_DIR" in r.stderr and "Traceback" not in r.stderr

@@ -146,6 +146,20 @@ class Ledger:
         self._lock = threading.Lock()
         self._cache: tuple[float, dict] | None = None  # (mtime, data)
 
+    def check(self) -> None:
+        """Refuse to start where usage could not be kept (quotas would silently reset)."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as exc:
+            writable = False
+            reason = exc.strerror
+        else:
+            writable, reason = os.access(self.directory, os.W_OK | os.X_OK), "not writable by this account"
+        if not writable:
+            raise InputError(f"cannot keep per-key usage in {self.directory} ({reason}): quotas would reset.",
+                             "set SD35_STATE_DIR to a folder this account can write (the unit uses /var/lib/sd35, "
+                             "its StateDirectory).", param="state_dir")
+
     def read(self) -> dict:
         try:
             mtime = self.path.stat().st_mtime
