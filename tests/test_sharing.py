@@ -220,7 +220,8 @@ def test_fair_turns_queue_view_cancel_limits_and_usage_over_http(tmp_path, tiny_
 
     path, keys = _keys(tmp_path)
     settings = Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu", port=free_port(),
-                        api_keys_file=path, api_key="test-key", queue_size=12, queue_per_key=7, request_timeout=120, max_steps=400,
+                        api_keys_file=path, api_key="test-key", queue_size=12, queue_per_key=7, request_timeout=120,
+                        max_steps=400,
                         state_dir=tmp_path / "state")
     body = {"prompt": "x", "size": "128x128", "steps": 40}
     finished: list[str] = []
@@ -228,7 +229,8 @@ def test_fair_turns_queue_view_cancel_limits_and_usage_over_http(tmp_path, tiny_
 
     with InProcessServer(settings) as srv, ThreadPoolExecutor(12) as pool:
         def post(name: str, label: str, extra: dict | None = None):
-            status, _, out = call(srv.url + "/v1/images/generations", "POST", {**body, "prompt": label, **(extra or {})},
+            status, _, out = call(srv.url + "/v1/images/generations", "POST",
+                                  {**body, "prompt": label, **(extra or {})},
                                   key=keys[name], headers={"X-Request-Id": label}, timeout=120)
             statuses[label] = status
             finished.append(label)
@@ -406,9 +408,11 @@ def test_gpus_names_users_and_what_each_process_is(tmp_path):
         apps = "\n".join([f"{uuid0}, {procs[0].pid}, 20480", f"{uuid0}, {procs[1].pid}, 3072",
                           f"{uuid1}, {procs[2].pid}, [N/A]", f"{uuid1}, {gone}, 1024"])
         smi = tmp_path / "nvidia-smi"
+        gpu_rows = (f'"0, {uuid0}, NVIDIA H100 80GB HBM3, 24000, 81559" '
+                    f'"1, {uuid1}, NVIDIA H100 80GB HBM3, 1500, 81559"')
         smi.write_text(f"""#!/bin/sh
 case "$1" in
-  --query-gpu=*) printf '%s\\n' "0, {uuid0}, NVIDIA H100 80GB HBM3, 24000, 81559" "1, {uuid1}, NVIDIA H100 80GB HBM3, 1500, 81559" ;;
+  --query-gpu=*) printf '%s\\n' {gpu_rows} ;;
   --query-compute-apps=*) printf '%s\\n' "{apps}" ;;
   *) exit 9 ;;
 esac

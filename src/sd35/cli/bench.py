@@ -132,7 +132,8 @@ def bench_keepalive(
         print(json.dumps(r, indent=2))
         return
     for c in r["cycles"]:
-        out.print(f"warm {c['warm_median_s'] * 1000:.0f} ms · first after release {c['first_after_release_s'] * 1000:.0f} ms"
+        out.print(f"warm {c['warm_median_s'] * 1000:.0f} ms · first after release "
+                  f"{c['first_after_release_s'] * 1000:.0f} ms"
                   f" · RSS {c['rss_loaded_bytes'] / 2**20:.0f} → {c['rss_released_bytes'] / 2**20:.0f} MiB"
                   f" · VRAM reserved {c['vram_reserved_loaded_bytes'] / 2**30:.2f} → "
                   f"{c['vram_reserved_released_bytes'] / 2**30:.2f} GiB", highlight=False)
