@@ -79,3 +79,30 @@ def measure(settings, *, keep_alive: float = 3.0, cycles: int = 3, warm: int = 5
                     r["first_after_release_s"] - r["warm_median_s"] for r in rows), 4)}
     finally:
         service.stop()
+
+
+def release_rss(arch: str = "medium") -> dict:
+    """Host RSS of a published transformer architecture (random bf16 weights, `bench/arch.py`) held as a
+    runtime holds its pipeline, then released by the service's own KeepAlive.release: what a release gives
+    back to the OS, without a gated download. (The tiny model's weights are a few MB: its RSS is torch.)"""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from sd35.bench.arch import build_transformer
+    from sd35.service.keepalive import KeepAlive, rss_bytes
+
+    @dataclasses.dataclass
+    class Loaded:
+        pipe: object
+
+    before = rss_bytes()
+    pipe = SimpleNamespace(transformer=build_transformer(arch), tokenizer=None, tokenizer_2=None, tokenizer_3=None)
+    loaded = rss_bytes()
+    worker = SimpleNamespace(runtime=SimpleNamespace(loaded=Loaded(pipe), harness=None,
+                                                     compile=SimpleNamespace(mode="off")),
+                             settings=SimpleNamespace(keep_alive="0"))
+    del pipe
+    keep = KeepAlive(SimpleNamespace(keep_alive="0"))
+    keep.release(worker)
+    return {"arch": arch, "rss_before_bytes": before, "rss_loaded_bytes": loaded, "rss_released_bytes": rss_bytes(),
+            "release_seconds": keep.last_release["release_seconds"]}

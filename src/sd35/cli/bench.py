@@ -118,6 +118,8 @@ def bench_keepalive(
     cycles: int = typer.Option(3, "--cycles", help="warm requests, release, reload: this many times"),
     steps: int = typer.Option(4, "--steps"),
     size: int = typer.Option(128, "--size", help="square image side"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="instead: host RSS of this published transformer "
+                                       "(medium, large; random weights) held, then released the service's way"),
     model: Model = None,
     precision: Precision = None,
     as_json: Json = False,
@@ -126,6 +128,11 @@ def bench_keepalive(
     from sd35.bench import keepalive
 
     _bench_start(quiet=True)
+    if arch:
+        r = keepalive.release_rss(arch)
+        print(json.dumps(r, indent=2) if as_json else f"{arch}: RSS {r['rss_loaded_bytes'] / 2**20:.0f} MiB held, "
+              f"{r['rss_released_bytes'] / 2**20:.0f} MiB after release ({r['release_seconds']} s)")
+        return
     r = keepalive.measure(settings(model=model, precision=precision), keep_alive=keep_alive, cycles=cycles,
                           steps=steps, size=size)
     if as_json:
