@@ -4,12 +4,15 @@ reason when the hardware is missing."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTING_VARS = ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HOME")
+# The service's usage ledger defaults to $XDG_STATE_HOME/sd35: never the developer's (set before any fixture).
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="sd35-test-state-")
 
 
 def no_keys(folder: Path) -> Path:

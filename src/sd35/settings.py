@@ -137,6 +137,12 @@ class Settings(BaseSettings):
     allow_no_key: bool = Field(default=False, description="Explicitly allow serving without a key on a non-loopback "
                                "bind or a host other accounts can log in to.")
     queue_size: int = Field(default=4, ge=1, le=1024, description="Requests waiting for the GPU before 429.")
+    queue_per_key: int = Field(default=0, ge=0, le=1024, description="Requests one API key may have waiting "
+                               "before that key alone gets 429; 0 = SD35_QUEUE_SIZE.")
+    keep_alive: str = Field(default="forever", description="Idle time before the model is released from memory: "
+                            "90s, 30m, 2h, 0 (after every job) or forever.")
+    state_dir: Path | None = Field(default=None, description="Where the service keeps per-key usage (quotas); "
+                                   "default ~/.local/state/sd35 (the unit: /var/lib/sd35).")
     request_timeout: float = Field(default=300.0, gt=0, description="Seconds before a request gets 504.")
     shutdown_grace: float = Field(default=60.0, ge=0, description="Seconds running and queued requests get "
                                   "on SIGTERM, in total.")
@@ -205,7 +211,13 @@ class Settings(BaseSettings):
             value = value.get_secret_value()
         return value.strip() or None if isinstance(value, str) else value
 
-    @field_validator("api_keys_file", "lab_socket", "lora_dir", mode="before")
+    @field_validator("keep_alive")
+    @classmethod
+    def _check_keep_alive(cls, value: str) -> str:
+        duration_seconds(value)  # raises ValueError naming the accepted forms
+        return value.strip().lower()
+
+    @field_validator("api_keys_file", "lab_socket", "lora_dir", "state_dir", mode="before")
     @classmethod
     def _empty_path_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -219,6 +231,23 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
+
+
+def duration_seconds(text: str) -> float | None:
+    """`90s`, `30m`, `2h`, `1d`, `0` (or a bare number of seconds) -> seconds; `forever` -> None."""
+    v = str(text).strip().lower()
+    if v in ("forever", "-1", "never"):
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (v[:-1], units[v[-1]]) if v and v[-1] in units else (v, 1)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"{text!r} is not a duration: use e.g. 90s, 30m, 2h, 0 (release after every job) "
+                         "or forever")
+    return seconds
 
 
 def secret(value: SecretStr | None) -> str | None:

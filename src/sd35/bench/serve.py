@@ -23,7 +23,7 @@ class _Service:
     """A `sd35 serve` child process with `settings` on a free loopback port and a one-off API key (the service
     refuses to run keyless where other accounts can log in, and auth is part of the overhead measured)."""
 
-    def __init__(self, settings, queue_size: int):
+    def __init__(self, settings, queue_size: int, extra_env: dict | None = None):
         import os
         import secrets
         import socket
@@ -38,7 +38,7 @@ class _Service:
         env = {**os.environ, "SD35_MODEL": settings.model, "SD35_PRECISION": settings.precision,
                "SD35_T5": settings.t5, "SD35_DEVICE": settings.device, "SD35_CACHE_DIR": str(settings.cache_dir),
                "SD35_QUEUE_SIZE": str(queue_size), "SD35_HOST": "127.0.0.1", "SD35_PORT": str(port),
-               "SD35_API_KEY": key}
+               "SD35_API_KEY": key, **(extra_env or {})}
         self.url, self.auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
         # Its log goes to a file: an unread pipe fills with access-log lines and would stall the server.
         self.log = tempfile.TemporaryFile(mode="w+")

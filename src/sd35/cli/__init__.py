@@ -2,8 +2,9 @@
 
     generate.py  sd35 generate, sd35 fidelity        serve.py   sd35 serve, sd35 lab
     cache.py     sd35 cache init|prefetch|quantize|verify|ls
-    bench.py     sd35 bench …                        keys.py    sd35 keys add|list
+    bench.py     sd35 bench …                        keys.py    sd35 keys add|set|list|usage
     doctor.py    sd35 doctor                         common.py  consoles, errors, shared options
+    gpus.py      sd35 gpus
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 import typer
 
-from sd35.cli import bench, cache, doctor, generate, keys, serve
+from sd35.cli import bench, cache, doctor, generate, gpus, keys, serve
 from sd35.cli.common import err
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app.command()(generate.generate)
 app.command()(serve.serve)
 app.command()(serve.lab)
 app.command()(doctor.doctor)
+app.command()(gpus.gpus)
 app.command()(generate.fidelity)
 app.add_typer(bench.app, name="bench")
 app.add_typer(cache.app, name="cache")

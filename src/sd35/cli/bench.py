@@ -136,6 +136,41 @@ def _flood_text(r: dict) -> str:
     return "\n".join(lines)
 
 
+@app.command("keepalive")
+@handle_errors
+def bench_keepalive(
+    keep_alive: float = typer.Option(3.0, "--keep-alive", help="SD35_KEEP_ALIVE of the measured service, seconds"),
+    cycles: int = typer.Option(3, "--cycles", help="warm requests, release, reload: this many times"),
+    steps: int = typer.Option(4, "--steps"),
+    size: int = typer.Option(128, "--size", help="square image side"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="instead: host RSS of this published transformer "
+                                       "(medium, large; random weights) held, then released the service's way"),
+    model: Model = None,
+    precision: Precision = None,
+    as_json: Json = False,
+) -> None:
+    """SD35_KEEP_ALIVE: service RSS/VRAM loaded vs released, first image after a release vs warm."""
+    from sd35.bench import keepalive
+
+    _bench_start(quiet=True)
+    if arch:
+        r = keepalive.release_rss(arch)
+        print(json.dumps(r, indent=2) if as_json else f"{arch}: RSS {r['rss_loaded_bytes'] / 2**20:.0f} MiB held, "
+              f"{r['rss_released_bytes'] / 2**20:.0f} MiB after release ({r['release_seconds']} s)")
+        return
+    r = keepalive.measure(settings(model=model, precision=precision), keep_alive=keep_alive, cycles=cycles,
+                          steps=steps, size=size)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    for c in r["cycles"]:
+        out.print(f"warm {c['warm_median_s'] * 1000:.0f} ms · first after release "
+                  f"{c['first_after_release_s'] * 1000:.0f} ms"
+                  f" · RSS {c['rss_loaded_bytes'] / 2**20:.0f} → {c['rss_released_bytes'] / 2**20:.0f} MiB"
+                  f" · VRAM reserved {c['vram_reserved_loaded_bytes'] / 2**30:.2f} → "
+                  f"{c['vram_reserved_released_bytes'] / 2**30:.2f} GiB", highlight=False)
+
+
 def _bench_serve_ray(settings, requests: int, concurrency: int, steps: int, size: int, as_json: bool) -> None:
     try:
         from sd35.bench import ray

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd35 import __version__
 from sd35.settings import Settings
-from sd35.service import edits, loras, notify, openapi, page
+from sd35.service import edits, loras, notify, openapi, page, queueview
 from sd35.service.imagestore import make_store
 from sd35.service.limits import BodyLimitMiddleware, CutOffMiddleware
 from sd35.service.metrics import Metrics
@@ -35,7 +35,7 @@ JSON_BODY_PATHS = {"/v1/images/generations"}
 AUTH_THREADS = 1  # scrypt checks at once (16 MiB, one core each), on their own limiter: never the pool
 #                  that checks requests and encodes images; one, so a flood of wrong keys holds one core at most
 AUTH_WAITING = 64  # first-sight tokens waiting for a check beyond which a new one is told to retry (429)
-KNOWN_PATHS = {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/loras", "/healthz", "/readyz",
+KNOWN_PATHS = {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/loras", "/v1/queue", "/healthz", "/readyz",
                "/metrics", "/openapi.json",
                "/docs"}
 
@@ -112,6 +112,8 @@ class GuardMiddleware:
                                 "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             else:
                 who = name
+                scope.setdefault("state", {})["key"] = name  # sharing: whose turn/quota (queueview.owner)
+        scope.setdefault("state", {})["request_id"] = request_id  # sharing: the job's id in GET /v1/queue
         if refused is None and method == "POST" and path in JSON_BODY_PATHS:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
@@ -185,11 +187,13 @@ def create_app(settings: Settings, worker: Worker | None = None, *, host: str | 
     app.include_router(router)
     app.include_router(edits.router)  # POST /v1/images/edits (multipart), answered by routes.answer
     app.include_router(loras.router)  # GET /v1/loras: what SD35_LORA_DIR offers
+    app.include_router(queueview.router)  # GET /v1/queue, DELETE /v1/queue/{id} (sharing)
     app.include_router(page.router)  # GET /: the team's web page (its paths are open: page.PAGE_PATHS)
     app.openapi = lambda: app.openapi_schema or setattr(app, "openapi_schema", openapi.build(app)) \
         or app.openapi_schema
 
     app.state.keys = keys
+    worker.queue.policies = {e.name: e.policy for e in keys.entries}  # sharing: priority, quota
     # The last added runs first: the guard (auth, content type, ids, metrics, access log), the body limits,
     # then the shutdown's last-resort 503.
     app.add_middleware(CutOffMiddleware)

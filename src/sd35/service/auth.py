@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd35.errors import InputError
+from sd35.service.quotas import Policy, split as split_options
 
 DEFAULT_FILE = Path("/etc/sd35/api-keys")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -77,6 +78,7 @@ class Entry:
     name: str
     encoded: str
     key_id: str | None = None  # None: a line of the old format (its key has no id)
+    policy: Policy = Policy()  # options after the hash: priority, daily_images (service/quotas.py)
 
 
 def _check_mode(path: Path, *, for_writing: bool) -> None:
@@ -102,6 +104,7 @@ def read(path: Path) -> list[Entry]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        line, policy = split_options(line, f"{path}:{i}")
         name, sep, rest = line.partition(":")
         key_id, sep2, encoded = rest.partition(":")
         if not sep2:  # the old format: NAME:scrypt$…
@@ -116,7 +119,7 @@ def read(path: Path) -> list[Entry]:
         if key_id is not None and any(e.key_id == key_id for e in entries):
             raise InputError(f"{path}:{i}: the key id {key_id} appears twice.",
                              "remove the line and run `sd35 keys add NAME` again.", param="api_keys_file")
-        entries.append(Entry(name, encoded, key_id))
+        entries.append(Entry(name, encoded, key_id, policy))
     return entries
 
 

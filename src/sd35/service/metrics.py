@@ -45,16 +45,41 @@ class Metrics:
 
         import torch
 
-        if torch.cuda.is_available():
-            # The device the worker uses (cuda:1 on a second GPU), not the scraping thread's current one.
-            def device():
-                runtime = worker.runtime
-                return torch.device(runtime.device) if runtime is not None and \
-                    str(runtime.device).startswith("cuda") else None
+        # Always exported (0 without CUDA), so dashboards and alerts name metrics every instance has; read on
+        # the device the worker uses (cuda:1 on a second GPU), not the scraping thread's current one.
+        cuda = torch.cuda.is_available()
 
-            allocated = Gauge("sd35_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated() of the worker's GPU",
-                              registry=self.registry)
-            allocated.set_function(lambda: torch.cuda.memory_allocated(device()) if device() is not None else 0.0)
-            reserved = Gauge("sd35_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved() of the worker's GPU",
-                             registry=self.registry)
-            reserved.set_function(lambda: torch.cuda.memory_reserved(device()) if device() is not None else 0.0)
+        def device():
+            runtime = worker.runtime
+            return torch.device(runtime.device) if cuda and runtime is not None and \
+                str(runtime.device).startswith("cuda") else None
+
+        allocated = Gauge("sd35_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated() of the worker's GPU "
+                          "(0 without CUDA)", registry=self.registry)
+        allocated.set_function(lambda: torch.cuda.memory_allocated(device()) if device() is not None else 0.0)
+        reserved = Gauge("sd35_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved() of the worker's GPU "
+                         "(0 without CUDA)", registry=self.registry)
+        reserved.set_function(lambda: torch.cuda.memory_reserved(device()) if device() is not None else 0.0)
+        self._sharing(worker)
+
+    def _sharing(self, worker) -> None:
+        """Per-key usage, the keep-alive state and the queue's limits (issue 27)."""
+        images = Counter("sd35_images", "Images generated, by API key name", ["key"], registry=self.registry)
+        gpu = Counter("sd35_gpu_seconds", "Seconds the GPU worker spent on a key's jobs", ["key"],
+                      registry=self.registry)
+
+        def used(key: str, count: int, seconds: float) -> None:
+            images.labels(key=key).inc(count)
+            gpu.labels(key=key).inc(seconds)
+
+        worker.queue.listeners.append(used)
+        keep = worker.keep_alive
+        loaded = Gauge("sd35_model_loaded", "1 while the pipeline is in memory; 0 once SD35_KEEP_ALIVE released it "
+                       "(or before the first load)", registry=self.registry)
+        loaded.set_function(lambda: 1.0 if worker.state == "ready" and keep.loaded else 0.0)
+        failed = Gauge("sd35_model_load_failed", "1 when the model failed to load (at start, or reloading after "
+                       "a release)", registry=self.registry)
+        failed.set_function(lambda: 1.0 if worker.state == "failed" or keep.load_error else 0.0)
+        capacity = Gauge("sd35_queue_capacity", "SD35_QUEUE_SIZE: jobs that may wait in all",
+                         registry=self.registry)
+        capacity.set(worker.queue.capacity)

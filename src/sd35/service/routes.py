@@ -29,6 +29,8 @@ from sd35.service import images, imagestore, loras, page, stream
 from sd35.service.schemas import ErrorBody, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject, error_body, has_lone_surrogate
 from sd35.runtime import Cancelled
 from sd35.service.worker import Busy, NotReady, OutOfMemory, ShuttingDown, WorkerFailed
+from sd35.service import queueview
+from sd35.service.scheduler import KeyBusy, QuotaExceeded, Withdrawn  # sharing (issue 27)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -170,6 +172,8 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
 def _job_error(exc: BaseException, settings) -> JSONResponse:
     """A failed job → the response its client gets (OpenAI's error shape); anything unexpected re-raised
     (the middleware turns it into a 500 with a request id)."""
+    if isinstance(exc, Withdrawn):  # sharing: its owner cancelled it while queued
+        return queueview.withdrawn()
     if isinstance(exc, (asyncio.TimeoutError, Cancelled)):
         return error(504, f"generation did not finish within {settings.request_timeout:g} s (SD35_REQUEST_TIMEOUT)",
                      "server_error", None, "timeout")
@@ -311,7 +315,10 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
         on_latents = stream.preview_callback(asyncio.get_running_loop(), previews, plan.request.denoising_steps,
                                              body.partial_images)
     try:
-        job = worker.submit(plan.request, plan.n, settings.request_timeout, on_latents=on_latents)
+        job = worker.submit(plan.request, plan.n, settings.request_timeout, on_latents=on_latents,
+                            **queueview.owner(request))  # sharing: the key's turn, cap and quota
+    except (KeyBusy, QuotaExceeded) as exc:  # sharing: 429 for this key alone
+        return queueview.refused(exc, settings)
     except Busy as exc:
         return error(429, f"the GPU queue is full ({settings.queue_size} waiting); retry after {exc.retry_after} s",
                      "rate_limit_error", None, "queue_full", headers={"Retry-After": str(exc.retry_after)})
@@ -423,7 +430,8 @@ async def readyz(request: Request):
     loaded = worker.runtime.loaded
     return {"status": "ready", "model": loaded.source.requested, "commit": loaded.source.commit,
             "device": loaded.hardware.as_dict(), "precision": loaded.plan.as_dict(), "queue_size":
-            request.app.state.settings.queue_size, "queue_depth": worker.queue.qsize()}
+            request.app.state.settings.queue_size, "queue_depth": worker.queue.qsize(),
+            **worker.keep_alive.describe()}  # sharing: loaded / waking_up (SD35_KEEP_ALIVE)
 
 
 @router.get("/metrics")

@@ -34,6 +34,9 @@ def preflight(settings: Settings) -> None:
     from sd35.service.app import refuse_keyless
 
     keys = auth.load(settings)  # a broken keys file fails here, before anything binds
+    from sd35.service import quotas  # sharing: per-key usage must survive restarts
+
+    quotas.Ledger(quotas.state_dir(settings)).check()
     if not keys and not settings.allow_no_key:
         refuse_keyless(settings, keys, settings.host)
         others = other_login_accounts()

@@ -36,6 +36,8 @@ from sd35.errors import Sd35Error
 from sd35.runtime import Cancelled, Runtime
 from sd35.settings import Settings
 from sd35.service import images, notify
+from sd35.service import quotas, scheduler  # sharing: the fair queue (issue 27)
+from sd35.service.keepalive import KeepAlive  # sharing: SD35_KEEP_ALIVE (issue 27)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class Job:
     on_latents: object = None  # callable(batch, step, latents) for streamed previews
     batches: int = 1  # n runs in batches of SD35_MAX_IMAGES
     done_steps: int = 0  # denoising steps finished (over all batches)
+    key: str = "anonymous"  # sharing: the API key's name (its turn, cap and quota: scheduler.py)
+    ref: str | None = None  # sharing: the request id its owner sees in GET /v1/queue
 
     @property
     def total_steps(self) -> int:
@@ -99,7 +103,11 @@ class Worker:
         self.settings = settings
         # settings -> Runtime (tests pass a fake). "serve": SD35_COMPILE=auto compiles on CUDA, in the warm-up.
         self.loader = loader or (lambda s: Runtime.load(s, purpose="serve"))
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=settings.queue_size)
+        # sharing: turns per API key instead of FIFO (scheduler.py); usage goes to the ledger in SD35_STATE_DIR.
+        self.queue = scheduler.FairQueue(settings.queue_size, settings.queue_per_key,
+                                         ledger=quotas.Ledger(quotas.state_dir(settings)),
+                                         status=lambda: (self.rate, self.current))
+        self.keep_alive = KeepAlive(settings)  # sharing: release when idle, reload on the next job
         self.state = "starting"  # starting | loading | warming up | ready | failed | stopped
         self.runtime: Runtime | None = None
         self.error: Exception | None = None
@@ -118,14 +126,15 @@ class Worker:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: gen.GenerationRequest, n: int, timeout: float, on_latents=None) -> Job:
+    def submit(self, request: gen.GenerationRequest, n: int, timeout: float, on_latents=None,
+               key: str = "anonymous", ref: str | None = None) -> Job:
         if self.shutdown_deadline is not None:
             raise ShuttingDown("the service is shutting down")
         if self.state != "ready":
             raise NotReady(self.state)
         job = Job(request, n, time.monotonic() + timeout, on_latents=on_latents,
-                  batches=math.ceil(n / self.settings.max_images))
-        try:
+                  batches=math.ceil(n / self.settings.max_images), key=key, ref=ref)
+        try:  # sharing: also raises scheduler.KeyBusy / QuotaExceeded (the routes answer 429)
             self.queue.put_nowait(job)
         except queue.Full:
             raise Busy(self.retry_after()) from None
@@ -195,6 +204,10 @@ class Worker:
                     job = self.queue.get(timeout=0.5)
                 except queue.Empty:
                     job = None
+                    self.keep_alive.idle(self)  # sharing: release after SD35_KEEP_ALIVE of idleness
+                    continue
+                if not self.keep_alive.wake(self, job):  # sharing: reload a released model first
+                    self.queue.task_done()
                     continue
                 self.current = job
                 try:

@@ -122,11 +122,36 @@ async function refreshQueue() {
     if (r.status === 401) { $("queue").textContent = "API key needed"; return; }
     if (!r.ok) { $("queue").textContent = `model ${body.status || "not ready"}…`; return; }
     const waiting = body.queue_depth || 0;
+    const model = body.waking_up ? " · model waking up…" : body.loaded === false ? " · model asleep (the next request wakes it)" : "";
     $("queue").textContent = `${body.device && body.device.name ? body.device.name + " · " : ""}` +
-      `queue: ${waiting} waiting (room for ${body.queue_size})${state.busy ? " · yours is running or queued" : ""}`;
+      `queue: ${waiting} waiting (room for ${body.queue_size})${model}${state.busy ? " · yours is running or queued" : ""}`;
   } catch (_) {
     $("queue").textContent = "service unreachable";
   }
+}
+
+// Where this tab's job stands (GET /v1/queue: position 1 runs next, estimates from the measured speed).
+async function followJob(jobId, hasPreviews) {
+  let q;
+  try { q = await getJSON("/v1/queue"); } catch (_) { return; }
+  const job = (q.data || []).find((j) => j.id === jobId);
+  $("cancel").hidden = !job || job.state !== "queued";
+  if (!job || hasPreviews()) return;
+  if (job.state === "queued") {
+    const others = q.others && q.others.queued ? ` (${q.others.queued} from others waiting)` : "";
+    $("live-status").textContent = `— position ${job.position}, about ${Math.max(1, Math.round(job.estimated_start_s))} s${others}`;
+  } else if (q.waking_up || q.loaded === false) {
+    $("live-status").textContent = "— waking up the model (it was released while idle)…";
+  } else {
+    $("live-status").textContent = `— running, about ${Math.max(1, Math.round(job.estimated_end_s))} s left`;
+  }
+}
+
+async function cancelQueued() {
+  if (!state.jobId) return;
+  const resp = await fetch(`/v1/queue/${encodeURIComponent(state.jobId)}`, { method: "DELETE", headers: headers(false) });
+  if (!resp.ok) showError(await apiError(resp));
+  $("cancel").hidden = true;
 }
 
 // --- the form --------------------------------------------------------------------------------------------
@@ -276,21 +301,23 @@ async function generate() {
   $("live-status").textContent = "— waiting for the GPU…";
   const controller = new AbortController();
   state.abort = controller;
-  const poll = setInterval(refreshQueue, 2000);
+  const jobId = "page-" + Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("");
+  state.jobId = jobId;
+  let previews = 0;
+  const poll = setInterval(() => { refreshQueue(); followJob(jobId, () => previews > 0); }, 1000);
   refreshQueue();
   const finals = [];
   try {
     const fields = { ...params, stream: true, partial_images: partials, response_format: "b64_json" };
     delete fields.edit;
-    const resp = editing ? await window.sd35Edit.send(fields, controller.signal, headers(false))
+    const resp = editing ? await window.sd35Edit.send(fields, controller.signal, { ...headers(false), "X-Request-Id": jobId })
       : await fetch("/v1/images/generations", {
         method: "POST",
-        headers: { ...headers(true), Accept: "text/event-stream" },
+        headers: { ...headers(true), Accept: "text/event-stream", "X-Request-Id": jobId },
         body: JSON.stringify(fields),
         signal: controller.signal,
       });
     if (!resp.ok) throw await apiError(resp);
-    let previews = 0;
     for await (const ev of sseEvents(resp)) {
       if (ev.name === "image_generation.partial_image" || ev.name === "image_edit.partial_image") {
         previews += 1;
@@ -324,6 +351,9 @@ async function generate() {
     if (err.name === "AbortError") {
       showError(null);
       $("live-status").textContent = "— stopped";
+    } else if (err.code === "cancelled") {
+      showError(null);
+      $("live-status").textContent = "— cancelled while queued";
     } else {
       showError(err);
       $("live").hidden = finals.length === 0;
@@ -331,6 +361,8 @@ async function generate() {
   } finally {
     clearInterval(poll);
     state.abort = null;
+    state.jobId = null;
+    $("cancel").hidden = true;
     setBusy(false);
     refreshQueue();
   }
@@ -562,6 +594,7 @@ $("key").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.ctrlKey && !e.metaKey) { e.preventDefault(); saveKey(); }
 });
 $("stop").addEventListener("click", () => state.abort && state.abort.abort());
+$("cancel").addEventListener("click", cancelQueued);
 $("seed-random").addEventListener("click", () => { $("seed").value = ""; });
 $("seed-last").addEventListener("click", () => { if (state.lastSeed !== null) $("seed").value = state.lastSeed; });
 $("clear").addEventListener("click", () => {
