@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd35 import __version__
 from sd35.settings import Settings
-from sd35.service import edits, loras, notify, openapi, page, queueview
+from sd35.service import edits, loras, notify, openapi, page, queueview, status
 from sd35.service.imagestore import make_store
 from sd35.service.limits import BodyLimitMiddleware, CutOffMiddleware
 from sd35.service.metrics import Metrics
@@ -185,6 +185,7 @@ def create_app(settings: Settings, worker: Worker | None = None, *, host: str | 
     app.state.started = int(time.time())
     app.state.images = make_store(settings)
     app.include_router(router)
+    app.include_router(status.router)  # /v1/models, image links, /healthz, /readyz, /metrics
     app.include_router(edits.router)  # POST /v1/images/edits (multipart), answered by routes.answer
     app.include_router(loras.router)  # GET /v1/loras: what SD35_LORA_DIR offers
     app.include_router(queueview.router)  # GET /v1/queue, DELETE /v1/queue/{id} (sharing)

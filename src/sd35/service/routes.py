@@ -1,5 +1,6 @@
-"""The endpoints: OpenAI's /v1/images/generations, /v1/models[/{id}], the short-lived image links
-(/v1/images/{id}), plus /healthz, /readyz, /metrics.
+"""The generation endpoint: OpenAI's /v1/images/generations (and `answer`, which /v1/images/edits shares).
+What clients and monitors read about the service (/v1/models, image links, /healthz, /readyz, /metrics) is
+in status.py.
 
 Every request is checked up front (text, size against the loaded model, n, steps, guidance, enums) and
 refused with a 4xx naming the field and the allowed values before it can reach the GPU queue. Jobs that
@@ -18,15 +19,15 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from sd35.inference import generate as gen
 from sd35.errors import InputError, NonFiniteOutput, Sd35Error
 from sd35.models import expand_alias
 from sd35.runtime import edit_size
-from sd35.service import images, imagestore, loras, page, stream
-from sd35.service.schemas import ErrorBody, ImageGenerationRequest, ImagesResponse, ModelList, ModelObject, error_body, has_lone_surrogate
+from sd35.service import images, imagestore, loras, stream
+from sd35.service.schemas import ErrorBody, ImageGenerationRequest, ImagesResponse, error_body, has_lone_surrogate
 from sd35.runtime import Cancelled
 from sd35.service.worker import Busy, NotReady, OutOfMemory, ShuttingDown, WorkerFailed
 from sd35.service import queueview
@@ -372,70 +373,3 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
                  "notes": plan.notes, "notice": loaded.source.notice, "lora": worker.runtime.lora_record(r),
                  **({"edit": r.edit.record()} if r.edit is not None else {})},
     })
-
-
-@router.get("/v1/images/{image_id}", responses={
-    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
-                      "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-                      "image/webp": {"schema": {"type": "string", "format": "binary"}}},
-          "description": "The image bytes"},
-    401: _ERRORS[401], 404: _ERRORS[404], 405: {"model": ErrorBody}})
-async def get_image(image_id: str, request: Request):
-    """An image made with `response_format: url`, for SD35_IMAGE_URL_TTL seconds after it was made."""
-    if image_id in ("generations", "edits"):  # GET on a POST endpoint
-        return error(405, f"use POST for /v1/images/{image_id}", "invalid_request_error", None,
-                     "method_not_allowed", headers={"Allow": "POST"})
-    item = request.app.state.images.get(image_id)
-    if item is None:
-        return error(404, f"image {image_id!r} does not exist or has expired (links last "
-                     f"{request.app.state.settings.image_url_ttl:g} s)", "invalid_request_error", "image_id",
-                     "not_found")
-    return Response(item.data, media_type=item.media_type, headers={"Cache-Control": "private, max-age=60"})
-
-
-@router.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]})
-async def list_models(request: Request):
-    settings = request.app.state.settings
-    created = request.app.state.started
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "sd35"}
-                                       for m in served_model_ids(settings)]}
-
-
-@router.get("/v1/models/{model_id:path}", response_model=ModelObject,
-            responses={401: _ERRORS[401], 404: _ERRORS[404]})
-async def get_model(model_id: str, request: Request):
-    settings = request.app.state.settings
-    if model_id not in served_model_ids(settings):
-        return error(404, f"model {model_id!r} is not served here; GET /v1/models lists the served model",
-                     "invalid_request_error", "model", "model_not_found")
-    return {"id": model_id, "object": "model", "created": request.app.state.started, "owned_by": "sd35",
-            "sd35": page.model_card(settings, request.app.state.worker)}
-
-
-@router.get("/healthz")
-async def healthz():
-    """Alive (the process answers). No auth, no model needed: for load balancers and HEALTHCHECK."""
-    return {"status": "ok"}
-
-
-@router.get("/readyz")
-async def readyz(request: Request):
-    """Ready to generate: the model is loaded and warmed up. Reports the real device and precision."""
-    worker = request.app.state.worker
-    if worker.state != "ready":
-        body = {"status": worker.state}
-        if worker.error is not None:
-            body["error"] = str(worker.error).splitlines()[0]
-        return JSONResponse(body, status_code=503)
-    loaded = worker.runtime.loaded
-    return {"status": "ready", "model": loaded.source.requested, "commit": loaded.source.commit,
-            "device": loaded.hardware.as_dict(), "precision": loaded.plan.as_dict(), "queue_size":
-            request.app.state.settings.queue_size, "queue_depth": worker.queue.qsize(),
-            **worker.keep_alive.describe()}  # sharing: loaded / waking_up (SD35_KEEP_ALIVE)
-
-
-@router.get("/metrics")
-async def metrics(request: Request):
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
