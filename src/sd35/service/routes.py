@@ -91,6 +91,7 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
     """Validate a generation request against the model and the service's limits; a JSONResponse means
     refused (4xx naming the field and the allowed values)."""
     defaults = runtime.info.sampling
+    # 1. Text fields, the model, the enums and numbers that need no model.
     for name in ("prompt", "negative_prompt", "model", "user", "safety_identifier"):
         if (refused := _text(getattr(body, name), name)) is not None:
             return refused
@@ -112,6 +113,7 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
         return _bad(f"steps must be from 1 to {settings.max_steps} (got {body.steps})", "steps")
     if body.guidance_scale is not None and not math.isfinite(body.guidance_scale):
         return _bad("guidance_scale must be a finite number", "guidance_scale")
+    # 2. The size, against the loaded MMDiT's position embedding and SD35_MAX_PIXELS.
     width, height = defaults.width, defaults.height
     if edit is not None:  # an edit's "auto" size: its input's, rounded to what the model takes
         width, height = edit_size(runtime.info, edit["image"], None, None, settings.max_pixels)
@@ -127,6 +129,7 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
     if width * height > settings.max_pixels:
         return _bad(f"size {width}x{height} is {width * height} pixels; the limit is {settings.max_pixels} "
                     "(SD35_MAX_PIXELS)", "size")
+    # 3. The request against the loaded model (steps from quality, LoRAs, an edit's inputs).
     prompt, notes = images.cap_text(body.prompt)
     negative, negative_notes = images.cap_text(body.negative_prompt or "")
     notes += [f"negative_{note}" for note in negative_notes]
@@ -140,6 +143,7 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
     except InputError as exc:
         param = {"height": "size", "width": "size", "guidance": "guidance_scale"}.get(exc.param, exc.param)
         return _bad(exc.cause, param)
+    # 4. What the tokenizers read (usage, revised_prompt, truncation notes).
     try:
         tokens, revised, prompt_notes = reader.read(req.prompt)
         notes += prompt_notes
@@ -152,6 +156,7 @@ def _check(body: ImageGenerationRequest, settings, runtime, reader: images.Promp
             return _bad(f"negative_prompt: {exc}", "negative_prompt")
         tokens += neg_tokens
         notes += [f"negative_{note}" for note in neg_notes]
+    # 5. The answer's form: format, the link store's room, notes on fields without effect.
     fmt = body.output_format or "png"
     if body.response_format == "url" and not body.stream and \
             imagestore.stored_bound(width, height, body.n) > settings.image_store_bytes:
@@ -297,6 +302,7 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
     Runtime.check fields) an edit (service/edits.py), whose `notes` join the plan's."""
     state = request.app.state
     settings, worker = state.settings, state.worker
+    # 1. Refused before any work: shutting down, not ready, or the request itself (a 4xx naming the field).
     if worker.shutdown_deadline is not None:
         return _job_error(ShuttingDown(), settings)
     if worker.state != "ready":
@@ -309,6 +315,7 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
         return plan
     plan.notes.extend(notes)
     request.state.access = access = {"size": plan.size, "n": plan.n, "steps": plan.request.steps}  # access log
+    # 2. Queued (this key's turn, cap and quota), or refused with a 429/503.
     started = time.monotonic()
     previews: asyncio.Queue = asyncio.Queue()
     on_latents = None
@@ -331,6 +338,7 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
     log.info("job %s: n=%d size=%s steps=%d user=%r", job.id, plan.n, plan.size, plan.request.steps,
              body.safety_identifier or body.user)
 
+    # 3. Streamed: previews, then the images, as OpenAI's events.
     if body.stream:
         async def finish(result) -> list[dict]:  # streamed images travel as base64 (OpenAI's events)
             items, one, _ = await _finish(result, plan, request, store=False)
@@ -340,6 +348,7 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
         return StreamingResponse(stream.events(job, previews, plan, finish, lambda exc: _error_dict(exc, settings),
                                                lambda: cut_off(worker)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    # 4. Or waited for, encoded (stored for url links) and answered as one JSON body.
     try:
         result = await _wait(job, request)
     except ClientGone:  # nobody reads this answer; the job was stopped at its next step
