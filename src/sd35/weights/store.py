@@ -166,7 +166,7 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
         raise InputError(f"{source.path} is already pre-quantized.", "quantize the bf16 source model instead.")
     need = sum(f.stat().st_size for f in (source.path / "transformer").rglob("*.safetensors"))
     need += sum(f.stat().st_size for f in (source.path / "text_encoder_3").rglob("*.safetensors"))
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_store_dir(target.parent)
     free = shutil.disk_usage(target.parent).free
     if need // 2 + (1 << 30) > free:
         raise ModelError(f"not enough disk for the pre-quantized copy: ~{need / 2e9:.1f} GB needed, "
@@ -274,6 +274,16 @@ def _share(folder: Path, group: bool) -> None:
             os.chmod(p, dmode)
         elif st.st_nlink == 1:
             os.chmod(p, fmode)
+
+
+def _make_store_dir(folder: Path) -> None:
+    """Create the store's folder; inside a shared (setgid) cache it is made group-writable and setgid like
+    the cache (mkdir follows the creator's umask, often 022, and the next teammate could not add a store)."""
+    if folder.is_dir():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    if _setgid(folder.parent):
+        os.chmod(folder, 0o2775)
 
 
 def _setgid(folder: Path) -> bool:
