@@ -39,7 +39,7 @@ DOC_STEPS = [
     "HF_HUB_CACHE=/srv/cache/huggingface .venv/bin/sd35 cache verify",
 ]
 
-pytestmark = [needs_other, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.root, needs_other, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def _exists(kind: str, name: str) -> bool:
