@@ -74,10 +74,25 @@ def test_verify_finds_lfs_stub_truncation_missing_blob_and_group_permissions(pla
     assert ("truncated", "diffusion_pytorch_model.safetensors") in kinds
     assert ("missing-blob", "model.safetensors") in kinds
     assert ("permissions", blob.name) in kinds
+    # an unreadable file is reported once, as unreadable; a hard-linked private file gets a fix that
+    # copies it instead of chmod-ing the inode it shares
+    private = planted.parent / "private.safetensors"
+    private.write_bytes(b"x" * 10)
+    os.chmod(private, 0o600)
+    linked = planted / "linked.safetensors"
+    os.link(private, linked)
+    problems = [p for p in cache.verify(planted) if p.path == linked]
+    assert len(problems) == 1 and problems[0].kind == "unreadable", problems
+    assert "permission denied" in problems[0].detail and "cannot write" not in problems[0].detail
+    assert "hard-linked" in problems[0].fix and "chmod -R" not in problems[0].fix and "cp " in problems[0].fix
+    paths = [p.path for p in cache.verify(planted)]
+    assert len(paths) == len(set(paths))  # each file once
+    linked.unlink()
     r = run_cli("cache", "verify", MEDIUM, env={"HF_HUB_CACHE": str(planted)})
     assert r.returncode == 1
     assert "lfs-stub" in r.stderr and "truncated" in r.stderr and "missing-blob" in r.stderr
-    assert "sd35 cache prefetch" in r.stderr and "chmod -R g+rwX" in r.stderr
+    assert "sd35 cache prefetch" in r.stderr and "chmod g+rwX" in r.stderr
+    assert "-type f -links 1" in r.stderr  # the general fix leaves hard-linked files (and their sources) alone
 
 
 def test_ls_lists_models_revisions_and_sizes(planted):

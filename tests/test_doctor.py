@@ -71,8 +71,9 @@ def test_shared_cache_that_the_group_cannot_write(tmp_path):
     os.chmod(cache / ".locks", 0o775)  # lost its setgid
     c = by_name(doctor.run(ctx_for(hf_hub_cache=cache)), "hub cache")
     assert c.status == "fail"
-    assert "2 not group-writable" in c.finding and "1 dirs without setgid" in c.finding
-    assert "PermissionError" in c.finding and "chmod -R g+rwX" in c.fix and "umask 0002" in c.fix
+    assert "1 unreadable by the group" in c.finding and "1 not group-writable" in c.finding
+    assert "1 dirs without setgid" in c.finding
+    assert "PermissionError" in c.finding and "chmod g+rwX" in c.fix and "umask 0002" in c.fix
     # fixed as the fix says, it passes
     for p in (blobs / "abc123", locks / "abc123.lock"):
         os.chmod(p, 0o664)

@@ -55,6 +55,15 @@ def test_keys_file_hashes_checks_and_refuses_loose_modes(tmp_path):
         auth.read(path)
 
 
+def test_keys_add_for_a_missing_group_says_how_to_create_it(tmp_path):
+    with pytest.raises(InputError) as exc:
+        auth.add(tmp_path / "api-keys", "alice", group="no-such-group-sd35")
+    assert "no group 'no-such-group-sd35'" in exc.value.cause
+    assert "sudo groupadd --system no-such-group-sd35" in exc.value.fix and "useradd --system" in exc.value.fix
+    assert "--group" not in exc.value.fix  # not the failing command again
+    assert not (tmp_path / "api-keys").exists()
+
+
 def test_keys_cli_prints_the_key_once_and_lists_names(tmp_path):
     from helpers import run_cli
 
@@ -304,6 +313,7 @@ def test_keyless_service_is_refused_on_a_multi_user_host(other):
                        env=base_env(SD35_API_KEYS_FILE=""), timeout=60)
     assert r.returncode == 2, r.stderr
     assert "other accounts can log in" in r.stderr and OTHER in r.stderr and "sd35 keys add" in r.stderr
+    assert "keys add NAME --group sd35" in " ".join(r.stderr.split())  # the file the service can read
     assert "SD35_ALLOW_NO_KEY=1" in r.stderr and "Traceback" not in r.stderr
 
 

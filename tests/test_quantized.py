@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,7 @@ def test_prequantized_lean_and_todays_path_give_the_same_image(prequantized, tin
     assert (rt_today.loaded.load_path, rt_lean.loaded.load_path, rt_store.loaded.load_path) == (
         "bf16-quantize", "lean", "prequantized")
     assert rt_store.loaded.source.kind == "quantized" and rt_store.info.family == "tiny"
+    assert rt_store.loaded.source.notice == tiny.TINY_NOTICE  # a store made from tiny keeps its notice
     assert rt_store.loaded.weight_bytes["transformer"] == rt_today.loaded.weight_bytes["transformer"]
     assert np.array_equal(today, lean) and np.array_equal(today, stored)
     _, by_path = _image(model=str(prequantized))  # by path
@@ -144,6 +146,41 @@ def test_bf16_from_a_prequantized_folder_is_refused(prequantized):
     r = run_cli("generate", "--model", str(prequantized), "--precision", "bf16", "--steps", "1", "--out", "out")
     assert r.returncode == 2 and "pre-quantized FP8" in r.stderr and "--model tiny" in r.stderr
     assert not Path("out").exists()
+
+
+def test_store_copies_private_source_files_and_leaves_their_mode(prequantized, tiny_cache):
+    """The tiny model's files are 0600: a hard link would keep that mode (teammates could not read the
+    store) and a chmod on the link would change the source. They are copied; what the store owns is
+    readable by all."""
+    src_dir = tiny.tiny_dir(tiny_cache)
+    for f in sorted(prequantized.rglob("*")):
+        if not f.is_file():
+            continue
+        st = f.stat()
+        assert st.st_mode & 0o444 == 0o444, f
+        src = src_dir / f.relative_to(prequantized)
+        if src.is_file() and src.stat().st_mode & 0o777 != st.st_mode & 0o777:
+            assert not os.path.samefile(src, f), f  # a different mode: a copy, never the source's inode
+    private = [f for f in src_dir.rglob("*.safetensors") if not f.stat().st_mode & 0o044]
+    assert private, "the tiny model's weights are private (0600): the case this guards"
+
+
+def test_unreadable_store_file_is_named_permission_denied(prequantized, tmp_path):
+    """diffusers reports permission denied as FileNotFoundError; the load check names it."""
+    import shutil
+
+    from sd35.weights import hub
+
+    folder = tmp_path / "store"
+    shutil.copytree(prequantized, folder)
+    bad = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    real_access = os.access
+    with pytest.MonkeyPatch.context() as mp:  # root reads anything: pretend to be a teammate
+        mp.setattr(hub.os, "access", lambda p, m: Path(p) != bad and real_access(p, m))
+        with pytest.raises(ModelError) as exc:
+            hub.check_local(str(folder))
+    assert "permission denied" in exc.value.cause and str(bad) in exc.value.cause
+    assert "sd35 cache quantize" in exc.value.fix
 
 
 def test_quantize_refuses_bad_requests_before_reading(tmp_path):

@@ -78,8 +78,29 @@ def test_stream_final_image_equals_the_non_streamed_one(client):
 
 
 def test_stream_without_partials_and_with_n(client):
-    events = list(client.images.generate(prompt="two", stream=True, n=2, size="64x64", extra_body={"steps": 1}))
+    import logging
+    import re
+    import time
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    access = logging.getLogger("sd35.access")
+    access.addHandler(handler)
+    old_level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        events = list(client.images.generate(prompt="two", stream=True, n=2, size="64x64", extra_body={"steps": 1}))
+        deadline = time.monotonic() + 5  # the line is written once the stream's last byte is sent
+        while not any("POST /v1/images/generations" in x for x in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(old_level)
     assert [e.type for e in events] == ["image_generation.completed"] * 2
+    # the access line of a streamed request carries queue_wait like any other
+    assert any(re.search(r"status=200 POST /v1/images/generations size=64x64 n=2 steps=1 queue_wait=\d+\.\d+s", x)
+               for x in lines), lines
 
 
 def test_client_parity_fields(client):
@@ -567,3 +588,12 @@ def test_pipelined_requests_outliving_the_header_timeout_are_both_answered(api, 
     one = head("/v1/images/generations", f"Content-Length: {len(payload)}\r\n") + payload
     answer = raw(api, one + one, wait=30)
     assert answer.count(b"HTTP/1.1 200") == 2, answer[:300]
+
+
+def test_page_key_field_asks_for_a_personal_key(api):
+    """Per-person keys come from `sd35 keys add`; the page must not send people looking for SD35_API_KEY."""
+    status, _, page = call(api.url + "/", key=None)
+    assert status == 200
+    start = page.index('id="key-row"')
+    field = page[start:page.index("</div>\n    <fieldset", start)]
+    assert "sd35 keys add" in field and "SD35_API_KEY" not in field

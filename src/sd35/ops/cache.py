@@ -27,20 +27,51 @@ class PermissionReport:
     cache: Path
     shared: bool  # the root is setgid or group-writable: meant for a group
     group: str | None
-    not_group_writable: list[Path] = field(default_factory=list)  # files and dirs members cannot write
+    not_group_readable: list[Path] = field(default_factory=list)  # members get "permission denied" reading
+    not_group_writable: list[Path] = field(default_factory=list)  # readable, but members cannot write
     dirs_without_setgid: list[Path] = field(default_factory=list)  # new files there get the creator's group
     other_group: list[Path] = field(default_factory=list)  # owned by another group than the root's
+    hard_linked: set[Path] = field(default_factory=set)  # files sharing their inode (and mode) with another
 
     @property
     def ok(self) -> bool:
-        return not (self.not_group_writable or self.dirs_without_setgid or self.other_group)
+        return not self.paths()
+
+    def paths(self) -> list[Path]:
+        """Every path with a problem, once, in the order found."""
+        lists = (self.not_group_readable, self.not_group_writable, self.dirs_without_setgid, self.other_group)
+        return list(dict.fromkeys(p for lst in lists for p in lst))
+
+    def reasons(self, p: Path) -> list[str]:
+        out = []
+        if p in self.not_group_readable:
+            out.append("unreadable by the group (members get permission denied)")
+        if p in self.not_group_writable:
+            out.append("the group cannot write it (members will get PermissionError)")
+        if p in self.dirs_without_setgid:
+            out.append("no setgid (new files there get their creator's group)")
+        if p in self.other_group:
+            out.append(f"owned by another group than {self.group}")
+        return out
 
     def fix(self) -> str:
+        """The repair for the whole cache. Hard-linked files are left out: chgrp/chmod on one would change
+        the file it shares its inode with (a pre-quantized store's link to someone's private model)."""
         g = self.group or "GROUP"
         c = self.cache
-        return (f"sudo chgrp -R {g} {c} && sudo chmod -R g+rwX {c} && "
+        return (f"sudo find {c} \\( -type d -o -type f -links 1 \\) "
+                f"-exec chgrp {g} {{}} + -exec chmod g+rwX {{}} + && "
                 f"sudo find {c} -type d -exec chmod g+s {{}} + ; and give every user `umask 0002` "
                 "(systemd: UMask=0002)")
+
+    def fix_for(self, p: Path) -> str:
+        if p not in self.hard_linked:
+            return self.fix()
+        g = self.group or "GROUP"
+        return (f"it is hard-linked: it shares its inode and mode with another file (perhaps a private source), "
+                f"so do not chmod it; give the cache a copy of its own: `sudo cp {p} {p}.copy && sudo mv {p}.copy {p} "
+                f"&& sudo chgrp {g} {p} && sudo chmod 664 {p}` (a pre-quantized store: delete it and re-run "
+                "`sd35 cache quantize`, which copies such files)")
 
 
 def _group_name(gid: int) -> str | None:
@@ -74,14 +105,19 @@ def inspect_permissions(cache: Path, limit: int = 1000) -> PermissionReport:
             if stat.S_ISLNK(st.st_mode):  # snapshot entries are links into blobs/
                 continue
             is_dir = stat.S_ISDIR(st.st_mode)
-            need = stat.S_IRGRP | stat.S_IWGRP | (stat.S_IXGRP if is_dir else 0)
-            if st.st_mode & need != need:
+            read = stat.S_IRGRP | (stat.S_IXGRP if is_dir else 0)
+            if st.st_mode & read != read:
+                report.not_group_readable.append(p)
+            elif not st.st_mode & stat.S_IWGRP:
                 report.not_group_writable.append(p)
+            if not is_dir and st.st_nlink > 1:
+                report.hard_linked.add(p)
             if is_dir and not st.st_mode & stat.S_ISGID:
                 report.dirs_without_setgid.append(p)
             if st.st_gid != root.st_gid:
                 report.other_group.append(p)
-            if len(report.not_group_writable) + len(report.dirs_without_setgid) >= limit:
+            found = report.not_group_readable + report.not_group_writable + report.dirs_without_setgid
+            if len(found) >= limit:
                 return report
     return report
 
@@ -137,7 +173,7 @@ def init(path: Path, group: str | None = None) -> InitResult:
 
 @dataclass
 class Problem:
-    kind: str  # lfs-stub | missing-blob | truncated | incomplete-download | permissions
+    kind: str  # lfs-stub | missing-blob | truncated | incomplete-download | unreadable | permissions
     path: Path
     detail: str
     fix: str
@@ -180,9 +216,9 @@ def verify(cache: Path, model: str | None = None) -> list[Problem]:
                     problems.append(Problem("truncated", f, why, refetch.format(repo=repo)))
     if cache.is_dir() and is_shared(cache):
         report = inspect_permissions(cache)
-        for p in (report.not_group_writable + report.dirs_without_setgid + report.other_group)[:50]:
-            problems.append(Problem("permissions", p, "the group cannot write it (others will get PermissionError)",
-                                    report.fix()))
+        for p in report.paths()[:50]:  # each path once, with all its reasons
+            kind = "unreadable" if p in report.not_group_readable else "permissions"
+            problems.append(Problem(kind, p, "; ".join(report.reasons(p)), report.fix_for(p)))
     return problems
 
 

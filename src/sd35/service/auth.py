@@ -152,8 +152,13 @@ def add(path: Path, name: str, group: str | None = None) -> str:
             try:
                 gid = grp.getgrnam(group).gr_gid
             except KeyError:
-                raise InputError(f"no group {group!r} on this machine.", "pass the service's group, e.g. "
-                                 "--group sd35.", param="group") from None
+                raise InputError(
+                    f"no group {group!r} on this machine: the keys file is given to the service's group, "
+                    "which must exist first.",
+                    f"create it: `sudo groupadd --system {group}` (or `sudo useradd --system {group}` for the "
+                    "service account, which creates its group too), then run this again. Keep it apart from "
+                    "the team's group (docs/hosting.md: `sd35` for the service, `sd35-team` for people), or "
+                    "every teammate can read the keys.", param="group") from None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         os.close(fd)
         os.chown(path, -1, gid)

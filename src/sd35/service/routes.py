@@ -246,6 +246,11 @@ async def _wait(job, request: Request):
                 raise ClientGone from None
 
 
+def _queue_wait(started: float, result) -> float:
+    """Seconds the job waited for the GPU: its time since submit less the time its stages took."""
+    return max(0.0, time.monotonic() - started - sum(result.timings.values()))
+
+
 async def _finish(result, plan: Plan, request: Request, *, store: bool) -> tuple[list[dict], dict, dict]:
     """Encode the images (base64 too, off the event loop); `store`: keep them behind links (`url`), all of
     one response together. Returns the `data` items, the usage of one image and of all of them."""
@@ -341,6 +346,7 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
     # 3. Streamed: previews, then the images, as OpenAI's events.
     if body.stream:
         async def finish(result) -> list[dict]:  # streamed images travel as base64 (OpenAI's events)
+            access["queue_wait"] = _queue_wait(started, result)  # logged when the stream ends
             items, one, _ = await _finish(result, plan, request, store=False)
             state.metrics.latency.observe(time.monotonic() - started)
             return [{"b64_json": it["b64_json"], "usage": one} for it in items]
@@ -355,7 +361,7 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
         return error(499, "client closed the request", "invalid_request_error", None, "client_closed")
     except Exception as exc:  # noqa: BLE001 - mapped to 503/504/400, anything else re-raised (500)
         return _job_error(exc, settings)
-    access["queue_wait"] = max(0.0, time.monotonic() - started - sum(result.timings.values()))
+    access["queue_wait"] = _queue_wait(started, result)
     try:
         items, _, usage = await _finish(result, plan, request, store=plan.response_format == "url")
     except imagestore.DoesNotFit as exc:

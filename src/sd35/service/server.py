@@ -46,8 +46,9 @@ def preflight(settings: Settings) -> None:
                 f"refusing to serve without an API key: other accounts can log in to this machine ({shown}), and "
                 f"127.0.0.1:{settings.port} is open to each of them — they could use the GPU and the access log "
                 "could not say who.",
-                "create per-user keys: `sudo /opt/sd35-workspace/.venv/bin/sd35 keys add NAME` (appends to "
-                "/etc/sd35/api-keys, SD35_API_KEYS_FILE) — or for yourself alone, SD35_API_KEY=<a long random "
+                "create per-user keys: `sudo /opt/sd35-workspace/.venv/bin/sd35 keys add NAME --group sd35` "
+                "(appends to /etc/sd35/api-keys, SD35_API_KEYS_FILE, readable by the service's group `sd35` "
+                "alone; docs/hosting.md) — or for yourself alone, SD35_API_KEY=<a long random "
                 "string> in .env; or accept it with --allow-no-key (SD35_ALLOW_NO_KEY=1).",
                 param="api_key",
             )

@@ -105,7 +105,7 @@ def resolve(settings: Settings, *, with_t5: bool = True) -> ModelSource:
     stored = _quantized_store(model, settings)
     if stored is not None:  # a name in the pre-quantized store (`sd35 cache quantize`)
         src = check_local(str(stored), with_t5=with_t5)
-        return ModelSource(model, "quantized", src.path)
+        return ModelSource(model, "quantized", src.path, notice=src.notice)
     if kind == "invalid":
         raise ModelError(
             f"model {model!r} is neither `tiny`, an existing local folder, nor a Hub repo id (org/name).",
@@ -172,7 +172,61 @@ def check_local(requested: str, *, with_t5: bool = True) -> ModelSource:
             "(single-file .safetensors checkpoints are not supported: use the diffusers layout).",
         )
     check_complete(path, with_t5=with_t5)
-    return ModelSource(requested, "local", path.resolve())
+    check_readable(path)
+    return ModelSource(requested, "local", path.resolve(), notice=_store_notice(path))
+
+
+def _store_notice(folder: Path) -> str | None:
+    """A pre-quantized store made from the tiny model keeps the tiny model's notice (its images are not
+    SD3.5's either); the store's record says what its source was."""
+    from sd35.weights import store
+
+    try:
+        record = store.read_record(folder)
+    except ModelError:
+        return None  # load.py reports the bad record
+    if record and record.get("source", {}).get("kind") == "tiny":
+        from sd35.weights import tiny
+
+        return tiny.TINY_NOTICE
+    return None
+
+
+def check_readable(folder: Path) -> None:
+    """Refuse a folder with files this user cannot read, naming the file: diffusers turns permission
+    denied into `FileNotFoundError …/model.safetensors`, which sends people looking for a missing file
+    (a teammate loading a store in the shared cache whose files kept the private source's 0600 mode)."""
+    denied: list[Path] = []
+
+    def onerror(exc: OSError) -> None:
+        denied.append(Path(exc.filename))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror):
+        for name in filenames:
+            f = Path(dirpath) / name
+            if f.exists() and not os.access(f, os.R_OK):
+                denied.append(f)
+        if len(denied) > 3:
+            break
+    if denied:
+        shown = ", ".join(str(d) for d in denied[:3]) + (" …" if len(denied) > 3 else "")
+        raise ModelError(
+            f"permission denied reading {shown}{_who(denied[0])}.",
+            "ask the owner to make the folder group-readable (in the shared cache: `sd35 cache verify` shows the "
+            "command); a pre-quantized store made by an older sd35 must be re-made: delete it, then "
+            "`sd35 cache quantize --model SOURCE` (hard-linked private files are copied now).",
+        )
+
+
+def _who(f: Path) -> str:
+    """` (owner alice, mode 600)`, or nothing when even that cannot be read."""
+    try:
+        import pwd
+
+        st = f.stat()
+        return f" (owner {pwd.getpwuid(st.st_uid).pw_name}, mode {st.st_mode & 0o777:o})"
+    except (KeyError, ImportError, OSError):
+        return ""
 
 
 def is_lfs_pointer(f: Path) -> bool:

@@ -7,7 +7,9 @@ was made (source repo + commit, precision, the layers kept in bf16, library vers
 shared cache, inside `HF_HUB_CACHE` (`<HF_HUB_CACHE>/sd35-quantized/<alias>-<precision>`, or
 `SD35_QUANTIZED_DIR`), so one person quantizes and the team loads it by name (`--model medium-fp8-weight`)
 or by path. The other components (CLIP encoders, VAE, tokenizers, scheduler) are hard-linked from the
-source when the filesystem allows, else copied.
+source when it already has the owner group and mode the store gives its files, else copied: a hard link
+shares the inode, so it keeps the source's owner and mode (the tiny model's files are 0600) and a chmod
+on it would change the private source too.
 """
 
 from __future__ import annotations
@@ -127,14 +129,20 @@ def listing(settings: Settings) -> list[dict]:
     return rows
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link a file (the Hub cache's blob, shared, no extra disk) or copy it across filesystems."""
+def _link_or_copy(src: Path, dst: Path, mode: int, gid: int | None) -> None:
+    """Hard-link a file (the Hub cache's blob, shared, no extra disk) when the link already has the mode
+    (and, in a group store, the group) the store gives its files; else copy it, so `_share` can set the
+    copy's mode without touching the source's inode."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     real = src.resolve()
-    try:
-        os.link(real, dst)
-    except OSError:
-        shutil.copyfile(real, dst)
+    st = real.stat()
+    if st.st_mode & 0o7777 == mode and (gid is None or st.st_gid == gid):
+        try:
+            os.link(real, dst)
+            return
+        except OSError:
+            pass  # another filesystem, or links not allowed: copy
+    shutil.copyfile(real, dst)
 
 
 def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path | None = None) -> Path:
@@ -158,7 +166,7 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
         raise InputError(f"{source.path} is already pre-quantized.", "quantize the bf16 source model instead.")
     need = sum(f.stat().st_size for f in (source.path / "transformer").rglob("*.safetensors"))
     need += sum(f.stat().st_size for f in (source.path / "text_encoder_3").rglob("*.safetensors"))
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_store_dir(target.parent)
     free = shutil.disk_usage(target.parent).free
     if need // 2 + (1 << 30) > free:
         raise ModelError(f"not enough disk for the pre-quantized copy: ~{need / 2e9:.1f} GB needed, "
@@ -167,6 +175,9 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
 
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    group = _setgid(target.parent)
+    fmode, _ = _modes(group)
+    gid = target.parent.stat().st_gid if group else None
     try:
         # 3. Components stored as they are.
         for f in sorted(source.path.rglob("*")):
@@ -174,7 +185,7 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
             if rel.parts[0] in ("transformer",) or (rel.parts[0] == "text_encoder_3" and t5_mode != "bf16"):
                 continue
             if f.is_file():
-                _link_or_copy(f, tmp / rel)
+                _link_or_copy(f, tmp / rel, fmode, gid)
         # 4. FP8 components, one at a time (peak host memory: one FP8 component plus a shard of bf16).
         transformer = lean.load_transformer(source.path, quantize=True)
         store_transformer(transformer, tmp)
@@ -203,7 +214,7 @@ def quantize(settings: Settings, source, mode: str, t5: str = "auto", out: Path 
             "seconds": round(time.perf_counter() - started, 1),
         }
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        _share(tmp, group=_setgid(target.parent))
+        _share(tmp, group=group)
         if target.is_dir():
             target.rmdir()  # an empty folder named by --out
         os.replace(tmp, target)
@@ -243,18 +254,36 @@ def _user() -> str:
         return str(os.getuid())
 
 
-def _share(folder: Path, group: bool) -> None:
-    """Make what we wrote readable by the team (save_pretrained writes safetensors as 0600); group-writable
-    too in a shared (setgid) store. Hard-linked files are the source's blobs and keep their mode."""
+def _modes(group: bool) -> tuple[int, int]:
+    """(file mode, dir mode) of what the store writes: group-writable and setgid in a shared (setgid)
+    store, else readable by all whatever the umask (save_pretrained writes safetensors as 0600)."""
     umask = os.umask(0)
     os.umask(umask)
-    fmode, dmode = (0o664, 0o2775) if group else (0o666 & ~umask | 0o444, 0o777 & ~umask | 0o555)
+    if group:
+        return 0o664, 0o2775
+    return 0o666 & ~umask | 0o444, 0o777 & ~umask | 0o555
+
+
+def _share(folder: Path, group: bool) -> None:
+    """Give what the store owns its modes. Hard-linked files already have them (`_link_or_copy` links
+    only then), and chmod on them would change the source that shares the inode."""
+    fmode, dmode = _modes(group)
     for p in [folder, *folder.rglob("*")]:
         st = p.lstat()
         if p.is_dir():
             os.chmod(p, dmode)
         elif st.st_nlink == 1:
             os.chmod(p, fmode)
+
+
+def _make_store_dir(folder: Path) -> None:
+    """Create the store's folder; inside a shared (setgid) cache it is made group-writable and setgid like
+    the cache (mkdir follows the creator's umask, often 022, and the next teammate could not add a store)."""
+    if folder.is_dir():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    if _setgid(folder.parent):
+        os.chmod(folder, 0o2775)
 
 
 def _setgid(folder: Path) -> bool:

@@ -32,9 +32,11 @@ def check_hub_cache(ctx: Context) -> Check:
         return Check("hub cache", OK, f"HF_HUB_CACHE={cache} (private to this user)")
     if report.ok:
         return Check("hub cache", OK, f"HF_HUB_CACHE={cache} shared with group {report.group}, setgid, group-writable")
-    bad = report.not_group_writable + report.dirs_without_setgid + report.other_group
+    bad = report.paths()
     shown = ", ".join(str(p.relative_to(cache)) for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     what = []
+    if report.not_group_readable:
+        what.append(f"{len(report.not_group_readable)} unreadable by the group")
     if report.not_group_writable:
         what.append(f"{len(report.not_group_writable)} not group-writable")
     if report.dirs_without_setgid:
