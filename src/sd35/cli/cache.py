@@ -45,6 +45,7 @@ def cache_prefetch(
     from sd35 import logs
     from sd35.models import expand_alias
     from sd35.weights import hub
+    from sd35.weights.folder import check_complete
 
     logs.configure(False)
     s = settings(model=model, revision=revision, t5=t5)
@@ -53,7 +54,7 @@ def cache_prefetch(
         raise InputError(f"{repo!r} is not a Hub repo: nothing to prefetch.", "pass medium, large, large-turbo or "
                          "org/name.")
     folder, commit = hub.download(repo, s, with_t5=s.t5 != "off", progress=True)
-    hub.check_complete(folder, with_t5=s.t5 != "off")
+    check_complete(folder, with_t5=s.t5 != "off")
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     err.print(f"{repo} at commit {commit}: {size / 1e9:.2f} GB in {s.hf_hub_cache}", highlight=False)
     print(folder)

@@ -190,7 +190,7 @@ def _repos(cache: Path, model: str | None) -> list[Path]:
 
 def verify(cache: Path, model: str | None = None) -> list[Problem]:
     """Everything in the cache (or one model's part of it) that would break a load or lock a user out."""
-    from sd35.weights.hub import WEIGHT_SUFFIXES, is_lfs_pointer
+    from sd35.weights.folder import WEIGHT_SUFFIXES, is_lfs_pointer
 
     cache = Path(cache).expanduser()
     problems: list[Problem] = []
@@ -224,7 +224,7 @@ def verify(cache: Path, model: str | None = None) -> list[Problem]:
 
 def verify_quantized(settings, name: str | None = None) -> list[Problem]:
     """The same checks for the pre-quantized store (weights/store.py): records, LFS stubs, truncated files."""
-    from sd35.weights.hub import is_lfs_pointer
+    from sd35.weights.folder import is_lfs_pointer
     from sd35.weights.store import listing, read_record, store_dir
 
     problems: list[Problem] = []

@@ -87,7 +87,7 @@ def _refuse(path: Path, found: str, fix: str | None = None) -> ModelError:
 
 def _header(path: Path) -> tuple[dict, dict]:
     """(tensors {name: {dtype, shape, data_offsets}}, __metadata__) of a safetensors file, checked whole."""
-    from sd35.weights.hub import is_lfs_pointer
+    from sd35.weights.folder import is_lfs_pointer
     from sd35.weights.safetensors_header import read_header, truncated
 
     if not path.is_file():

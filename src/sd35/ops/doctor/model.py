@@ -33,7 +33,8 @@ def check_transformer_file(ctx: Context) -> Check:
 
 def check_model(ctx: Context) -> Check:
     from sd35.errors import ModelError
-    from sd35.weights.hub import check_local, find_lfs_pointers, find_local, revision_for
+    from sd35.weights.folder import find_lfs_pointers
+    from sd35.weights.hub import check_local, find_local, revision_for
 
     s = ctx.settings
     if ctx.kind == "tiny":
