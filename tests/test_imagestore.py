@@ -76,8 +76,11 @@ def test_dir_store_keeps_at_most_max_bytes_oldest_first(tmp_path):
         ids.append(s.put(bytes([i]) * 400, "image/png"))
         time.sleep(0.01)  # distinct mtimes
     assert [s.get(i) is not None for i in ids] == [False, False, False, True, True]
-    big = s.put(b"z" * 5000, "image/png")  # larger than the cap alone: kept (the newest always is)
-    assert s.get(big) is not None and [s.get(i) for i in ids] == [None] * 5
+    from sd35.service.imagestore import DoesNotFit
+
+    with pytest.raises(DoesNotFit):  # larger than the whole store: refused, and nothing else is evicted for it
+        s.put(b"z" * 5000, "image/png")
+    assert [s.get(i) is not None for i in ids] == [False, False, False, True, True]
 
 
 def test_dir_store_refuses_a_directory_it_cannot_write(tmp_path):

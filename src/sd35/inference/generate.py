@@ -53,7 +53,8 @@ class GenerationRequest:
 
     def parameters(self) -> dict:
         """The request as JSON: an edit's inputs by their sha256 (and its strength), not their pixels."""
-        record = {k: v for k, v in asdict(dataclasses.replace(self, edit=None)).items() if k != "edit"}
+        record = {k: v for k, v in asdict(dataclasses.replace(self, edit=None)).items()
+                  if k != "edit" and not (k == "loras" and v is None)}  # LoRAs are recorded under "lora"
         if self.edit is not None:
             record["edit"] = self.edit.record()
         return record
