@@ -15,8 +15,8 @@ from sd35.cli import main
 _load = sd35.weights.load.load
 
 
-def load_with_nan(settings):
-    loaded = _load(settings)
+def load_with_nan(settings, **kw):
+    loaded = _load(settings, **kw)
     module = loaded.pipe.transformer.get_submodule(os.environ.get("PLANT_NAN", "transformer_blocks.2.attn.to_q"))
     with __import__("torch").no_grad():
         module.weight.view(-1)[0] = float("nan")
