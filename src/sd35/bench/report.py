@@ -133,7 +133,7 @@ def header(settings, sections: dict, sources: list[Path] | None = None) -> dict:
 
     import torch
 
-    from sd35.weights.quantized import versions
+    from sd35.weights.store import versions
 
     q = sections.get("quality", {})
     archs = sorted({s["arch"] for k, s in sections.items() if k in ("speed", "memory", "load")})
