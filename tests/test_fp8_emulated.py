@@ -289,16 +289,17 @@ def test_service_reports_emulated_fp8(tiny_cache):
 
 def test_doctor_explains_emulation():
     from sd35.ops import doctor
+    from sd35.ops.doctor import gpu
     from sd35.settings import Settings
 
     ctx = doctor.Context(settings=Settings(_env_file=None, precision="fp8", fp8_emulate=True, device="cpu"),
                          root=Path(__file__).resolve().parents[1])
-    c = doctor.check_precision(ctx)
+    c = gpu.check_precision(ctx)
     assert c.status == "warn" and "Emulated" in c.finding and "numerics and tests only" in c.finding
     assert "auto never picks" in c.fix
     ctx = doctor.Context(settings=Settings(_env_file=None, precision="auto", fp8_emulate=True, device="cpu"),
                          root=Path(__file__).resolve().parents[1])
-    c = doctor.check_precision(ctx)
+    c = gpu.check_precision(ctx)
     assert c.status == "ok" and "fp8-weight" in c.finding and "no effect" in c.finding
 
 

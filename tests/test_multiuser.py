@@ -509,7 +509,7 @@ print(json.dumps({"planted": path}))
     for cache, said in ((theirs, "belongs to another account"), (ours, "can be written by other accounts")):
         problem = compilation.cache_problem(cache)
         assert problem is not None and said in problem, problem
-        r = subprocess.run(sd35("generate", "--compile", "blocks", "--steps", "1", "--out", str(tmp_path / "o")),
+        r = subprocess.run(sd35_cmd("generate", "--compile", "blocks", "--steps", "1", "--out", str(tmp_path / "o")),
                            capture_output=True, text=True, env=base_env(SD35_COMPILE_CACHE=str(cache)), timeout=120)
         assert r.returncode == 2 and said in r.stderr and "SD35_COMPILE_CACHE" in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
