@@ -486,6 +486,7 @@ def test_a_compile_cache_the_other_account_can_write_is_refused(other, tmp_path)
 def _refuse_planted_caches(other, base: Path, tmp_path: Path) -> None:
     from sd35.inference import compilation
     from sd35.ops import doctor
+    from sd35.ops.doctor import storage
     from sd35.settings import Settings
 
     # 1. the other account's own folder, named as ours
@@ -513,5 +514,5 @@ print(json.dumps({"planted": path}))
                            capture_output=True, text=True, env=base_env(SD35_COMPILE_CACHE=str(cache)), timeout=120)
         assert r.returncode == 2 and said in r.stderr and "SD35_COMPILE_CACHE" in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
-        check = doctor.check_compile_cache(doctor.Context(settings=Settings(_env_file=None, compile_cache=cache)))
+        check = storage.check_compile_cache(doctor.Context(settings=Settings(_env_file=None, compile_cache=cache)))
         assert check.status == doctor.FAIL and said in check.finding, check
