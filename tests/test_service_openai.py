@@ -536,7 +536,7 @@ def test_a_32000_character_word_is_capped_before_the_tokenizers(client):
 # --- the link store never drops an image of a response in flight ---------------------------------------------
 
 def test_a_response_never_evicts_its_own_images():
-    from sd35.service.images import DoesNotFit, ImageStore
+    from sd35.service.imagestore import DoesNotFit, ImageStore
 
     store = ImageStore(ttl=60, max_bytes=1000)
     older = store.put_all([b"o" * 300, b"p" * 300], "image/png")
