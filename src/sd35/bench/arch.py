@@ -33,3 +33,18 @@ def build_transformer(arch: str, seed: int = 0):
         if table is not None:
             model.pos_embed.pos_embed.copy_(table)
     return model.eval()
+
+
+def on_this_device(device: str | None, arch: str, size: int) -> tuple[str, str, int, str | None]:
+    """(device, arch, size, note) for a step-time benchmark: the published architecture on a GPU; on a CPU the
+    tiny model at 128², with a note saying these times exercise the code path, not GPU figures."""
+    import torch
+
+    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        return device, arch, size, None
+    note = None
+    if arch != "tiny" or size > 256:
+        note = (f"CPU: ran the tiny model at 128² instead of {arch} at {size}² — these times exercise the code "
+                "path on this CPU; GPU figures must be measured on a GPU")
+    return device, "tiny", 128, note

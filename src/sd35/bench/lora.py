@@ -17,7 +17,7 @@ import gc
 import statistics
 import time
 
-from sd35.bench.arch import build_transformer
+from sd35.bench.arch import build_transformer, on_this_device
 from sd35.bench.speed import _step_inputs, _time_steps
 from sd35.models import ARCHS
 
@@ -99,13 +99,7 @@ def run(arch: str = "large", size: int = 1024, *, modes=("bf16", "fp8-weight", "
     import torch
     import torchao
 
-    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-    note = None
-    if not device.startswith("cuda"):
-        if arch != "tiny" or size > 256:
-            note = (f"CPU: ran the tiny model at 128² instead of {arch} at {size}² — these times exercise the code "
-                    "path on this CPU; GPU figures must be measured on a GPU")
-        arch, size = "tiny", 128
+    device, arch, size, note = on_this_device(device, arch, size)
     cache = tempfile.mkdtemp(prefix="sd35-bench-lora-")
     rows: dict[str, dict] = {}
     for mode in modes:

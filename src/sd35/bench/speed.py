@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from sd35.bench.arch import build_transformer
+from sd35.bench.arch import build_transformer, on_this_device
 from sd35.models import ARCHS
 
 GOAL_FP8_COMPILED_RATIO = 0.60
@@ -117,13 +117,7 @@ def speed(arch: str = "large", size: int = 1024, *, device: str | None = None, m
     import torch
     import torchao
 
-    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-    note = None
-    if not device.startswith("cuda"):
-        if arch != "tiny" or size > 256:
-            note = (f"CPU: ran the tiny model at 128² instead of {arch} at {size}² — these times exercise the code "
-                    "path on this CPU; GPU figures must be measured on a GPU")
-        arch, size = "tiny", 128
+    device, arch, size, note = on_this_device(device, arch, size)
     cache = cache_dir or tempfile.mkdtemp(prefix="sd35-bench-compile-")
     rows = {mode: _measure_mode(arch, size, mode, device, compiled=compiled, repeats=repeats, cache=cache)
             for mode in modes}
