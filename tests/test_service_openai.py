@@ -266,6 +266,12 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(api):
             run()
         except Unsatisfiable:  # no parameters to make invalid (GET /healthz, /metrics, ...)
             assert mode == GenerationMode.NEGATIVE
+    # A streamed answer, always (the random cases above may or may not ask for one): each event must match
+    # the documented event schema.
+    streamed = schema["/v1/images/generations"]["POST"].Case(body={"prompt": "a", "stream": True, "steps": 1})
+    response = streamed.call(headers=auth, timeout=60)
+    assert response.headers["content-type"][0].startswith("text/event-stream"), response.headers
+    streamed.validate_response(response, checks=checks)
     assert seen and not [c for c in seen if c >= 500], seen
     assert {200, 400, 404} <= set(seen), sorted(set(seen))
     print(sorted(set(seen)), len(seen))

@@ -288,10 +288,15 @@ def _url_for(request: Request, image_id: str) -> str:
         return path
 
 
+# One Server-Sent Event as OpenAPI before 3.2 describes a stream: `schema` is each event's fields; `data`
+# holds the JSON of a partial or completed image (OpenAI's shape).
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"},
+    "retry": {"type": "integer"}}}
 _GENERATE_RESPONSES = {**_ERRORS, 200: {"description": "The images (JSON), or with `stream: true` Server-Sent "
                                                        "Events: image_generation.partial_image, then "
                                                        "image_generation.completed",
-                                        "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                                        "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
 
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, responses=_GENERATE_RESPONSES)
