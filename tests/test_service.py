@@ -225,7 +225,7 @@ def test_injected_oom_gives_503_and_the_next_request_200(service, monkeypatch):
 
     from sd35.service import worker as worker_mod
 
-    real_run = worker_mod.gen.run
+    real_run = worker_mod.gen.run_many
     calls = {"n": 0}
 
     def oom_once(*args, **kwargs):
@@ -234,7 +234,7 @@ def test_injected_oom_gives_503_and_the_next_request_200(service, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)")
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(worker_mod.gen, "run", oom_once)
+    monkeypatch.setattr(worker_mod.gen, "run_many", oom_once)
     body = {"prompt": "x", "size": "128x128", "steps": 1}
     code, headers, payload = call(service.url + "/v1/images/generations", "POST", body)
     assert code == 503 and payload["error"]["code"] == "out_of_memory" and headers["Retry-After"]
@@ -248,7 +248,7 @@ def test_unexpected_error_is_500_with_request_id_and_no_internals(service, monke
     def boom(*a, **k):
         raise RuntimeError("secret internal detail /home/alice/.cache")
 
-    monkeypatch.setattr(worker_mod.gen, "run", boom)
+    monkeypatch.setattr(worker_mod.gen, "run_many", boom)
     code, headers, payload = call(service.url + "/v1/images/generations", "POST",
                                   {"prompt": "x", "size": "128x128", "steps": 1}, headers={"X-Request-ID": "req-42"})
     assert code == 500 and "req-42" in payload["error"]["message"] and headers["X-Request-ID"] == "req-42"
@@ -495,7 +495,7 @@ def test_release_memory_failing_after_an_oom_kills_the_worker_visibly(tiny_cache
         def release():
             raise RuntimeError("CUDA error: cannot release (injected)")
 
-        monkeypatch.setattr(worker_mod.gen, "run", oom)
+        monkeypatch.setattr(worker_mod.gen, "run_many", oom)
         worker._release_memory = release
         first, second = _two_requests(srv, started)
         t0 = time.time()
@@ -516,7 +516,7 @@ def test_a_sticky_cuda_error_fails_readiness_and_every_waiting_request(tiny_cach
             go.wait(30)
             raise RuntimeError("CUDA error: device-side assert triggered\nCUDA kernel errors might be ...")
 
-        monkeypatch.setattr(worker_mod.gen, "run", device_assert)
+        monkeypatch.setattr(worker_mod.gen, "run_many", device_assert)
         first, second = _two_requests(srv, started)
         t0 = time.time()
         go.set()
@@ -526,9 +526,9 @@ def test_a_sticky_cuda_error_fails_readiness_and_every_waiting_request(tiny_cach
 STICKY_SERVE = """
 import sys
 from sd35.inference import generate
-def run(*a, **k):
+def run_many(*a, **k):
     raise RuntimeError("CUDA error: an illegal memory access was encountered")
-generate.run = run
+generate.run_many = run_many
 sys.argv = ["sd35", "serve", "--port", sys.argv[1]]
 from sd35.cli import main
 main()

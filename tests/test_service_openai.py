@@ -583,13 +583,13 @@ def test_url_responses_that_cannot_fit_are_refused_up_front_and_streams_never_br
 def test_pipelined_requests_outliving_the_header_timeout_are_both_answered(api, monkeypatch):
     from sd35.service import worker as worker_mod
 
-    real = worker_mod.gen.run
+    real = worker_mod.gen.run_many
 
     def slow(*a, **k):
         time.sleep(1.8)  # each longer than SD35_HEADER_TIMEOUT (1 s) of this fixture
         return real(*a, **k)
 
-    monkeypatch.setattr(worker_mod.gen, "run", slow)
+    monkeypatch.setattr(worker_mod.gen, "run_many", slow)
     payload = json.dumps({"prompt": "p", "size": "64x64", "steps": 1}).encode()
     one = head("/v1/images/generations", f"Content-Length: {len(payload)}\r\n") + payload
     answer = raw(api, one + one, wait=30)

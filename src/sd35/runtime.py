@@ -153,15 +153,24 @@ class Runtime:
             if on_step is not None:
                 on_step(i, total)
 
-        if self.lora is not None:  # the request's LoRAs into the slots (in place: no recompile)
-            self.lora.activate(self.lora.selection(_choices(request)))
-        with compilation.FirstCall(self.compile):
-            result = gen.run(self.loaded, request, num_images=n, on_step=step, on_latents=on_latents)
-        if self.harness is not None:
-            self.harness.report_nan_watch()
+        result, = self.generate_many([(request, n)], on_step=step, on_latents=on_latents)
         if not result.finite and not keep_nonfinite:
             raise nonfinite_error(result, self.loaded.plan.as_dict(), kept=False)
         return result
+
+    def generate_many(self, parts: list[tuple[gen.GenerationRequest, int]], *,
+                      on_step: StepCallback | None = None,
+                      on_latents: LatentsCallback | None = None) -> list[gen.GenerationResult]:
+        """Several requests that `gen.batchable` lets share a batch (the service's SD35_BATCH_WINDOW_MS),
+        as one batch: one result per request. Non-finite images are not raised here: the caller decides
+        per request (`nonfinite_error`), so one overflowing prompt does not fail the others."""
+        if self.lora is not None:  # the requests' LoRAs into the slots (in place: no recompile)
+            self.lora.activate(self.lora.selection(_choices(parts[0][0])))
+        with compilation.FirstCall(self.compile):
+            results = gen.run_many(self.loaded, parts, on_step=on_step, on_latents=on_latents)
+        if self.harness is not None:
+            self.harness.report_nan_watch()
+        return results
 
     def warm_up(self, on_step: StepCallback | None = None) -> gen.GenerationResult:
         """A 1-step generation through the same path as a request (kernels, allocator, caches). Compiled, two

@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     queue_size: int = Field(default=4, ge=1, le=1024, description="Requests waiting for the GPU before 429.")
     queue_per_key: int = Field(default=0, ge=0, le=1024, description="Requests one API key may have waiting "
                                "before that key alone gets 429; 0 = SD35_QUEUE_SIZE.")
+    batch_window_ms: int = Field(default=0, ge=0, le=10_000, description="Milliseconds a job waits for "
+                                 "compatible jobs (same size, steps, guidance, LoRAs) to share its batch, up to "
+                                 "SD35_MAX_IMAGES images; 0 = off.")
     keep_alive: str = Field(default="forever", description="Idle time before the model is released from memory: "
                             "90s, 30m, 2h, 0 (after every job) or forever.")
     state_dir: Path | None = Field(default=None, description="Where the service keeps per-key usage (quotas); "

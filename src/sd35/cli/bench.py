@@ -89,12 +89,23 @@ def bench_serve(
                              "--requests generations from --burst closed-loop clients)"),
     flood: bool = typer.Option(False, "--flood", help="a valid user's latency without and with two clients "
                                "sending distinct wrong API keys as fast as they can (goal <= 1.2x)"),
+    batch_window: Optional[int] = typer.Option(None, "--batch-window", min=1, max=10_000, metavar="MS",
+                                               help="images/s and p50/p95 of --clients closed-loop clients "
+                                               "(--requests in all) without and with SD35_BATCH_WINDOW_MS=MS"),
+    clients: int = typer.Option(8, "--clients", help="--batch-window: concurrent clients"),
     as_json: Json = False,
 ) -> None:
     """Service overhead vs a direct pipeline call (goal <= 5 %), and a burst against a bounded queue."""
     from sd35.bench import serve
 
     _bench_start(quiet=True)
+    if batch_window is not None:
+        from sd35.bench.batching import batch_window as run_batch_window
+
+        report = run_batch_window(settings(model=model, precision=precision), window_ms=batch_window,
+                                  clients=clients, requests=max(requests, clients), steps=steps, size=size)
+        print(json.dumps(report, indent=2)) if as_json else out.print(_batch_text(report), highlight=False)
+        return
     if flood:
         from sd35.bench.flood import wrong_token_flood
 
@@ -121,6 +132,19 @@ def bench_serve(
               f"burst of {b['concurrent']} against queue {b['queue_size']}: {b['status_counts']} in {b['seconds']} s, "
               f"{b['images_per_s']} images/s, served p50 {b['served_p50_s']} s p95 {b['served_p95_s']} s",
               highlight=False)
+
+
+def _batch_text(r: dict) -> str:
+    lines = [f"{r['model']} {r['precision']} on {r['device']}, {r['steps']} steps {r['size']}, {r['clients']} "
+             f"clients, up to {r['max_images']} images a batch:"]
+    for name in ("unbatched", "batched"):
+        c = r[name]
+        lines.append(f"  {name:9} window {c['batch_window_ms']:>5} ms: {c['images_per_s']} images/s, p50 {c['p50_s']} s "
+                     f"p95 {c['p95_s']} s, {c['mean_requests_per_batch']} requests a batch, {c['status_counts']}")
+    p = r["psnr_vs_unbatched"]
+    lines.append(f"  speed-up {r['speedup_images_per_s']}x; batched vs unbatched images: {p['identical']} of "
+                 f"{p['images']} identical, the others min {p['min_db']} dB, mean {p['mean_db']} dB")
+    return "\n".join(lines)
 
 
 def _flood_text(r: dict) -> str:

@@ -208,27 +208,55 @@ def run(
 
     `on_step(step, total)` is called after every denoising step (progress bars, watchdogs, deadlines);
     `on_latents(step, latents)` hands over the latents after that step (trajectories in notebooks)."""
+    return run_many(loaded, [(request, num_images)], on_step=on_step, on_latents=on_latents)[0]
+
+
+def batchable(a: GenerationRequest, b: GenerationRequest) -> bool:
+    """Whether two requests may share one denoising batch (the service's SD35_BATCH_WINDOW_MS): same size,
+    steps, guidance and LoRA set; prompts, negative prompts and seeds may differ. Edits never share (each
+    has its own source latents and schedule share)."""
+    return a.edit is None and b.edit is None and \
+        (a.height, a.width, a.steps, a.guidance, a.loras) == (b.height, b.width, b.steps, b.guidance, b.loras)
+
+
+def run_many(
+    loaded: LoadedPipeline,
+    parts: list[tuple[GenerationRequest, int]],
+    *,
+    on_step: Callable[[int, int], None] | None = None,
+    on_latents: Callable[[int, object], None] | None = None,
+) -> list[GenerationResult]:
+    """Several requests (each with its image count) as one batch: each prompt encoded on its own, the rows
+    stacked, one denoising loop, one decode, then split back into one GenerationResult per request.
+
+    Why images stay what they would be alone: every image keeps its own CPU generator, seeded as if its
+    request ran by itself (`image_seeds`), so its starting noise is the same; only the batch size of the
+    matmuls changes (the difference is measured in docs/benchmarks.md). Timings and the peak are the
+    batch's, shared. `on_latents(step, latents)` sees every row, in the order of `parts`."""
     import torch
 
+    request = parts[0][0]
+    if any(not batchable(request, other) for other, _ in parts[1:]):
+        raise ValueError("run_many: these requests cannot share a batch (see generate.batchable)")
     pipe, device = loaded.pipe, loaded.device
     exec_device = pipe._execution_device  # the GPU even when offloading
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     timings: dict[str, float] = {}
     cfg = request.guidance > 1.0
+    total = sum(n for _, n in parts)
     # One generator per image, so each image is reproducible on its own (`image_seeds`); CPU generators give
     # the same latents for the same seed on every device.
-    seeds = image_seeds(request.seed, num_images)
-    generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    seeds = [image_seeds(r.seed, n) for r, n in parts]
+    generator = [torch.Generator("cpu").manual_seed(s) for part in seeds for s in part]
 
     with torch.inference_mode():
-        # 1. Encode the prompt (two CLIPs + T5).
+        # 1. Encode each prompt (two CLIPs + T5), then stack the rows of every request.
         t = time.perf_counter()
-        pe, npe, ppe, nppe = pipe.encode_prompt(
-            prompt=request.prompt, prompt_2=None, prompt_3=None,
-            negative_prompt=request.negative_prompt if cfg else None,
-            do_classifier_free_guidance=cfg, num_images_per_prompt=num_images, device=exec_device,
-        )
+        encoded = [pipe.encode_prompt(
+            prompt=r.prompt, prompt_2=None, prompt_3=None, negative_prompt=r.negative_prompt if cfg else None,
+            do_classifier_free_guidance=cfg, num_images_per_prompt=n, device=exec_device) for r, n in parts]
+        pe, npe, ppe, nppe = (None if e[0] is None else torch.cat(e) for e in zip(*encoded))
         _sync(device)
         timings["encode"] = time.perf_counter() - t
 
@@ -242,7 +270,7 @@ def run(
 
         t = time.perf_counter()
         if request.edit is not None:  # img2img / inpainting over the same components (edit.py)
-            latents = edits.denoise(pipe, request.edit, num_images, embeds=(pe, npe, ppe, nppe),
+            latents = edits.denoise(pipe, request.edit, total, embeds=(pe, npe, ppe, nppe),
                                     steps=request.steps, guidance=request.guidance, height=request.height,
                                     width=request.width, generator=generator, step_end=step_end)
         else:
@@ -258,7 +286,7 @@ def run(
         # 3. Decode with the VAE: one image at a time, or in tiles, when the batch would not fit.
         from sd35.hardware import free_memory
 
-        mode = decode_mode(free_memory(str(exec_device)), num_images, request.height, request.width)
+        mode = decode_mode(free_memory(str(exec_device)), total, request.height, request.width)
         t = time.perf_counter()
         pixels = decode_pixels(pipe, latents, mode)
         nonfinite = nonfinite_counts(pixels)  # 4. before postprocessing turns NaN into black
@@ -268,7 +296,13 @@ def run(
         _sync(device)
         timings["decode"] = time.perf_counter() - t
     pipe.maybe_free_model_hooks()
-    return GenerationResult(images, request, seeds, timings, _peak_memory(device), mode, nonfinite)
+    # 5. Split the batch back into one result per request.
+    results, at, peak = [], 0, _peak_memory(device)
+    for (r, n), part in zip(parts, seeds):
+        results.append(GenerationResult(images[at:at + n], r, part, dict(timings), peak, mode,
+                                         nonfinite[at:at + n]))
+        at += n
+    return results
 
 
 def sidecar(loaded: LoadedPipeline, result: GenerationResult, image_name: str, index: int = 0,

@@ -94,6 +94,7 @@ class BatchResult:
     images: list  # PIL images
     seeds: list[int]  # one per image: image i alone = this request with seeds[i], n=1
     timings: dict[str, float]
+    batch: dict | None = None  # shared with other requests (SD35_BATCH_WINDOW_MS): {"requests", "images"}
 
 
 def run_batched(runtime, request: gen.GenerationRequest, n: int, batch: int, *, on_step=None,

@@ -67,22 +67,23 @@ async def get_queue(request: Request):
     key = owner(request)["key"]
     q = worker.queue
     estimates = q.estimates()
-    rate, current = q.status()
+    rate, _ = q.status()
+    running = q.running()  # one job, or several sharing a batch (SD35_BATCH_WINDOW_MS)
     now = time.time()
     mine, others, other_keys = [], 0, set()
-    if current is not None and current.key == key:
-        left = current.work / rate if rate else DEFAULT_JOB_SECONDS
-        mine.append(_item(current, 0, 0.0, left, now))
+    for job in running:
+        if job.key == key:
+            mine.append(_item(job, 0, 0.0, job.work / rate if rate else DEFAULT_JOB_SECONDS, now))
     for position, (job, start, end) in enumerate(estimates, 1):
         if job.key == key:
             mine.append(_item(job, position, start, end, now))
         else:
             others += 1
             other_keys.add(job.key)
-    running_other = current is not None and current.key != key
+    running_other = sum(1 for job in running if job.key != key)
     return {"object": "queue", "key": key, "data": mine,
-            "others": {"queued": others, "keys": len(other_keys), "running": 1 if running_other else 0},
-            "total": {"queued": len(estimates), "running": 1 if current is not None else 0},
+            "others": {"queued": others, "keys": len(other_keys), "running": running_other},
+            "total": {"queued": len(estimates), "running": len(running)},
             **worker.keep_alive.describe()}
 
 
@@ -93,8 +94,7 @@ async def cancel_queued(job_id: str, request: Request):
     key = owner(request)["key"]
     if worker.queue.withdraw(key, job_id):
         return {"id": job_id, "object": "queue.job", "cancelled": True}
-    current = worker.current
-    if current is not None and current.key == key and job_id in (current.ref, current.id):
+    if any(job.key == key and job_id in (job.ref, job.id) for job in worker.queue.running()):
         return _error(409, f"job {job_id!r} is already running; close its request to stop it at the next step",
                       "invalid_request_error", "already_running")
     return _error(404, f"you have no queued job {job_id!r} (GET /v1/queue lists yours)", "invalid_request_error",

@@ -391,5 +391,6 @@ async def answer(body: ImageGenerationRequest, request: Request, edit: dict | No
                  "emulated": loaded.plan.emulated, "device": loaded.device,
                  "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
                  "notes": plan.notes, "notice": loaded.source.notice, "lora": worker.runtime.lora_record(r),
-                 **({"edit": r.edit.record()} if r.edit is not None else {})},
+                 **({"edit": r.edit.record()} if r.edit is not None else {}),
+                 **({"batch": result.batch} if getattr(result, "batch", None) else {})},
     })

@@ -89,7 +89,7 @@ class FairQueue:
         self._ready = threading.Condition(self.mutex)
         self._waiting: dict[str, deque] = {}
         self._turns: dict[str, float] = {}  # key -> when it started waiting for its next turn
-        self._running: dict[str, object] = {}  # key -> its job on the GPU
+        self._running: dict[str, list] = {}  # key -> its jobs on the GPU (several when batched)
         self._streak = 0
         self.unfinished_tasks = 0  # as queue.Queue: a job counts from its put to the worker's task_done
         self.last_activity = clock()  # a job taken or finished (SD35_KEEP_ALIVE counts idle time from it)
@@ -106,7 +106,7 @@ class FairQueue:
             limit = self.policy(key).daily_images
             if limit is not None:
                 used = self.ledger.images_today(key) if self.ledger else 0
-                pending = sum(j.n for j in mine) + (self._running[key].n if key in self._running else 0)
+                pending = sum(j.n for j in mine) + sum(j.n for j in self._running.get(key, ()))
                 if used + pending + job.n > limit:
                     raise QuotaExceeded(key, limit, used, pending, reset_at())
             if self.qsize() >= self.capacity:  # everybody's limit first: a lone user sees queue_full as before
@@ -117,7 +117,7 @@ class FairQueue:
                 self._turns[key] = self.clock()
             self._waiting.setdefault(key, deque()).append(job)
             self.unfinished_tasks += 1
-            self._ready.notify()
+            self._ready.notify_all()
 
     def put(self, job, block: bool = False, timeout: float | None = None) -> None:
         """queue.Queue's put, never blocking: a full queue is refused at once (the worker's Busy)."""
@@ -147,6 +147,11 @@ class FairQueue:
         with self.mutex:
             return sum(len(jobs) for jobs in self._waiting.values())
 
+    def running(self) -> list:
+        """The jobs on the GPU now: one, or several sharing a batch."""
+        with self.mutex:
+            return [job for jobs in self._running.values() for job in jobs]
+
     def empty(self) -> bool:
         return self.qsize() == 0
 
@@ -169,21 +174,55 @@ class FairQueue:
             if job.future.done():  # its client gave up (or it was withdrawn) while it waited
                 self.unfinished_tasks = max(0, self.unfinished_tasks - 1)
                 continue
-            self._turns[key] = math.inf  # on the GPU: not waiting for a turn
-            self._running[key] = job
-            self.last_activity = started = self.clock()
-            job.future.add_done_callback(lambda f, job=job: self._finished(job, f, started))
+            self._start(job)
             return job
+
+    def _start(self, job) -> None:
+        self._turns[job.key] = math.inf  # on the GPU: not waiting for a turn
+        self._running.setdefault(job.key, []).append(job)
+        self.last_activity = started = self.clock()
+        job.future.add_done_callback(lambda f, job=job: self._finished(job, f, started))
+
+    # --- batching (SD35_BATCH_WINDOW_MS, service/batching.py) ---------------------------------------------
+
+    def join(self, fits, room: int) -> list:
+        """Waiting jobs that `fits(job)` lets share the running batch, in the order their turns would come
+        (`order`), up to `room` images; they leave the queue and count as running (each still finishes,
+        and is accounted, on its own). A job that does not fit is passed over, keeping its place."""
+        with self.mutex:
+            joined = []
+            for job in self.order():
+                if job.future.done() or job.n > room or not fits(job):
+                    continue
+                self._waiting[job.key].remove(job)
+                if not self._waiting[job.key]:
+                    del self._waiting[job.key]
+                self._start(job)
+                joined.append(job)
+                room -= job.n
+            return joined
+
+    def wait_for_jobs(self, timeout: float) -> None:
+        """Sleep until a job is queued or `timeout` seconds pass (the batch window's wait)."""
+        with self._ready:
+            self._ready.wait(max(0.0, timeout))
 
     def _finished(self, job, future, started: float) -> None:
         seconds = max(0.0, self.clock() - started)
         images = 0
         if not future.cancelled() and future.exception() is None:
             images = len(getattr(future.result(), "images", ()) or ())
+        seconds *= getattr(job, "share", 1.0)  # a batch's time is shared by its jobs, in proportion to images
         with self.mutex:
-            self._running.pop(job.key, None)
+            mine = self._running.get(job.key, [])
+            if job in mine:
+                mine.remove(job)
+            if not mine:
+                self._running.pop(job.key, None)
             now = self.last_activity = self.clock()
-            if job.key in self._waiting:
+            if job.key in self._running:
+                pass  # another of its jobs is still on the GPU (a batch): not yet back in line
+            elif job.key in self._waiting:
                 self._turns[job.key] = now  # back in line: its wait starts now
             else:
                 self._turns.pop(job.key, None)

@@ -117,6 +117,8 @@ class GenerationInfo(BaseModel):
     lora: dict | None = Field(default=None, description="The LoRAs applied: name, sha256, scale, layers applied.")
     edit: dict | None = Field(default=None, description="An edit's mode (img2img | inpaint), strength, and its "
                               "inputs' sha256 and size")
+    batch: dict | None = Field(default=None, description="Present when this request shared its batch with others "
+                               "(SD35_BATCH_WINDOW_MS): how many requests and images; timings_s are the batch's")
 
 
 class ImagesResponse(BaseModel):

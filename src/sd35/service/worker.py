@@ -35,7 +35,7 @@ from sd35.inference import generate as gen
 from sd35.errors import Sd35Error
 from sd35.runtime import Cancelled, Runtime
 from sd35.settings import Settings
-from sd35.service import images, notify
+from sd35.service import batching, images, notify
 from sd35.service import quotas, scheduler  # sharing: the fair queue (issue 27)
 from sd35.service.keepalive import KeepAlive  # sharing: SD35_KEEP_ALIVE (issue 27)
 
@@ -85,6 +85,8 @@ class Job:
     done_steps: int = 0  # denoising steps finished (over all batches)
     key: str = "anonymous"  # sharing: the API key's name (its turn, cap and quota: scheduler.py)
     ref: str | None = None  # sharing: the request id its owner sees in GET /v1/queue
+    queued_at: float = field(default_factory=time.monotonic)  # batching: the window counts from here
+    share: float = 1.0  # batching: its part of a shared batch's GPU-seconds (by images)
 
     @property
     def total_steps(self) -> int:
@@ -210,11 +212,13 @@ class Worker:
                     self.queue.task_done()
                     continue
                 self.current = job
+                jobs = batching.gather(self.queue, job, self.settings)  # SD35_BATCH_WINDOW_MS: others join
                 try:
-                    self._process(job)
+                    self._process(jobs)
                 finally:
                     self.current = None
-                    self.queue.task_done()
+                    for _ in jobs:
+                        self.queue.task_done()
         except BaseException as exc:  # noqa: BLE001 - a fault in the loop itself: never a silent dead thread
             self._die(exc, job=job)
 
@@ -275,64 +279,95 @@ class Worker:
     def _beat(self, step: int, total: int) -> None:
         self.heartbeat = time.monotonic()
 
-    def _process(self, job: Job) -> None:
+    def _admit(self, job: Job) -> bool:
+        """Whether JOB may still start; if not, its request gets why."""
         if not job.future.set_running_or_notify_cancel():
-            return  # its client already gave up
+            return False  # its client already gave up
         if self._past_shutdown() or self._stop.is_set():
             job.future.set_exception(ShuttingDown("the shutdown grace ended before this job could start"))
-            return
+            return False
         if job.cancelled.is_set() or time.monotonic() > job.deadline:
             job.future.set_exception(Cancelled("deadline passed while queued"))
+            return False
+        return True
+
+    def _process(self, jobs: list[Job]) -> None:
+        """Run one job, or several sharing a batch (batching.py); every job's future gets its own answer."""
+        # 1. Jobs whose client left, whose deadline passed or that the shutdown overtook are answered now.
+        live = [job for job in jobs if self._admit(job)]
+        members = list(live)  # the batch's rows, in order; `live` loses a job that leaves mid-run
+        if not live:
             return
 
+        # 2. Every step: the heartbeat, the shutdown, and each job's deadline and cancel. One job that leaves
+        #    a shared batch is answered at once and the others go on; the last one stops the run.
         def on_step(step: int, total: int) -> None:
             self.heartbeat = time.monotonic()
-            job.done_steps += 1
             if self._past_shutdown() or self._stop.is_set():
                 raise ShuttingDown(f"stopped at step {step}/{total}: the shutdown grace ended")
-            if job.cancelled.is_set() or time.monotonic() > job.deadline:
-                raise Cancelled(f"stopped at step {step}/{total}")
+            for job in list(live):
+                job.done_steps += 1
+                if job.cancelled.is_set() or time.monotonic() > job.deadline:
+                    if len(live) == 1:
+                        raise Cancelled(f"stopped at step {step}/{total}")
+                    live.remove(job)
+                    _answer(job, exc=Cancelled(f"left its batch at step {step}/{total}"))
 
+        # 3. Run: alone (n in batches of SD35_MAX_IMAGES) or together.
         self.busy = True
         started = time.perf_counter()
         oom = sticky = None
+        results: list = []
         try:
-            result = images.run_batched(self.runtime, job.request, job.n, self.settings.max_images,
-                                        on_step=on_step, on_latents=job.on_latents)
+            if len(members) == 1:
+                results = [images.run_batched(self.runtime, members[0].request, members[0].n,
+                                              self.settings.max_images, on_step=on_step,
+                                              on_latents=members[0].on_latents)]
+            else:
+                results = batching.run(self.runtime, members, on_step=on_step)
         except (Cancelled, ShuttingDown) as exc:
-            job.future.set_exception(exc.with_traceback(None))
-        except Exception as exc:  # noqa: BLE001 - every failure goes to its own request
+            for job in live:
+                _answer(job, exc=exc.with_traceback(None))
+        except Exception as exc:  # noqa: BLE001 - every failure goes to its own requests
             if _is_oom(exc):
                 oom = str(exc).splitlines()[0] if str(exc) else "out of memory"
             elif _is_sticky_cuda(exc):
                 sticky = exc.with_traceback(None)
-            elif isinstance(exc, Sd35Error):
-                job.future.set_exception(exc.with_traceback(None))
             else:
-                log.exception("job %s failed", job.id)
-                job.future.set_exception(exc.with_traceback(None))  # its frames hold the activations
+                if not isinstance(exc, Sd35Error):
+                    log.exception("job %s failed", members[0].id)
+                for job in live:
+                    _answer(job, exc=exc.with_traceback(None))  # its frames hold the activations
         else:
+            # 4. The measured rate (pixel-steps per second) and each job's own answer.
             seconds = time.perf_counter() - started
-            r = job.request
-            measured = r.width * r.height * r.steps * job.n / max(seconds, 1e-6)
+            measured = sum(j.request.width * j.request.height * j.request.steps * j.n for j in members) / \
+                max(seconds, 1e-6)
             # The warm-up's figure (one step carrying a whole encode + decode) only stands in until the
             # first real job; then a moving average of real jobs.
             self.rate = measured if self._rate_jobs == 0 else 0.7 * self.rate + 0.3 * measured
             self._rate_jobs += 1
-            job.future.set_result(result)
+            for job, result in zip(members, results):
+                if job in live:
+                    _answer(job, exc=result) if isinstance(result, Exception) else _answer(job, result=result)
         finally:
             self.busy = False
             self.heartbeat = time.monotonic()
+        del results
+        # 5. A broken CUDA context ends the process; an OOM fails these jobs, after the memory is released.
         if sticky is not None:  # the CUDA context is broken: this process can run no job any more
-            self._die(sticky, job=job)
+            for job in live[1:]:
+                _answer(job, exc=WorkerFailed(f"the GPU worker failed ({type(sticky).__name__})"))
+            self._die(sticky, job=live[0])
             self._stop.set()
             return
         if oom is not None:
             # Outside the except block: the exception, its traceback and their frames (which hold the
             # step's activations) are gone, so gc + empty_cache can really give the memory back.
             self._release_memory()
-            log.warning("job %s: out of memory; memory released", job.id)
-            job.future.set_exception(OutOfMemory(oom))
+            log.warning("job %s: out of memory; memory released", ", ".join(j.id for j in live))
+            for job in live:
+                _answer(job, exc=OutOfMemory(oom))
 
     def _past_shutdown(self) -> bool:
         return self.shutdown_deadline is not None and time.monotonic() > self.shutdown_deadline
@@ -344,6 +379,16 @@ class Worker:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _answer(job: Job, *, result=None, exc: BaseException | None = None) -> None:
+    """Give JOB's request its result or error, once (its client may have cancelled it meanwhile)."""
+    if job.future.done():
+        return
+    try:
+        job.future.set_exception(exc) if exc is not None else job.future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _is_oom(exc: BaseException) -> bool:
