@@ -39,12 +39,12 @@ def test_keys_file_hashes_checks_and_refuses_loose_modes(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     line = path.read_text().strip()
     key_id = key.split("_")[1]
-    assert key.startswith(f"sd35_{key_id}_") and line.startswith(f"alice:{key_id}:scrypt$")
+    assert key.startswith(f"sd35_{key_id}_") and line.startswith(f"alice:{key_id}:sha256$")
     assert key.split("_", 2)[2] not in line  # only the salted hash is stored
     ring = auth.KeyRing(auth.read(path), default_key="old-single-key")
     assert ring.identify(key) == "alice" and ring.cached(key) == (True, "alice")  # fast path after the first
     assert ring.identify("old-single-key") == "default" and ring.identify("nope") is None
-    assert auth.hash_key(key) != auth.hash_key(key)  # salted
+    assert auth.fast_hash(key) != auth.fast_hash(key) and auth.hash_key(key) != auth.hash_key(key)  # salted
     with pytest.raises(InputError, match="already has a key"):
         auth.add(path, "alice")
     path.chmod(0o644)
@@ -91,11 +91,16 @@ def _counting_scrypt(monkeypatch) -> list:
 
 
 def test_a_flood_of_wrong_tokens_costs_no_scrypt_and_never_evicts_a_valid_key(tmp_path, monkeypatch):
-    """5,000 distinct wrong tokens of every shape: none runs a scrypt unless it names a real key id (then
-    exactly one), repeats are answered from the failure cache, and the valid key stays a cache hit."""
+    """5,000 distinct wrong tokens of every shape: none runs a scrypt unless it names a real key id of a
+    scrypt line (then exactly one), repeats are answered from the failure cache, and the valid key stays a
+    cache hit. (Keys `keys add` writes now never run scrypt: the next test.)"""
     path = tmp_path / "api-keys"
-    alice, bob = auth.add(path, "alice"), auth.add(path, "bob")
+    alice, bob = (f"sd35_{os.urandom(6).hex()}_{'a' * 43}", f"sd35_{os.urandom(6).hex()}_{'b' * 43}")
+    path.write_text("".join(f"{name}:{k.split('_')[1]}:{auth.hash_key(k)}\n" for name, k in (("alice", alice),
+                                                                                            ("bob", bob))))
+    path.chmod(0o640)
     ring = auth.KeyRing(auth.read(path))
+    assert auth.legacy_names(ring.entries) == ["alice", "bob"]  # scrypt lines: named for re-issue
     assert ring.identify(alice) == "alice"
     calls = _counting_scrypt(monkeypatch)
     bob_id = bob.split("_")[1]
@@ -113,6 +118,21 @@ def test_a_flood_of_wrong_tokens_costs_no_scrypt_and_never_evicts_a_valid_key(tm
     assert ring.cached(alice) == (True, "alice") and ring.cached(bob) == (True, "bob")
 
 
+def test_new_keys_are_checked_inline_in_microseconds_even_with_a_real_id(tmp_path, monkeypatch):
+    """What `keys add` writes now: a wrong secret with a real key id is refused by one SHA-256, inline (no
+    scrypt, no thread), and the valid key still authenticates after 5,000 such tokens."""
+    path = tmp_path / "api-keys"
+    alice, bob = auth.add(path, "alice"), auth.add(path, "bob")
+    ring = auth.KeyRing(auth.read(path))
+    assert auth.legacy_names(ring.entries) == []
+    calls = _counting_scrypt(monkeypatch)
+    bob_id = bob.split("_")[1]
+    for i in range(5000):  # known=True: answered inline, never sent to the auth limiter's thread
+        assert ring.cached(f"sd35_{bob_id}_{os.urandom(32).hex()[:43]}") == (True, None)
+    assert calls == [] and ring.cached(alice) == (True, "alice") and ring.cached(bob) == (True, "bob")
+    assert len(ring._failed) == 0  # fast refusals are not cached: they cannot evict anything
+
+
 def test_old_format_keys_keep_working_and_are_named_for_reissue(tmp_path):
     from helpers import run_cli
 
@@ -127,7 +147,7 @@ def test_old_format_keys_keep_working_and_are_named_for_reissue(tmp_path):
     assert ring.identify("sd35-" + "j" * 43) is None
     r = run_cli("keys", "list", "--file", str(path))
     assert r.returncode == 0 and r.stdout.split() == ["carol", "dave"]
-    assert "carol" in r.stderr and "sd35 keys add" in r.stderr and "old format" in r.stderr
+    assert "carol" in r.stderr and "sd35 keys add" in r.stderr and "older format" in r.stderr
 
 
 def test_an_unreadable_keys_file_fails_the_start(tmp_path, monkeypatch):

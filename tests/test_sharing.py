@@ -164,7 +164,7 @@ def test_keys_cli_add_set_and_usage(tmp_path):
     env = {"SD35_STATE_DIR": str(state)}
     assert run_cli("keys", "add", "robot", "--file", str(keys), "--daily-images", "50", "--priority", "batch",
                    env=env).returncode == 0
-    assert re.search(r"^robot:[0-9a-f]+:scrypt\$", keys.read_text(), re.M) and keys.read_text().strip().endswith("priority=batch daily_images=50")
+    assert re.search(r"^robot:[0-9a-f]+:sha256\$", keys.read_text(), re.M) and keys.read_text().strip().endswith("priority=batch daily_images=50")
     r = run_cli("keys", "set", "robot", "--daily-images", "80", "--file", str(keys), env=env)
     assert r.returncode == 0 and "80 images a day" in r.stderr and "daily_images=80" in keys.read_text()
     r = run_cli("keys", "set", "robot", "--priority", "urgent", "--file", str(keys), env=env)

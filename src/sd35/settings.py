@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     api_key: SecretStr | None = Field(default=None, description="Bearer token every endpoint but /healthz requires "
                                       "(the key named \"default\" in the access log).")
-    api_keys_file: Path | None = Field(default=None, description="Per-user keys (NAME:scrypt-hash lines, "
+    api_keys_file: Path | None = Field(default=None, description="Per-user keys (NAME:ID:hash lines, "
                                        "`sd35 keys add NAME`); default /etc/sd35/api-keys when it exists.")
     allow_no_key: bool = Field(default=False, description="Explicitly allow serving without a key on a non-loopback "
                                "bind or a host other accounts can log in to.")

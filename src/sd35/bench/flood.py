@@ -2,13 +2,13 @@
 
 Why: on a shared box every user arrives from 127.0.0.1 (an SSH tunnel), so per-address backoff cannot
 shield a valid key from a flood — the service itself must make a wrong token cheap (service/auth.py: one
-scrypt at most, on its own limiter, failures in their own cache). This measures that promise end to end
+salted SHA-256 at most, inline; the scrypt of older key lines on its own limiter). This measures that promise end to end
 on a real `sd35 serve` process with a real keys file: the valid user's generation and /v1/models latency
 without and with the flood (goal: at most 1.2x), and, after 5,000 distinct wrong tokens, how long a
 valid key takes to authenticate (goal: milliseconds).
 
-Two kinds of wrong token are sent: `sd35_<id>_<secret>` with a key id that exists (one scrypt each: a
-teammate who knows their own id) and random ones (no scrypt at all).
+Two kinds of wrong token are sent: `sd35_<id>_<secret>` with a key id that exists (one SHA-256 each: a
+teammate who knows their own id) and random ones (no hashing at all).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def wrong_token_flood(settings, *, requests: int = 10, steps: int = 4, size: int
                     break
             except OSError:
                 time.sleep(0.2)
-        user_round()  # warm-up (the valid key's one scrypt, the pipeline's first run)
+        user_round()  # warm-up (the valid key's first check, the pipeline's first run)
         quiet = user_round()
         results = {}
         for kind, make in (("known_id", lambda: f"sd35_{known_id}_{secrets.token_urlsafe(32)}"),

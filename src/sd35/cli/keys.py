@@ -52,7 +52,7 @@ def keys_list(file: Optional[Path] = typer.Option(None, "--file", help="[SD35_AP
     for entry in entries:
         print(entry.name)
     if auth.legacy_names(entries):
-        err.print(f"keys of the old format (no id): {', '.join(auth.legacy_names(entries))}; {auth.LEGACY_FIX}.",
+        err.print(f"keys of an older format (no id, or scrypt): {', '.join(auth.legacy_names(entries))}; {auth.LEGACY_FIX}.",
                   highlight=False)
 
 

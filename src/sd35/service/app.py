@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("sd35.access")  # one line per request: who, what, how long
 OPEN_PATHS = {"/healthz"}  # everything else needs the API key when one is set
 JSON_BODY_PATHS = {"/v1/images/generations"}
-AUTH_THREADS = 1  # scrypt checks at once (16 MiB, one core each), on their own limiter: never the pool
+AUTH_THREADS = 1  # scrypt checks (older key lines) at once (16 MiB, one core each), on their own limiter
 #                  that checks requests and encodes images; one, so a flood of wrong keys holds one core at most
 AUTH_WAITING = 64  # first-sight tokens waiting for a check beyond which a new one is told to retry (429)
 KNOWN_PATHS = {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/loras", "/v1/queue", "/healthz", "/readyz",
@@ -70,7 +70,7 @@ class GuardMiddleware:
         self._auth_limiter = None  # anyio.CapacityLimiter(AUTH_THREADS), made in the event loop
 
     async def _identify(self, token: str):
-        """A first-sight token: its one scrypt on the auth limiter. Returns a name, None, or "busy" when the
+        """A first-sight token naming an older (scrypt) key line: its one scrypt on the auth limiter. Returns a name, None, or "busy" when the
         limiter's queue is full (a flood of wrong tokens: they wait, not the pool every request needs)."""
         import anyio
 
@@ -101,7 +101,7 @@ class GuardMiddleware:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             token = token.strip() if scheme.lower() == "bearer" else ""
             known, name = self.keys.cached(token) if token else (True, None)
-            if not known:  # first sight of a token that names a key: one scrypt, on the auth limiter
+            if not known:  # first sight of a token naming a scrypt line: one scrypt, on the auth limiter
                 name = await self._identify(token)
             if name == "busy":
                 refused = error(429, "too many API keys are being checked right now; retry in a second",

@@ -2,15 +2,21 @@
 
 Why per-user keys: on a shared GPU box "the API key" becomes everybody's key, and the access log could
 only ever say "someone". The keys file (SD35_API_KEYS_FILE, default /etc/sd35/api-keys) holds one line
-per key, `NAME:ID:scrypt$N$r$p$SALT$HASH` (base64), written by `sd35 keys add NAME`, which prints the new
+per key, `NAME:ID:sha256$SALT$HASH` (base64), written by `sd35 keys add NAME`, which prints the new
 key `sd35_<ID>_<SECRET>` once. The file holds no key itself, but it decides who gets in: we refuse one
 that other accounts can write, and `keys add` refuses one they can read (chmod 0640, group = the service's).
 
-Why an id in the key: scrypt is slow on purpose (~30-170 ms, 16 MiB), so a token must never cost one
-scrypt per entry. The id names the one entry to check: a token whose id is unknown, or whose shape is no
-key's, is refused with no scrypt at all; any other costs exactly one. The checks that do run scrypt run on
-the service's own small limiter (app.py: AUTH_THREADS), never on the pool that checks requests and encodes
-images. A key that verified is remembered by its SHA-256 (bounded LRU); wrong tokens are remembered in a
+Why a fast hash and not scrypt: a key's secret is 256 random bits, which no one can guess from its hash,
+fast or slow; a slow hash (scrypt: ~30-170 ms and 16 MiB each) protects guessable passwords, and for random
+keys it only made every wrong token expensive *for us* — two clients sending wrong keys with a real id kept
+a core busy and slowed every user's images (`sd35 bench serve --flood`). So new keys are salted SHA-256,
+checked inline in microseconds. Lines written before (`…:scrypt$N$r$p$SALT$HASH`) keep working, each wrong
+token naming them costing one scrypt; `sd35 keys list` names them, to re-issue.
+
+Why an id in the key: a token must never cost one check per entry. The id names the one entry to check:
+a token whose id is unknown, or whose shape is no key's, is refused with no hashing at all. The scrypt
+checks that remain run on the service's own small limiter (app.py: AUTH_THREADS), never on the pool that
+checks requests and encodes images. A key that verified is remembered by its SHA-256 (bounded LRU); wrong tokens are remembered in a
 separate LRU, so a flood of junk evicts only junk and a valid key stays a dictionary lookup.
 
 Lines of the old format (`NAME:scrypt$…`, keys `sd35-…` without an id) keep working: only a token of that
@@ -61,8 +67,21 @@ def hash_key(key: str, *, salt: bytes | None = None, n: int = SCRYPT["n"], r: in
     return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(digest)}"
 
 
+def fast_hash(key: str, *, salt: bytes | None = None) -> str:
+    """A new key's line: salted SHA-256 (the secret is 256 random bits: see the module docstring)."""
+    salt = salt or secrets.token_bytes(16)
+    return f"sha256${_b64(salt)}${_b64(hashlib.sha256(salt + key.encode()).digest())}"
+
+
+def is_fast(encoded: str) -> bool:
+    return encoded.startswith("sha256$")
+
+
 def verify(key: str, encoded: str) -> bool:
     try:
+        if is_fast(encoded):
+            _, salt, digest = encoded.split("$")
+            return hmac.compare_digest(hashlib.sha256(_unb64(salt) + key.encode()).digest(), _unb64(digest))
         algo, n, r, p, salt, digest = encoded.split("$")
         if algo != "scrypt":
             return False
@@ -109,9 +128,10 @@ def read(path: Path) -> list[Entry]:
         key_id, sep2, encoded = rest.partition(":")
         if not sep2:  # the old format: NAME:scrypt$…
             key_id, encoded = None, rest
-        if not sep or not NAME.match(name) or not encoded.startswith("scrypt$") or encoded.count("$") != 5 \
-                or (key_id is not None and not KEY_ID.match(key_id)):
-            raise InputError(f"{path}:{i} is not NAME:ID:scrypt$N$r$p$SALT$HASH.",
+        shape = (encoded.startswith("scrypt$") and encoded.count("$") == 5) or \
+            (is_fast(encoded) and encoded.count("$") == 2 and key_id is not None)
+        if not sep or not NAME.match(name) or not shape or (key_id is not None and not KEY_ID.match(key_id)):
+            raise InputError(f"{path}:{i} is not NAME:ID:sha256$SALT$HASH (or an older NAME:ID:scrypt$… line).",
                              "remove the line and run `sd35 keys add NAME` again.", param="api_keys_file")
         if any(e.name == name for e in entries):
             raise InputError(f"{path}:{i}: the name {name!r} appears twice.", "keep one line per name.",
@@ -124,12 +144,14 @@ def read(path: Path) -> list[Entry]:
 
 
 def legacy_names(entries: list[Entry]) -> list[str]:
-    """Names whose line is of the old format (their keys have no id: re-issue them)."""
-    return [e.name for e in entries if e.key_id is None]
+    """Names whose line is of an older format (no id, or a scrypt hash: every wrong token naming them costs a
+    scrypt): re-issue them."""
+    return [e.name for e in entries if e.key_id is None or not is_fast(e.encoded)]
 
 
-LEGACY_FIX = ("re-issue each: delete its line, run `sd35 keys add NAME` and hand over the new key (sd35_<id>_…); "
-              "old keys keep working until then, but every wrong token of their shape costs one scrypt per old line")
+LEGACY_FIX = ("re-issue each: delete its line, run `sd35 keys add NAME` and hand over the new key (sd35_<id>_…, "
+              "checked in microseconds); old keys keep working until then, but every wrong token naming them "
+              "costs a scrypt (~30-170 ms of a core)")
 
 
 def add(path: Path, name: str, group: str | None = None) -> str:
@@ -169,7 +191,7 @@ def add(path: Path, name: str, group: str | None = None) -> str:
         key_id = secrets.token_hex(6)
     key = f"sd35_{key_id}_{secrets.token_urlsafe(32)}"
     with open(path, "a") as f:
-        f.write(f"{name}:{key_id}:{hash_key(key)}\n")
+        f.write(f"{name}:{key_id}:{fast_hash(key)}\n")
     return key
 
 
@@ -203,9 +225,22 @@ class KeyRing:
                 return True, self._known[h]
             if h in self._failed:
                 return True, None
-        if not self._candidates(token):
-            return True, None  # nothing to verify against: refused without a scrypt
+        candidates = self._candidates(token)
+        if not candidates:
+            return True, None  # nothing to verify against: refused without any hashing
+        if all(is_fast(e.encoded) for e in candidates):  # microseconds: checked here, no thread hop, no cache
+            name = next((e.name for e in candidates if verify(token, e.encoded)), None)
+            if name is not None:
+                self._remember(h, name)
+            return True, name
         return False, None
+
+    def _remember(self, h: bytes, name: str | None) -> None:
+        with self._lock:
+            table, size = (self._known, _CACHE_SIZE) if name is not None else (self._failed, _FAILED_SIZE)
+            table[h] = name
+            while len(table) > size:
+                table.popitem(last=False)
 
     def _candidates(self, token: str) -> list[Entry]:
         m = TOKEN.match(token)
@@ -220,12 +255,7 @@ class KeyRing:
         if known:
             return name
         name = next((e.name for e in self._candidates(token) if verify(token, e.encoded)), None)
-        h = hashlib.sha256(token.encode()).digest()
-        with self._lock:
-            table, size = (self._known, _CACHE_SIZE) if name is not None else (self._failed, _FAILED_SIZE)
-            table[h] = name
-            while len(table) > size:
-                table.popitem(last=False)
+        self._remember(hashlib.sha256(token.encode()).digest(), name)
         return name
 
 
@@ -250,6 +280,6 @@ def load(settings) -> KeyRing:
         raise InputError(f"SD35_API_KEYS_FILE={path} does not exist.", "create it with `sd35 keys add NAME "
                          f"--file {path}`, or unset SD35_API_KEYS_FILE.", param="api_keys_file")
     if legacy_names(entries):
-        logging.getLogger(__name__).warning("%s: keys of the old format (no id) for %s: %s", path,
+        logging.getLogger(__name__).warning("%s: keys of an older format (no id, or scrypt) for %s: %s", path,
                                             ", ".join(legacy_names(entries)), LEGACY_FIX)
     return KeyRing(entries, secret(settings.api_key))

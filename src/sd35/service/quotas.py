@@ -2,7 +2,7 @@
 
 Why the policy lives on the key's line: the keys file already is the one place an admin decides who may
 use the GPU; how much and how urgently belongs beside it. A line may carry options after the hash,
-`alice:scrypt$…$HASH priority=batch daily_images=200`; a line without them is an interactive key
+`alice:ID:sha256$SALT$HASH priority=batch daily_images=200`; a line without them is an interactive key
 without a quota, so every existing file reads as before. `sd35 keys set` rewrites only that line's options.
 
 Why a file for usage: a quota a restart resets is no quota. The ledger is a small JSON file in the
