@@ -17,7 +17,8 @@ from helpers import run_cli
 
 LAYOUTS = ("diffusers", "kohya", "comfyui")
 # fp8-weight + LoRA vs bf16 + LoRA on the tiny model (4 steps, 64², seed 5), measured on CPU: 41.9 dB (the
-# same pair without a LoRA: 42.0 dB — the LoRA's bf16 side path adds no error of its own). The bound leaves
+# same pair without a LoRA: 42.0 dB — the LoRA's bf16 side path adds no error of its own); fp8 (emulated)
+# + LoRA: 41.2 dB (41.3 dB without). The bound leaves
 # ~4 dB of room; a LoRA lost on one side would fall far below it (scale 1 moves pixels by > 1/255 on average).
 PSNR_BOUND_DB = 38.0
 
@@ -106,13 +107,19 @@ def test_the_same_lora_in_three_layouts_gives_the_same_image(rt):
     assert not (both == images[0]).all()
 
 
-def test_fp8_weight_with_lora_stays_close_to_bf16_with_lora(rt, tiny_cache, lora_dir):
-    fp8 = _runtime(tiny_cache, lora_dir[0], "fp8-weight")
+@pytest.mark.parametrize("precision", ["fp8-weight", "fp8"])
+def test_fp8_with_lora_stays_close_to_bf16_with_lora(rt, tiny_cache, lora_dir, precision):
+    """fp8-weight (FP8 storage) and fp8 (FP8 weights and activations, emulated on this CPU: SD35_FP8_EMULATE):
+    the LoRA's bf16 side path sits next to the quantized linear in both."""
+    fp8 = _runtime(tiny_cache, lora_dir[0], precision, fp8_emulate=precision == "fp8")
+    assert fp8.loaded.plan.transformer == precision and fp8.lora is not None
     pick = [("one-comfyui", 1.0)]
-    got = psnr(_image(fp8, pick), _image(rt, pick))
+    with_lora = _image(fp8, pick)
+    got = psnr(with_lora, _image(rt, pick))
     plain = psnr(_image(fp8, []), _image(rt, []))
-    print(f"PSNR fp8-weight+LoRA vs bf16+LoRA: {got:.1f} dB; without LoRA {plain:.1f} dB")
+    print(f"PSNR {precision}+LoRA vs bf16+LoRA: {got:.1f} dB; without LoRA {plain:.1f} dB")
     assert PSNR_BOUND_DB < got < float("inf")
+    assert psnr(with_lora, _image(fp8, [])) < PSNR_BOUND_DB  # the LoRA changed the fp8 image
 
 
 def test_files_that_do_not_fit_are_refused_by_name(rt, lora_dir, tmp_path):
@@ -193,6 +200,37 @@ def test_service_lists_loras_applies_them_and_refuses_traversal(lora_service):
     assert status == 200, ok
     applied = ok["sd35"]["lora"]["applied"][0]
     assert (applied["name"], applied["scale"], applied["layers_applied"]) == ("one-diffusers", 0.7, 68)
+
+
+@pytest.mark.slow
+def test_an_edit_takes_loras_from_the_sdk_and_as_json_text(lora_service):
+    """/v1/images/edits is multipart: the OpenAI SDK flattens extra_body's `lora` into lora[][name] and
+    lora[][scale] fields; curl users send `lora` as JSON text. Both apply the LoRA; a traversal is a 400."""
+    import httpx
+    from openai import BadRequestError, OpenAI
+    from test_edits import encoded, gradient
+    from test_service import KEY
+
+    png = encoded(gradient(64, 64))
+    client = OpenAI(base_url=lora_service.url + "/v1", api_key=KEY, max_retries=0)
+    r = client.images.edit(image=("in.png", png, "image/png"), prompt="a cube",
+                           extra_body={"steps": 2, "seed": 1, "lora": [{"name": "one-diffusers", "scale": 0.7}]})
+    applied = r.model_extra["sd35"]["lora"]["applied"][0]
+    assert (applied["name"], applied["scale"], applied["layers_applied"]) == ("one-diffusers", 0.7, 68)
+    assert r.model_extra["sd35"]["edit"]["mode"] == "img2img"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    form = httpx.post(lora_service.url + "/v1/images/edits", headers=headers, timeout=120,
+                      files={"image": ("x.png", png, "image/png")},
+                      data={"prompt": "a cube", "steps": "2", "lora": '[{"name": "two", "scale": 0.5}]'})
+    assert form.status_code == 200, form.text
+    assert form.json()["sd35"]["lora"]["applied"][0]["name"] == "two"
+    for bad in ('[{"name": "../elsewhere/medium"}]', "not json"):
+        refused = httpx.post(lora_service.url + "/v1/images/edits", headers=headers, timeout=120,
+                             files={"image": ("x.png", png, "image/png")}, data={"prompt": "x", "lora": bad})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "lora", refused.text
+    with pytest.raises(BadRequestError) as exc:
+        client.images.edit(image=("in.png", png, "image/png"), prompt="x", extra_body={"lora": [{"name": "/etc/passwd"}]})
+    assert exc.value.body["param"] == "lora"
 
 
 @pytest.mark.slow

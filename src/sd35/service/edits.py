@@ -10,6 +10,8 @@ problem answered with a 400 naming the field — never a 5xx.
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -59,8 +61,37 @@ async def _form(request: Request):
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
         return _bad(f"the multipart body cannot be read: {detail}", None, "invalid_multipart")
     files: dict[str, list] = {name: form.getlist(name) for name in FILE_FIELDS}
-    fields = {k: v for k, v in form.multi_items() if k not in FILE_FIELDS}
+    items = [(k, v) for k, v in form.multi_items() if k not in FILE_FIELDS]
+    fields = {k: v for k, v in items if not k.startswith("lora")}
+    try:
+        chosen = _loras(items)
+    except InputError as exc:
+        return _bad(f"{exc.cause} {exc.fix}".strip(), "lora")
+    if chosen is not None:
+        fields["lora"] = chosen
     return files, fields
+
+
+def _loras(items: list[tuple[str, object]]) -> list | None:
+    """The form's LoRAs, in either spelling: `lora` as JSON text (`curl -F 'lora=[{"name": "x", "scale":
+    0.8}]'`), or the OpenAI SDKs' flattening of `extra_body={"lora": [...]}` into `lora[][name]` and
+    `lora[][scale]` fields, in order (a name starts the next LoRA)."""
+    picks: list[dict] = []
+    for key, value in items:
+        if key == "lora":
+            try:
+                return json.loads(value) if isinstance(value, str) else value
+            except ValueError:
+                raise InputError("lora is not JSON.", 'send lora=[{"name": "NAME", "scale": 0.8}] (names: GET '
+                                 "/v1/loras).") from None
+        if key == "lora[][name]":
+            picks.append({"name": value})
+        elif key == "lora[][scale]" and picks and "scale" not in picks[-1]:
+            picks[-1]["scale"] = value
+        elif key.startswith("lora"):
+            raise InputError(f"the form field {key!r} is not one this endpoint reads.",
+                             "send lora[][name] (then lora[][scale]) per LoRA, or lora as JSON text.")
+    return picks or None
 
 
 async def _pictures(files: dict[str, list]) -> tuple[list, object | None]:

@@ -20,7 +20,7 @@ def picks(body) -> dict:
     """The request's `lora` field as Runtime.check's keyword (omitted: the service's SD35_LORAS)."""
     from sd35.weights.lora_catalog import LoraChoice
 
-    chosen = getattr(body, "lora", None)  # /v1/images/edits' form body has no `lora`
+    chosen = getattr(body, "lora", None)
     return {} if chosen is None else {"lora": [LoraChoice(p.name, p.scale) for p in chosen]}
 
 
