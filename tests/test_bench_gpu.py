@@ -21,8 +21,8 @@ def test_without_cuda_it_refuses_and_names_the_rehearsal():
 @no_cuda
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_rehearsal_runs_the_whole_sequence_with_emulated_fp8():
-    r = run_cli("bench", "gpu", "--rehearse", "--json", timeout=1500)
+def test_rehearsal_runs_the_whole_sequence_with_emulated_fp8(tiny_cache):
+    r = run_cli("bench", "gpu", "--rehearse", "--json", env={"SD35_CACHE_DIR": str(tiny_cache)}, timeout=1500)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["rehearsal"] is True and report["emulated"] is True and report["arch"] == "tiny"
@@ -33,9 +33,15 @@ def test_rehearsal_runs_the_whole_sequence_with_emulated_fp8():
     for row in report["modes"].values():
         assert row["eager_step_ms"] > 0 and row["compiled_step_ms"] > 0
         assert row["compile_cold_s"] > 0 and row["compile_warm_s"] > 0
+    pipe = report["pipeline"]  # the full pipeline (both CLIPs, T5, MMDiT, VAE) in fp8, one 2-step CFG generation
+    assert (pipe["arch"], pipe["size"], pipe["mode"], pipe["kind"]) == ("tiny", 128, "fp8", "process_max_rss")
+    assert pipe["emulated"] is True and pipe["finite"] is True
+    assert pipe["quantized"] == ["transformer: fp8 (emulated)", "text_encoder_3 (T5): fp8-weight"]
+    assert 0 < pipe["weights_bytes"] < pipe["loaded_bytes"] <= pipe["peak_bytes"] and pipe["seconds"] > 0
     errors = report["fp8_vs_bf16"]
     assert len(errors["blocks"]) == 4 and 0 < errors["max_block_rel_err"] < 0.2 and errors["output_cosine"] > 0.99
     from sd35.bench.gpu import markdown
 
     table = markdown(report)  # what `sd35 bench gpu` prints without --json, for docs/benchmarks.md
     assert "| fp8 (emulated) |" in table and "rehearsal" in table
+    assert "full pipeline, fp8 (tiny, 128²" in table and "process peak RSS" in table

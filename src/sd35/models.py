@@ -50,6 +50,8 @@ VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_ch
        "layers_per_block": 2, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False,
        "scaling_factor": 1.5305, "shift_factor": 0.0609,
        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+# scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler), the same in every SD3.5 repo.
+SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 
 # --- The embedded tiny model (built by tiny.py) -------------------------------------------------------
 
@@ -163,7 +165,8 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec("tiny", None, "tiny", TINY_SPEC["transformer"], gated=False, vae=TINY_SPEC["vae"]),
+    "tiny": ModelSpec("tiny", None, "tiny", TINY_SPEC["transformer"], gated=False, vae=TINY_SPEC["vae"],
+                      text_encoders=(TINY_SPEC["clip"], TINY_SPEC["clip"], TINY_SPEC["t5"])),
     "medium": ModelSpec("medium", "stabilityai/stable-diffusion-3.5-medium", "sd3.5-medium", TRANSFORMER_MEDIUM),
     "large": ModelSpec("large", "stabilityai/stable-diffusion-3.5-large", "sd3.5-large", TRANSFORMER_LARGE),
     "large-turbo": ModelSpec("large-turbo", "stabilityai/stable-diffusion-3.5-large-turbo", "sd3.5-large-turbo",

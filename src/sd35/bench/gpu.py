@@ -126,6 +126,35 @@ def mode_row(arch: str, mode: str, size: int, device: str, *, emulated: bool, re
             torch.cuda.empty_cache()
 
 
+def pipeline_row(arch: str, size: int, device: str, *, emulated: bool, cache_dir: Path) -> dict:
+    """Peak memory of the full pipeline in fp8 (`bench.pipeline`: every component, quantized as a `--precision
+    fp8` load would), through one real generation (`generate.run`: 2 steps, guidance 4.5 so CFG doubles the
+    batch, n=1, VAE decode included). On CUDA: bytes allocated with every weight loaded, then the run's
+    `max_memory_allocated`; on the CPU: the process's peak RSS (which also counts what ran before)."""
+    import torch
+
+    from sd35.bench import pipeline
+    from sd35.inference import generate
+
+    started = time.perf_counter()
+    loaded = pipeline.build(arch, device, emulated=emulated, cache_dir=cache_dir)
+    try:
+        loaded_bytes = int(torch.cuda.memory_allocated(device)) if device.startswith("cuda") else _peak(device)
+        request = generate.GenerationRequest("a lighthouse on a cliff at dusk", steps=2, guidance=4.5,
+                                             height=size, width=size)
+        result = generate.run(loaded, request, num_images=1)  # resets the CUDA peak first
+        return {"arch": arch, "size": size, "mode": "fp8", "emulated": loaded.plan.emulated,
+                "weights_bytes": loaded.weight_bytes["total"]["total"], "loaded_bytes": loaded_bytes,
+                "peak_bytes": result.peak_memory["bytes"], "kind": result.peak_memory["kind"],
+                "quantized": pipeline.quantized(loaded), "decode_mode": result.decode_mode,
+                "finite": result.finite, "seconds": round(time.perf_counter() - started, 1)}
+    finally:
+        del loaded
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
 def block_errors(arch: str, size: int, device: str, *, emulated: bool) -> dict:
     """fp8 vs bf16 on the same random weights and inputs: each joint block's image-stream output (relative L2,
     cosine) and the transformer's output. The bf16 model is quantized in place after its reference run, so
@@ -205,21 +234,26 @@ def plan(rehearse: bool) -> dict:
 
 def run(*, rehearse: bool = False) -> dict:
     """The whole acceptance, in order: 1. plan (refuse without CUDA unless rehearsing); 2. the GPU test
-    tier; 3. each mode's step times, peak memory and compile times; 4. fp8's per-block error."""
+    tier; 3. the full fp8 pipeline's peak memory; 4. each mode's step times, peak memory and compile times;
+    5. fp8's per-block error."""
     import torch
     import torchao
+
+    from sd35.settings import Settings
 
     started = time.perf_counter()
     p = plan(rehearse)  # 1.
     report = {**p, "torch": torch.__version__, "torchao": torchao.__version__, "tests": gpu_tests(rehearse)}  # 2.
+    report["pipeline"] = pipeline_row(p["arch"], p["size"], p["device"], emulated=p["emulated"],  # 3.
+                                      cache_dir=Settings().cache_dir)
     rows = {}
-    for mode in MODES:  # 3.
+    for mode in MODES:  # 4.
         rows[mode] = mode_row(p["arch"], mode, p["size"], p["device"], emulated=p["emulated"], repeats=p["repeats"])
     for row in rows.values():
         for kind in ("eager_step_ms", "compiled_step_ms"):
             row[kind.replace("_step_ms", "_vs_bf16")] = round(row[kind] / rows["bf16"][kind], 3)
     report["modes"] = rows
-    report["fp8_vs_bf16"] = block_errors(p["arch"], min(p["size"], 512), p["device"], emulated=p["emulated"])  # 4.
+    report["fp8_vs_bf16"] = block_errors(p["arch"], min(p["size"], 512), p["device"], emulated=p["emulated"])  # 5.
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["note"] = ("rehearsal on the CPU: emulated fp8 and the tiny architecture exercise the sequence; these are "
                       "not GPU figures" if p["rehearsal"] and p["device"] == "cpu" else None)
@@ -236,6 +270,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {mode}{' (emulated)' if r['emulated'] else ''} | {r['eager_step_ms']:.1f} | "
                      f"{r['eager_vs_bf16']:.2f} | {r['compiled_step_ms']:.1f} | {r['compiled_vs_bf16']:.2f} | "
                      f"{r['peak_bytes'] / 1e9:.2f} GB | {r['compile_cold_s']} / {r['compile_warm_s']} |")
+    pl = report["pipeline"]
+    kind = "max allocated" if pl["kind"] == "cuda_max_allocated" else "process peak RSS"
+    lines += ["", f"full pipeline, fp8 ({pl['arch']}, {pl['size']}², 2 steps with CFG, VAE decode): peak "
+              f"{pl['peak_bytes'] / 1e9:.2f} GB ({kind}), weights {pl['weights_bytes'] / 1e9:.2f} GB; "
+              f"quantized: {', '.join(pl['quantized'])}"]
     e = report["fp8_vs_bf16"]
     lines += ["", f"fp8 vs bf16 ({e['arch']}, {e['size']}², random weights): output rel. error {e['output_rel_err']}, "
               f"cosine {e['output_cosine']}; per block rel. error "
