@@ -260,6 +260,10 @@ def run(*, rehearse: bool = False) -> dict:
     return report
 
 
+def _bytes(b: int) -> str:
+    return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+
+
 def markdown(report: dict) -> str:
     """The report as the table docs/benchmarks.md takes."""
     head = (f"{report['arch']} at {report['size']}² on {report['device_name']} · torch {report['torch']} · torchao "
@@ -273,7 +277,7 @@ def markdown(report: dict) -> str:
     pl = report["pipeline"]
     kind = "max allocated" if pl["kind"] == "cuda_max_allocated" else "process peak RSS"
     lines += ["", f"full pipeline, fp8 ({pl['arch']}, {pl['size']}², 2 steps with CFG, VAE decode): peak "
-              f"{pl['peak_bytes'] / 1e9:.2f} GB ({kind}), weights {pl['weights_bytes'] / 1e9:.2f} GB; "
+              f"{_bytes(pl['peak_bytes'])} ({kind}), weights {_bytes(pl['weights_bytes'])}; "
               f"quantized: {', '.join(pl['quantized'])}"]
     e = report["fp8_vs_bf16"]
     lines += ["", f"fp8 vs bf16 ({e['arch']}, {e['size']}², random weights): output rel. error {e['output_rel_err']}, "
