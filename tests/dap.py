@@ -231,6 +231,7 @@ class DapClient:
             if self.proc.poll() is None:
                 try:
                     self.send("disconnect", {"terminateDebuggee": True})
+                    self.proc.stdin.close()  # end of the session: the adapter exits once its client is gone
                 except OSError:
                     pass
                 try:

@@ -436,14 +436,15 @@ def _fresh(tiny_cache, **extra):
 def _two_requests(srv, started: threading.Event):
     """One job held inside the worker (it waits for `started`'s partner) and one queued behind it."""
     body = {"prompt": "x", "size": "128x128", "steps": 1}
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(call, srv.url + "/v1/images/generations", "POST", body)
-        assert started.wait(30)
-        second = pool.submit(call, srv.url + "/v1/images/generations", "POST", body)
-        deadline = time.time() + 10
-        while srv.app.state.worker.queue.qsize() < 1 and time.time() < deadline:
-            time.sleep(0.02)
-        return first, second
+    pool = ThreadPoolExecutor(2)  # not `with`: leaving it would wait for both answers, i.e. for the fault
+    first = pool.submit(call, srv.url + "/v1/images/generations", "POST", body)
+    assert started.wait(30)
+    second = pool.submit(call, srv.url + "/v1/images/generations", "POST", body)
+    deadline = time.time() + 10
+    while srv.app.state.worker.queue.qsize() < 1 and time.time() < deadline:
+        time.sleep(0.02)
+    pool.shutdown(wait=False)  # the two calls go on; _assert_dead waits for their answers
+    return first, second
 
 
 def _assert_dead(srv, failures, first, second, t0):
