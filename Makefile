@@ -7,6 +7,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 PYTEST_ARGS ?=
+# `make test` runs test files on this many parallel workers (pytest-xdist; one file stays on one worker, so its
+# module fixtures are built once): half the suite waits on servers, subprocesses and timeouts, not the CPU.
+TEST_WORKERS ?= 2
 # A local folder of wheels (e.g. a CPU torch wheel) pip should look in first, when it exists.
 WHEELHOUSE ?= /opt/wheels
 # torch's CUDA build on a GPU server (docs/container.md has the driver each line needs):
@@ -60,7 +63,7 @@ run: setup ## Generate one image with the settings' defaults (.env / SD35_*; tin
 	$(BIN)/sd35 generate $(ARGS)
 
 test: setup ## Run the test suite (CPU tiers; GPU tests skip with the reason when there is no GPU)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup ## Run the tests not marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

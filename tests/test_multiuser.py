@@ -150,6 +150,61 @@ def test_old_format_keys_keep_working_and_are_named_for_reissue(tmp_path):
     assert "carol" in r.stderr and "sd35 keys add" in r.stderr and "older format" in r.stderr
 
 
+def test_wrong_keys_are_paced_service_wide_and_valid_keys_never_wait():
+    from sd35.service.app import Pace
+
+    now = [100.0]
+    pace = Pace(rate=10.0, burst=3, max_wait=2.0, clock=lambda: now[0])
+    assert [pace.delay() for _ in range(3)] == [0.0, 0.0, 0.0]  # a burst (typos) is answered at once
+    waits = [pace.delay() for _ in range(30)]  # then one answer per 1/rate s, at most max_wait
+    assert waits[:3] == pytest.approx([0.1, 0.2, 0.3]) and max(waits) == pytest.approx(2.0)
+    now[0] += 60  # quiet again: the burst is back
+    assert pace.delay() == 0.0
+
+
+def test_a_valid_key_is_answered_while_a_flood_of_wrong_keys_waits(tiny_cache, tmp_path):
+    """Over HTTP: 120 wrong keys from 24 clients at once, then a valid key; the valid answer comes back while
+    most wrong ones are still paced (app.WRONG_KEYS_PER_S after a burst of WRONG_KEYS_BURST)."""
+    import threading
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_service import KEY, InProcessServer
+
+    from sd35.service.app import WRONG_KEYS_BURST
+    from sd35.settings import Settings
+
+    keys = tmp_path / "api-keys"
+    valid = auth.add(keys, "alice")
+    key_id = valid.split("_")[1]
+    answered: list[str] = []
+    lock = threading.Lock()
+
+    def get(token: str, label: str) -> int:
+        req = urllib.request.Request(srv.url + "/v1/models", headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                code = r.status
+        except urllib.error.HTTPError as e:
+            code = e.code
+        with lock:
+            answered.append(label)
+        return code
+
+    settings = Settings(_env_file=None, model="tiny", cache_dir=tiny_cache, device="cpu", port=free_port(),
+                        api_keys_file=keys, api_key=KEY, warmup=False)  # KEY: the fixture's readiness checks
+    with InProcessServer(settings) as srv, ThreadPoolExecutor(24) as pool:
+        wrong = [pool.submit(get, f"sd35_{key_id}_{'x' * 42}{i % 10}{'y' if i > 60 else 'z'}", "wrong")
+                 for i in range(120)]
+        while len(answered) < WRONG_KEYS_BURST:  # the burst is answered at once; the rest wait their turn
+            time.sleep(0.01)
+        assert get(valid, "valid") == 200
+        waiting_when_valid_answered = 120 - answered.index("valid")
+        assert {w.result() for w in wrong} == {401}
+    assert waiting_when_valid_answered >= 30, answered
+
+
 def test_an_unreadable_keys_file_fails_the_start(tmp_path, monkeypatch):
     from sd35.settings import Settings
 
@@ -193,13 +248,19 @@ needs_other = pytest.mark.skipif(_runs_as_other() is not None, reason=_runs_as_o
 
 @pytest.fixture(scope="module")
 def other():
-    try:
-        pwd.getpwnam(OTHER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", OTHER], check=True)
-    pw = pwd.getpwnam(OTHER)
-    yield pw
-    subprocess.run(["userdel", "--remove", OTHER], capture_output=True)
+    """The second account, for one test module at a time: `make test` runs modules on parallel workers, and
+    two of them (this one, test_hosting) create and remove the same account."""
+    import fcntl
+
+    with open("/tmp/sd35-tests-other-account.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            pwd.getpwnam(OTHER)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", OTHER], check=True)
+        pw = pwd.getpwnam(OTHER)
+        yield pw
+        subprocess.run(["userdel", "--remove", OTHER], capture_output=True)
 
 
 def as_other(pw, code: str, env: dict | None = None, timeout: float = 60) -> dict:

@@ -148,7 +148,8 @@ def _batch_text(r: dict) -> str:
 
 
 def _flood_text(r: dict) -> str:
-    lines = [f"{r['model']} on {r['device']}, {r['steps']} steps {r['size']}, {r['requests']} requests per case; "
+    lines = [f"{r['model']} on {r['device']}, {r['steps']} steps {r['size']}, {r['requests']} requests × "
+             f"{r['rounds']} alternating rounds per case; "
              f"quiet: generation p50 {r['quiet']['generation_p50_s'] * 1000:.1f} ms, /v1/models p50 "
              f"{r['quiet']['models_p50_s'] * 1000:.2f} ms"]
     for kind, f in r["flood"].items():
