@@ -80,6 +80,7 @@ def wrong_token_flood(settings, *, requests: int = 10, steps: int = 4, size: int
     """The measurement (docstring above). Returns a JSON-able report."""
     from sd35.service import auth
 
+    # 1. A keys file with one valid key, and a real `sd35 serve` on a free loopback port.
     work = Path(tempfile.mkdtemp(prefix="sd35-bench-flood-"))
     keys = work / "api-keys"
     valid = auth.add(keys, "valid-user")
@@ -117,6 +118,7 @@ def wrong_token_flood(settings, *, requests: int = 10, steps: int = 4, size: int
                     break
             except OSError:
                 time.sleep(0.2)
+        # 2. Once ready: a warm-up, then quiet and flooded rounds.
         user_round({})  # warm-up (the valid key's first check, the pipeline's first run)
         # Quiet and flooded rounds alternate (`rounds` times), so drift on a shared machine hits all alike.
         kinds = {"known_id": lambda: f"sd35_{known_id}_{secrets.token_urlsafe(32)}",
@@ -133,7 +135,7 @@ def wrong_token_flood(settings, *, requests: int = 10, steps: int = 4, size: int
             results[kind] = {**summary(samples[kind]), "wrong_tokens_sent": sent[kind]}
             results[kind]["generation_ratio"] = round(results[kind]["generation_p50_s"] / quiet["generation_p50_s"], 3)
             results[kind]["models_ratio"] = round(results[kind]["models_p50_s"] / quiet["models_p50_s"], 3)
-        # after `distinct` distinct wrong tokens (16 clients; the service paces them: app.WRONG_KEYS_PER_S): a valid
+        # 3. After `distinct` distinct wrong tokens (16 clients; the service paces them: app.WRONG_KEYS_PER_S): a valid
         # key is still a cache hit
         from concurrent.futures import ThreadPoolExecutor
 
