@@ -144,9 +144,7 @@ def test_cli_generate_and_the_fp8_store_loaded_by_name(tmp_path, images):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("mode", ["blocks", pytest.param("full", marks=pytest.mark.skipif(
-    os.environ.get("SD35_TEST_FULL_COMPILE") != "1", reason="a whole-MMDiT CPU compile takes many minutes: set "
-    "SD35_TEST_FULL_COMPILE=1 (blocks runs in every test run)"))])
+@pytest.mark.parametrize("mode", ["blocks", "full"])  # each ~80 s of CPU compile on a quiet 2-core machine
 def test_compiled_fp8_matches_eager_fp8(tmp_path, mode, images):
     r = run_cli("generate", "--precision", "fp8", "--compile", mode, "--steps", "4", "--seed", "0",
                 "--prompt", "a lighthouse at dusk", "--out", str(tmp_path), timeout=1200,

@@ -500,11 +500,11 @@ def _grpc_code(port: int, token: str | None):
 
 
 # The two real-cluster tests start Ray nodes whose start-up has fixed waits (15–30 s, not configurable in Ray
-# 2.60): on a loaded 2-core machine every start timed out. They run where SD35_RAY_CLUSTER_TESTS=1 is set
-# (a quiet machine or a GPU server); make test and CI leave them out so a Ray start-up timeout cannot eat
-# CI's time. Everything else about Ray here runs in every test run.
-RAY_CLUSTER = pytest.mark.skipif(os.environ.get("SD35_RAY_CLUSTER_TESTS") != "1",
-                                 reason="real Ray cluster start-up: set SD35_RAY_CLUSTER_TESTS=1 (quiet machine)")
+# 2.60): on a machine loaded far past its cores (load 13–15 on 2 cores) every start timed out; on a quiet one,
+# or under `make test`'s own two workers, they pass (~1.5 min each). They run in every test run; a developer
+# on a saturated box can leave them out with SD35_RAY_CLUSTER_TESTS=0.
+RAY_CLUSTER = pytest.mark.skipif(os.environ.get("SD35_RAY_CLUSTER_TESTS") == "0",
+                                 reason="real Ray cluster start-up left out: SD35_RAY_CLUSTER_TESTS=0")
 
 
 @RAY_CLUSTER
@@ -522,7 +522,7 @@ def test_make_serve_ray_from_a_clean_home(tiny_cache, tmp_path):
     import httpx
 
     from sd35 import net
-    from sd35.ops import doctor
+    from sd35.ops.doctor import context, network
     from sd35.service import ray_app
     from sd35.settings import Settings
 
@@ -559,7 +559,7 @@ def test_make_serve_ray_from_a_clean_home(tiny_cache, tmp_path):
             assert _grpc_code(x.port, None) == grpc.StatusCode.UNAUTHENTICATED
             assert _grpc_code(x.port, "not-the-token") == grpc.StatusCode.UNAUTHENTICATED
             assert _grpc_code(x.port, token) != grpc.StatusCode.UNAUTHENTICATED
-        check = doctor.check_listeners(doctor.Context(settings=Settings(_env_file=None, port=http_port)))
+        check = network.check_listeners(context.Context(settings=Settings(_env_file=None, port=http_port)))
         for x, _, _ in found:  # doctor flags none of this Ray's listeners (the API asks for a key)
             assert f":{x.port} " not in check.finding and f":{x.port}," not in check.finding, check
         # 3. url links: 20 made over both replicas, each fetched several times (either replica may answer).

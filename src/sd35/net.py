@@ -166,9 +166,11 @@ def is_loopback(host: str) -> bool:
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing listens on host:port (we could bind it now)."""
+    """True when nothing listens on host:port (we could bind it now). SO_REUSEADDR, as every server sets it:
+    connections of a server just stopped (TIME_WAIT) do not make its port look busy."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
