@@ -10,7 +10,6 @@ must also differ from fp8-weight's (the activation quantization really ran).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
