@@ -150,3 +150,41 @@ def test_bench_speed_on_cpu_says_it_ran_the_tiny_model():
     assert report["modes"]["bf16"]["eager"]["step_ms_median"] > 0
     assert report["modes"]["fp8-weight"]["eager"]["ratio_vs_bf16"] > 0
     assert "note" in report["modes"]["fp8"]  # FP8 compute needs FP8 tensor cores: said, not faked
+
+
+def test_a_compile_under_way_counts_as_progress_for_the_watchdog():
+    """A compile inside a generation beats no heartbeat (no step ends for minutes): the service's watchdog
+    counts a compile under way as progress, up to SD35_LOAD_TIMEOUT; a real torch.compile is seen as one."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from sd35.service.app import progressing
+
+    compilation.count_compiles()
+    worker = SimpleNamespace(state="ready", heartbeat=time.monotonic() - 100,
+                             settings=SimpleNamespace(load_timeout=900.0))
+    assert compilation.compiling_for() is None and not progressing(worker, limit=10)  # no step for 100 s: a hang
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_backend(gm, example_inputs):  # stands for inductor's minutes of codegen
+        inside.set()
+        release.wait(30)
+        return gm.forward
+
+    fn = torch.compile(lambda x: x * 2 + 1, backend=slow_backend)
+    thread = threading.Thread(target=fn, args=(torch.ones(3),))
+    thread.start()
+    try:
+        assert inside.wait(60)
+        assert compilation.compiling_for() is not None and progressing(worker, limit=10)
+        worker.settings.load_timeout = 0.0  # compiling for longer than SD35_LOAD_TIMEOUT: a hang after all
+        assert not progressing(worker, limit=10)
+    finally:
+        release.set()
+        thread.join(60)
+    assert compilation.compiling_for() is None and not progressing(worker, limit=10)
+    worker.heartbeat, worker.state = time.monotonic(), "failed"
+    assert not progressing(worker, limit=10)  # a failed worker never looks alive

@@ -217,11 +217,12 @@ def apply(transformer, plan: CompilePlan) -> CompilePlan:
     return plan
 
 
-_COMPILES = {"count": 0, "counting": False}
+_COMPILES = {"count": 0, "counting": False, "since": None}
 
 
 def count_compiles() -> None:
-    """From now on, count every dynamo compilation of this process (once registered, for good)."""
+    """From now on, count every dynamo compilation of this process, and note when one is under way (once
+    registered, for good)."""
     if _COMPILES["counting"]:
         return
     from torch._dynamo import callback
@@ -229,9 +230,22 @@ def count_compiles() -> None:
     def started(args) -> None:
         if args.callback_trigger == callback.CallbackTrigger.DYNAMO:
             _COMPILES["count"] += 1
+        _COMPILES["since"] = time.monotonic()
+
+    def ended(args) -> None:
+        _COMPILES["since"] = None
 
     callback.on_compile_start(started)
+    callback.on_compile_end(ended)
     _COMPILES["counting"] = True
+
+
+def compiling_for() -> float | None:
+    """Seconds the compilation under way has taken so far; None when none is. Why: a compile inside a
+    generation (a first call, a shape the warm-up did not cover) runs minutes with no denoising step to
+    beat the worker's heartbeat; the service's watchdog counts it as progress, up to SD35_LOAD_TIMEOUT."""
+    since = _COMPILES["since"]
+    return None if since is None else time.monotonic() - since
 
 
 def compiles() -> int:

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd35 import __version__
+from sd35.inference import compilation
 from sd35.settings import Settings
 from sd35.service import edits, loras, notify, openapi, page, queueview, status
 from sd35.service.imagestore import make_store
@@ -41,14 +42,24 @@ KNOWN_PATHS = {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/
                "/docs"}
 
 
+def progressing(worker: Worker, limit: float) -> bool:
+    """The worker made progress within `limit` s (a step, an idle second), or is compiling — a compile has no
+    steps to beat with — for less than SD35_LOAD_TIMEOUT (a compile hung past that is a hang)."""
+    if worker.state == "failed":
+        return False
+    compiling = compilation.compiling_for()
+    return time.monotonic() - worker.heartbeat < limit or (
+        compiling is not None and compiling < worker.settings.load_timeout)
+
+
 def _watchdog(worker: Worker, stop: threading.Event) -> None:
-    """Ping systemd's watchdog while the GPU worker makes progress (its heartbeat is recent)."""
+    """Ping systemd's watchdog while the GPU worker makes progress (`progressing`)."""
     interval = notify.watchdog_interval()
     if interval is None:
         return
     limit = interval * 2  # WatchdogSec
     while not stop.wait(interval):
-        if worker.state != "failed" and time.monotonic() - worker.heartbeat < limit:
+        if progressing(worker, limit):
             notify.notify("WATCHDOG=1")
         else:
             log.error("GPU worker made no progress for %.0f s: withholding the watchdog ping", limit)
