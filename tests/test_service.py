@@ -713,3 +713,20 @@ def test_a_real_cpu_allocation_failure_fails_that_job_alone_with_503(tiny_cache,
             proc.kill()
     out = output()
     assert "out of memory; memory released" in out and "Traceback" not in out, out[-3000:]
+
+
+def test_the_images_healthcheck_passes_on_a_keyed_service(service):
+    """docker/Dockerfile's HEALTHCHECK command, run as written against a service with SD35_API_KEY (compose
+    always sets one): 0 while ready; without the key in its environment /readyz answers 401 and it fails."""
+    import json as _json
+    import re
+
+    line = re.search(r'^\s*CMD (\["python3", "-c", .*\])$', (ROOT / "docker" / "Dockerfile").read_text(), re.M)
+    cmd = _json.loads(line.group(1))
+    port = service.url.rsplit(":", 1)[1]
+    ok = subprocess.run(cmd, env={"PATH": os.environ["PATH"], "SD35_PORT": port, "SD35_API_KEY": KEY},
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    keyless = subprocess.run(cmd, env={"PATH": os.environ["PATH"], "SD35_PORT": port}, capture_output=True,
+                             text=True, timeout=30)
+    assert keyless.returncode != 0 and "401" in keyless.stderr
