@@ -252,7 +252,9 @@ def other():
     two of them (this one, test_hosting) create and remove the same account."""
     import fcntl
 
-    with open("/tmp/sd35-tests-other-account.lock", "w") as lock:
+    # O_NOFOLLOW, no truncation: another account may have planted a symlink at that name in /tmp.
+    fd = os.open("/tmp/sd35-tests-other-account.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             pwd.getpwnam(OTHER)
