@@ -456,6 +456,9 @@ def _assert_dead(srv, failures, first, second, t0):
     assert code == 503 and payload["status"] == "failed"
     code, _, payload = call(srv.url + "/v1/images/generations", "POST", {"prompt": "x", "size": "128x128", "steps": 1})
     assert code == 503 and "error" in payload
+    deadline = time.time() + 10  # the waiting clients are answered first, then the server is told
+    while not failures and time.time() < deadline:
+        time.sleep(0.02)
     assert len(failures) == 1  # the server was told: `sd35 serve` exits non-zero, systemd restarts it
     assert "sd35_ready 0.0" in call(srv.url + "/metrics")[2]
 
