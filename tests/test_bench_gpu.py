@@ -28,7 +28,7 @@ def test_rehearsal_runs_the_whole_sequence_with_emulated_fp8(tiny_cache):
     assert report["rehearsal"] is True and report["emulated"] is True and report["arch"] == "tiny"
     assert "not GPU figures" in report["note"]
     assert report["tests"]["ran"] and report["tests"]["passed"], report["tests"]
-    assert set(report["modes"]) == {"bf16", "fp8-weight", "fp8"}
+    assert set(report["modes"]) == {"bf16", "fp8-weight", "fp8"} and report["compile_shapes"] == "static (CPU rehearsal)"
     assert report["modes"]["fp8"]["emulated"] is True and report["modes"]["bf16"]["emulated"] is False
     for row in report["modes"].values():
         assert row["eager_step_ms"] > 0 and row["compiled_step_ms"] > 0
@@ -40,8 +40,12 @@ def test_rehearsal_runs_the_whole_sequence_with_emulated_fp8(tiny_cache):
     assert 0 < pipe["weights_bytes"] < pipe["loaded_bytes"] <= pipe["peak_bytes"] and pipe["seconds"] > 0
     errors = report["fp8_vs_bf16"]
     assert len(errors["blocks"]) == 4 and 0 < errors["max_block_rel_err"] < 0.2 and errors["output_cosine"] > 0.99
+    image = errors["image"]  # the final image of the full pipeline, fp8 vs bf16 (42.3 dB measured on tiny)
+    assert (image["arch"], image["steps"], image["emulated"]) == ("tiny", 4, True)
+    assert 30 <= image["psnr_db"] < 100 and 0 < image["rel_err"] < 0.1, image  # close, and not the same image
     from sd35.bench.gpu import markdown
 
     table = markdown(report)  # what `sd35 bench gpu` prints without --json, for docs/benchmarks.md
     assert "| fp8 (emulated) |" in table and "rehearsal" in table
     assert "full pipeline, fp8 (tiny, 128²" in table and "process peak RSS" in table
+    assert "final image (tiny, 128², 4 steps" in table and f"PSNR {image['psnr_db']} dB" in table

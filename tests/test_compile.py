@@ -150,6 +150,22 @@ def test_bench_speed_on_cpu_says_it_ran_the_tiny_model():
     assert report["modes"]["bf16"]["eager"]["step_ms_median"] > 0
     assert report["modes"]["fp8-weight"]["eager"]["ratio_vs_bf16"] > 0
     assert "note" in report["modes"]["fp8"]  # FP8 compute needs FP8 tensor cores: said, not faked
+    assert report["emulated"] is False
+
+
+def test_bench_speed_and_lora_run_fp8_emulated_and_say_so():
+    """SD35_FP8_EMULATE=1 reaches the benchmarks: their fp8 rows run (torch's CPU float8 matmul) and the
+    report and the table say "emulated" — numerics, not speed."""
+    env = {"SD35_FP8_EMULATE": "1"}
+    r = run_cli("bench", "speed", "--eager-only", "--repeats", "1", "--modes", "bf16,fp8", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["emulated"] is True and "note" not in report["modes"]["fp8"]
+    assert report["modes"]["fp8"]["eager"]["step_ms_median"] > 0
+    r = run_cli("bench", "lora", "--arch", "tiny", "--size", "128", "--eager-only", "--repeats", "1", "--modes", "fp8",
+                "--ranks", "0,16", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "fp8 (emulated) rank   0: eager" in r.stdout and "fp8 (emulated) rank  16: eager" in r.stdout, r.stdout
 
 
 def test_a_compile_under_way_counts_as_progress_for_the_watchdog():
@@ -188,3 +204,20 @@ def test_a_compile_under_way_counts_as_progress_for_the_watchdog():
     assert compilation.compiling_for() is None and not progressing(worker, limit=10)
     worker.heartbeat, worker.state = time.monotonic(), "failed"
     assert not progressing(worker, limit=10)  # a failed worker never looks alive
+
+
+def test_bench_dynamic_marked_inputs_stay_under_dynamos_recompile_limit():
+    """`sd35 bench dynamic` (dynamo alone, `--backend eager`: the graph decisions in seconds): marking the blocks'
+    inputs dynamic (what `compilation.apply` does) needs fewer graphs than letting the warm-up's shapes make them
+    dynamic, and stays under dynamo's recompile limit, which the old way hit (3 block variants × 3 graphs > 8:
+    one variant then ran eager). Neither adds a graph for the 16 request shapes after the warm-up."""
+    r = run_cli("bench", "dynamic", "--arch", "tiny", "--size", "128", "--backend", "nope")
+    assert r.returncode == 2 and "--backend inductor or eager" in r.stderr, r.stderr
+    r = run_cli("bench", "dynamic", "--arch", "tiny", "--size", "128", "--modes", "bf16", "--backend", "eager",
+                "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["modes"]["bf16"]
+    old, marked = rows["warm-up"], rows["marked"]
+    assert marked["limit_hits"] == 0 and old["limit_hits"] >= 1, rows
+    assert marked["graphs_at_ready"] < old["graphs_at_ready"], rows
+    assert marked["graphs_after_ready"] == 0 and old["graphs_after_ready"] == 0, rows

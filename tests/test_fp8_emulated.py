@@ -330,6 +330,8 @@ def test_no_recompile_after_ready_across_n_guidance_and_sizes(tiny_cache, tmp_pa
     try:
         before = call(srv.url + "/metrics")[2]
         assert "sd35_recompiles_total 0.0" in before and "sd35_ready 1.0" in before
+        # dynamo's recompile limit (8 graphs for all the blocks' shared frame) not hit: no block runs eager
+        assert "sd35_compile_limit_hits_total 0.0" in before
         for size in ("80x80", "112x96", "144x144"):
             for n in (1, 2, 4):
                 for guidance in (0.0, 4.5):
@@ -341,3 +343,4 @@ def test_no_recompile_after_ready_across_n_guidance_and_sizes(tiny_cache, tmp_pa
     finally:
         srv.__exit__(None, None, None)
     assert "sd35_recompiles_total 0.0" in metrics, [m for m in metrics.splitlines() if "recompiles" in m]
+    assert "sd35_compile_limit_hits_total 0.0" in metrics

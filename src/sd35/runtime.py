@@ -174,8 +174,9 @@ class Runtime:
 
     def warm_up(self, on_step: StepCallback | None = None) -> gen.GenerationResult:
         """A 1-step generation through the same path as a request (kernels, allocator, caches). Compiled, two
-        more cover the shapes requests bring — n=2 with CFG at another size (batch and sequence become
-        symbolic), then n=1 without CFG (a batch of 1 is its own graph) — so no request recompiles
+        more cover the shapes requests bring — n=2 with CFG at another size (`blocks` marks batch and sequence
+        dynamic from the start; `full` makes them symbolic here), then n=1 without CFG (a batch of 1 is its
+        own graph) — so no request recompiles
         (compilation.py: New sizes); the compile time recorded covers all three."""
         import time
 

@@ -48,3 +48,9 @@ def on_this_device(device: str | None, arch: str, size: int) -> tuple[str, str, 
         note = (f"CPU: ran the tiny model at 128² instead of {arch} at {size}² — these times exercise the code "
                 "path on this CPU; GPU figures must be measured on a GPU")
     return device, "tiny", 128, note
+
+
+def emulates_fp8(device: str, emulate: bool) -> bool:
+    """Whether a benchmark's `fp8` rows run emulated: asked for (SD35_FP8_EMULATE) and on a CPU, as
+    `precision.resolve` grants it. The report then says `"emulated": true`: numerics, not speed."""
+    return bool(emulate) and device == "cpu"

@@ -103,6 +103,11 @@ def ssim(a, b) -> float:
     return float(s.mean())
 
 
+def image_rel_err(a, b) -> float:
+    """Relative L2 difference of two uint8 images (PIL or arrays), `a` the reference."""
+    return _rel(torch.as_tensor(_array(a), dtype=torch.float64), torch.as_tensor(_array(b), dtype=torch.float64))
+
+
 def _array(img):
     import numpy as np
 
@@ -125,8 +130,7 @@ def compare(reference: Runtime, candidate: Runtime, request: gen.GenerationReque
             None if rt is None else _rel(rt, ct), None if rt is None else _cos(rt, ct)))
     a, b = ref_result.images[0], cand_result.images[0]
     report.images = (a, b)
-    report.image_rel_err = _rel(torch.as_tensor(_array(a), dtype=torch.float64),
-                                torch.as_tensor(_array(b), dtype=torch.float64))
+    report.image_rel_err = image_rel_err(a, b)
     report.psnr_db, report.ssim = psnr(a, b), ssim(a, b)
     return report
 

@@ -17,7 +17,7 @@ import gc
 import statistics
 import time
 
-from sd35.bench.arch import build_transformer, on_this_device
+from sd35.bench.arch import build_transformer, emulates_fp8, on_this_device
 from sd35.bench.speed import _step_inputs, _time_steps
 from sd35.models import ARCHS
 
@@ -46,7 +46,8 @@ def _fill(ad, seed: int) -> None:
                 buf.copy_((torch.randn(buf.shape, generator=g) * 0.01).to(buf.dtype))
 
 
-def _one(arch: str, mode: str, rank: int, size: int, device: str, repeats: int, compiled: bool, cache: str) -> dict:
+def _one(arch: str, mode: str, rank: int, size: int, device: str, repeats: int, compiled: bool, cache: str,
+         emulated: bool = False) -> dict:
     """One (mode, rank) row: eager and (optionally) compiled step times; recompiles when swapping."""
     import torch
 
@@ -55,7 +56,7 @@ def _one(arch: str, mode: str, rank: int, size: int, device: str, repeats: int, 
 
     model = build_transformer(arch)
     try:
-        precision.apply(model, mode, device=device)
+        precision.apply(model, mode, device=device, emulated=emulated)
         model.to(device)
         ad = _slots(model, rank, seed=1) if rank else None
         inputs = _step_inputs(ARCHS[arch], size, device)
@@ -90,9 +91,10 @@ def _one(arch: str, mode: str, rank: int, size: int, device: str, repeats: int, 
 
 
 def run(arch: str = "large", size: int = 1024, *, modes=("bf16", "fp8-weight", "fp8"), ranks=(0, 16, 64),
-        compiled: bool = True, repeats: int = 10, device: str | None = None) -> dict:
+        compiled: bool = True, repeats: int = 10, device: str | None = None, emulate: bool = False) -> dict:
     """Step latency per (mode, rank), median and minimum, with the overhead against rank 0 (no LoRA) of the
-    same mode (from the minimums: a shared machine's load moves the medians more than the LoRA does)."""
+    same mode (from the minimums: a shared machine's load moves the medians more than the LoRA does).
+    `emulate` (SD35_FP8_EMULATE): the fp8 rows run on a CPU, emulated, and the report says so."""
     import tempfile
 
     import diffusers
@@ -101,9 +103,11 @@ def run(arch: str = "large", size: int = 1024, *, modes=("bf16", "fp8-weight", "
 
     device, arch, size, note = on_this_device(device, arch, size)
     cache = tempfile.mkdtemp(prefix="sd35-bench-lora-")
+    emulated = emulates_fp8(device, emulate)
     rows: dict[str, dict] = {}
     for mode in modes:
-        rows[mode] = {str(r): _one(arch, mode, r, size, device, repeats, compiled, cache) for r in ranks}
+        rows[mode] = {str(r): _one(arch, mode, r, size, device, repeats, compiled, cache, emulated and mode == "fp8")
+                      for r in ranks}
         base = rows[mode].get("0", {})
         for r, row in rows[mode].items():
             for kind in ("eager", "compiled"):  # on the minimum: steadier than the median on a shared machine
@@ -112,5 +116,6 @@ def run(arch: str = "large", size: int = 1024, *, modes=("bf16", "fp8-weight", "
     return {"arch": arch, "size": size, "device": device,
             "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU",
             "note": note, "repeats": repeats, "ranks": list(ranks), "modes": rows,
+            "emulated": emulated and "fp8" in modes,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "torchao": torchao.__version__}}

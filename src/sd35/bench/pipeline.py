@@ -67,9 +67,10 @@ def _modules(spec: models.ModelSpec, tokenizers: tuple) -> dict:
     }
 
 
-def build(arch: str, device: str, *, emulated: bool, cache_dir: Path, mode: str = "fp8") -> load.LoadedPipeline:
+def build(arch: str, device: str, *, emulated: bool, cache_dir: Path, mode: str = "fp8",
+          t5: str = "auto") -> load.LoadedPipeline:
     """The full pipeline of `arch` on `device` in `mode`: 1. resolve the precision plan as a load would
-    (T5 `auto`); 2. build every module in bf16 on the device; 3. quantize the transformer and T5 with the
+    (T5 `auto` unless `t5` says); 2. build every module in bf16 on the device; 3. quantize the transformer and T5 with the
     loader's verb; 4. wrap it as a LoadedPipeline, so `generate.run` runs it like a loaded model."""
     import time
 
@@ -78,7 +79,7 @@ def build(arch: str, device: str, *, emulated: bool, cache_dir: Path, mode: str 
 
     started = time.perf_counter()
     hw = hardware.detect(device)
-    plan = precision.resolve(mode, "auto", hw, emulate=emulated, compiled=False)  # 1.
+    plan = precision.resolve(mode, t5, hw, emulate=emulated, compiled=False)  # 1.
     tokenizers = _tokenizers(cache_dir)
     spec = models.MODELS[arch]
     with _building(device):  # 2.

@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from sd35.bench.arch import build_transformer, on_this_device
+from sd35.bench.arch import build_transformer, emulates_fp8, on_this_device
 from sd35.models import ARCHS
 
 GOAL_FP8_COMPILED_RATIO = 0.60
@@ -70,7 +70,7 @@ def _stats(times: list[float], device: str) -> dict:
 
 
 def _measure_mode(arch: str, size: int, mode: str, device: str, *, compiled: bool, repeats: int,
-                  cache: str) -> dict:
+                  cache: str, emulated: bool = False) -> dict:
     """One precision mode: 1. build and quantize, 2. eager steps (after 2 warm-ups), 3. compile the blocks,
     time the first call (compilation) and then the steps. A mode this machine cannot run gets a note."""
     import torch
@@ -81,7 +81,7 @@ def _measure_mode(arch: str, size: int, mode: str, device: str, *, compiled: boo
     row: dict = {}
     model = build_transformer(arch)
     try:
-        precision.apply(model, mode, device=device)
+        precision.apply(model, mode, device=device, emulated=emulated)
         model.to(device)
         inputs = _step_inputs(ARCHS[arch], size, device)
         _reset_peak(device)
@@ -106,11 +106,12 @@ def _measure_mode(arch: str, size: int, mode: str, device: str, *, compiled: boo
 
 
 def speed(arch: str = "large", size: int = 1024, *, device: str | None = None, modes=("bf16", "fp8-weight", "fp8"),
-          compiled: bool = True, repeats: int = 10, cache_dir: str | None = None) -> dict:
+          compiled: bool = True, repeats: int = 10, cache_dir: str | None = None, emulate: bool = False) -> dict:
     """Transformer step latency (and peak GPU memory) per precision mode, eager and compiled, in one run.
 
     Random weights of the published architecture. On a CPU the tiny model runs instead (and the report says
-    so): those figures exercise the code path, they are not GPU numbers."""
+    so): those figures exercise the code path, they are not GPU numbers. `emulate` (SD35_FP8_EMULATE) runs
+    the fp8 row on a CPU through torch's CPU float8 matmul, and the report says `"emulated": true`."""
     import tempfile
 
     import diffusers
@@ -119,8 +120,9 @@ def speed(arch: str = "large", size: int = 1024, *, device: str | None = None, m
 
     device, arch, size, note = on_this_device(device, arch, size)
     cache = cache_dir or tempfile.mkdtemp(prefix="sd35-bench-compile-")
-    rows = {mode: _measure_mode(arch, size, mode, device, compiled=compiled, repeats=repeats, cache=cache)
-            for mode in modes}
+    emulated = emulates_fp8(device, emulate)
+    rows = {mode: _measure_mode(arch, size, mode, device, compiled=compiled, repeats=repeats, cache=cache,
+                                emulated=emulated and mode == "fp8") for mode in modes}
     base = rows.get("bf16", {})
     for row in rows.values():
         for kind in ("eager", "compiled"):
@@ -131,6 +133,7 @@ def speed(arch: str = "large", size: int = 1024, *, device: str | None = None, m
         "arch": arch, "size": size, "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU",
         "note": note, "repeats": repeats, "modes": rows, "compile_cache_dir": cache,
+        "emulated": emulated and "fp8" in modes,
         "goal": {"fp8_compiled_vs_bf16_compiled_max": GOAL_FP8_COMPILED_RATIO},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "torchao": torchao.__version__},
     }

@@ -3,8 +3,8 @@
     generate.py  sd35 generate, sd35 fidelity        serve.py   sd35 serve, sd35 lab
     cache.py     sd35 cache init|prefetch|quantize|verify|ls
     bench.py     sd35 bench …                        keys.py    sd35 keys add|set|list|usage
-    doctor.py    sd35 doctor                         common.py  consoles, errors, shared options
-    gpus.py      sd35 gpus
+    bench_fp8.py sd35 bench speed|gpu|lora|dynamic   common.py  consoles, errors, shared options
+    doctor.py    sd35 doctor                         gpus.py    sd35 gpus
 """
 
 from __future__ import annotations

@@ -8,25 +8,11 @@ from typing import Optional
 
 import typer
 
+from sd35.cli.bench_fp8 import bench_dynamic, bench_gpu, bench_lora, bench_speed, start
 from sd35.cli.common import Json, Model, Precision, err, handle_errors, out, settings
 from sd35.errors import InputError
 
 app = typer.Typer(help="Benchmarks (results belong in docs/benchmarks.md).", no_args_is_help=True)
-
-
-def _bench_start(arch: str | None = None, *, quiet: bool = False) -> None:
-    """Every `sd35 bench` command: our logs only (warnings only with `quiet`, so timings print clean), and
-    `--arch` checked against the registry's architectures."""
-    import logging
-
-    from sd35 import logs
-    from sd35.models import ARCHS
-
-    logs.configure(False)
-    if quiet:
-        logging.getLogger("sd35").setLevel(logging.WARNING)
-    if arch is not None and arch not in ARCHS:
-        raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(ARCHS)}.")
 
 
 @app.command("memory")
@@ -38,7 +24,7 @@ def bench_memory(
     """Weight bytes of the SD3.5 transformer per precision mode (random weights, built on the CPU)."""
     from sd35.bench import memory
 
-    _bench_start(arch)
+    start(arch)
     report = memory.memory(arch)
     if as_json:
         out.print_json(json.dumps(report))
@@ -58,7 +44,7 @@ def bench_load(
     lean (quantized as read), pre-quantized (FP8 from disk). Seconds, peak host RSS, bytes on disk."""
     from sd35.bench import load
 
-    _bench_start(arch)
+    start(arch)
     if work_dir is not None and not work_dir.is_dir():
         raise InputError(f"--dir {work_dir} is not a folder.", "create it or pass another one.")
     report = load.load_modes(arch, work_dir)
@@ -98,7 +84,7 @@ def bench_serve(
     """Service overhead vs a direct pipeline call (goal <= 5 %), and a burst against a bounded queue."""
     from sd35.bench import serve
 
-    _bench_start(quiet=True)
+    start(quiet=True)
     if batch_window is not None:
         from sd35.bench.batching import batch_window as run_batch_window
 
@@ -177,7 +163,7 @@ def bench_keepalive(
     """SD35_KEEP_ALIVE: service RSS/VRAM loaded vs released, first image after a release vs warm."""
     from sd35.bench import keepalive
 
-    _bench_start(quiet=True)
+    start(quiet=True)
     if arch:
         r = keepalive.release_rss(arch)
         print(json.dumps(r, indent=2) if as_json else f"{arch}: RSS {r['rss_loaded_bytes'] / 2**20:.0f} MiB held, "
@@ -216,72 +202,6 @@ def _bench_serve_ray(settings, requests: int, concurrency: int, steps: int, size
         out.print(f"  note: {report['note']}", highlight=False)
 
 
-@app.command("speed")
-@handle_errors
-def bench_speed(
-    arch: str = typer.Option("large", "--arch", help="medium | large (published configs) | tiny"),
-    size: int = typer.Option(1024, "--size", help="square image side"),
-    modes: str = typer.Option("bf16,fp8-weight,fp8", "--modes", help="comma-separated precision modes"),
-    eager_only: bool = typer.Option(False, "--eager-only", help="skip the compiled runs"),
-    repeats: int = typer.Option(10, "--repeats"),
-    cache_check: bool = typer.Option(False, "--cache-check", help="also time a cold vs a warm compile cache in two "
-                                     "`sd35 generate --compile blocks` processes (the configured model)"),
-    as_json: Json = False,
-) -> None:
-    """Transformer step latency and peak GPU memory per precision mode, eager and compiled (random weights)."""
-    from sd35.bench import speed as speed_bench
-    from sd35.settings import PRECISIONS
-
-    _bench_start(arch, quiet=True)
-    wanted = [m.strip() for m in modes.split(",") if m.strip()]
-    bad = [m for m in wanted if m not in PRECISIONS or m == "auto"]
-    if bad or not wanted:
-        raise InputError(f"unknown mode(s) {', '.join(bad) or modes!r}.", "use --modes bf16,fp8-weight,fp8.")
-    if size % 16 or not 64 <= size <= 4096:
-        raise InputError(f"--size {size} must be a multiple of 16 from 64 to 4096.", "pass --size 1024.")
-    report = speed_bench.speed(arch, size, modes=wanted, compiled=not eager_only, repeats=repeats)
-    if cache_check:
-        report["compile_cache"] = speed_bench.compile_cache(settings())
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return
-    out.print(f"{report['arch']} at {report['size']}² on {report['device_name']} ({report['device']}), "
-              f"median of {report['repeats']} steps" + (f"\n[yellow]{report['note']}[/]" if report["note"] else ""),
-              highlight=False)
-    for mode, row in report["modes"].items():
-        if "note" in row:
-            out.print(f"  {mode:11} {row['note']}", highlight=False)
-            continue
-        parts = [f"{kind} {r['step_ms_median']:.1f} ms" + (f" ({r['ratio_vs_bf16']:.2f}× bf16)" if "ratio_vs_bf16" in r
-                 else "") + (f", peak {r['peak_gpu_bytes'] / 1e9:.2f} GB" if "peak_gpu_bytes" in r else "")
-                 + (f", first call {r['first_call_s']:.1f} s" if "first_call_s" in r else "")
-                 for kind, r in row.items()]
-        out.print(f"  {mode:11} " + " · ".join(parts), highlight=False)
-    if "compile_cache" in report:
-        c = report["compile_cache"]
-        out.print(f"  compile cache: cold {c['cold']['seconds']} s, warm {c['warm']['seconds']} s → {c['ratio']}× "
-                  f"(goal ≤ {c['goal_ratio_max']})", highlight=False)
-
-
-@app.command("gpu")
-@handle_errors
-def bench_gpu(
-    rehearse: bool = typer.Option(False, "--rehearse", help="without CUDA: the same sequence on this CPU with the "
-                                  "tiny model and emulated fp8 (minutes; not GPU figures)"),
-    as_json: bool = typer.Option(False, "--json", help="print the JSON report instead of the markdown table"),
-) -> None:
-    """GPU acceptance, offline: the GPU test tier, bf16/fp8-weight/fp8 step times eager and compiled, peak
-    memory, compile cold/warm, fp8's error per block (random weights of the published architectures)."""
-    from sd35.bench import gpu
-
-    _bench_start(quiet=True)
-    report = gpu.run(rehearse=rehearse)
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return
-    print(gpu.markdown(report))
-
-
 @app.command("break")
 @handle_errors
 def bench_break(
@@ -294,7 +214,7 @@ def bench_break(
     """Cost of armed SD35_BREAK hooks that do not match, per denoising step (goal <= 1 %); --nan: of the NaN watch."""
     from sd35.bench import breaks
 
-    _bench_start(quiet=True)
+    start(quiet=True)
     r = breaks.break_overhead(settings(model=model), runs=runs, steps=steps, nan=nan)
     if as_json:
         print(json.dumps(r, indent=2))
@@ -345,7 +265,7 @@ def bench_report(
     except ImportError as exc:
         raise InputError(f"sd35 bench report needs matplotlib ({exc}).",
                          "install the lab extra: make setup (or pip install -c constraints.txt -e '.[lab]').") from None
-    _bench_start(quiet=True)
+    start(quiet=True)
     wanted = [s.strip() for s in only.split(",") if s.strip()]
     if not wanted or set(wanted) - set(report.SECTIONS):
         raise InputError(f"--only {only!r}: unknown benchmark(s).", f"use a subset of {','.join(report.SECTIONS)}.")
@@ -356,49 +276,9 @@ def bench_report(
         sections, head = report.run(s, out_dir, only=wanted, prompt=prompt, seed=seed), {}
     page = report.write(out_dir, sections, head or report.header(s, sections, sources))
     err.print(f"wrote {page}", highlight=False)
-@app.command("lora")
-@handle_errors
-def bench_lora(
-    arch: str = typer.Option("large", "--arch", help="medium | large (published configs) | tiny"),
-    size: int = typer.Option(1024, "--size", help="square image side"),
-    modes: str = typer.Option("bf16,fp8-weight,fp8", "--modes", help="comma-separated precision modes"),
-    ranks: str = typer.Option("0,16,64", "--ranks", help="comma-separated slot ranks (0: no LoRA)"),
-    eager_only: bool = typer.Option(False, "--eager-only", help="skip the compiled runs"),
-    repeats: int = typer.Option(10, "--repeats"),
-    as_json: Json = False,
-) -> None:
-    """Per-step cost of an unfused LoRA (rank 16, 64) against none, per precision, eager and compiled, and the
-    recompiles when swapping LoRAs on the compiled model (random weights)."""
-    from sd35.bench import lora as bench
-    from sd35.settings import PRECISIONS
 
-    _bench_start(arch, quiet=True)
-    wanted = [m.strip() for m in modes.split(",") if m.strip()]
-    try:
-        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
-    except ValueError:
-        raise InputError(f"--ranks {ranks!r} must be comma-separated integers.", "pass --ranks 0,16,64.") from None
-    bad = [m for m in wanted if m not in PRECISIONS or m == "auto"]
-    if bad or not wanted or not rank_list or any(not 0 <= r <= 1024 for r in rank_list):
-        raise InputError(f"--modes {modes!r} / --ranks {ranks!r}: unknown mode or rank out of 0..1024.",
-                         "use --modes bf16,fp8-weight,fp8 --ranks 0,16,64.")
-    if size % 16 or not 64 <= size <= 4096:
-        raise InputError(f"--size {size} must be a multiple of 16 from 64 to 4096.", "pass --size 1024.")
-    report = bench.run(arch, size, modes=wanted, ranks=rank_list, compiled=not eager_only, repeats=repeats)
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return
-    out.print(f"{report['arch']} at {report['size']}² on {report['device_name']} ({report['device']}), median of "
-              f"{report['repeats']} steps / min; LoRA slots on every linear" +
-              (f"\n[yellow]{report['note']}[/]" if report["note"] else ""), highlight=False)
-    for mode, rows in report["modes"].items():
-        for rank, r in rows.items():
-            if "note" in r:
-                out.print(f"  {mode:11} rank {rank:>3}: {r['note']}", highlight=False)
-                continue
-            parts = [f"{kind} {r[f'{kind}_ms']:.1f} / {r[f'{kind}_min_ms']:.1f} ms"
-                     + (f" ({r[f'{kind}_overhead'] * 100:+.0f}% min)" if f"{kind}_overhead" in r else "")
-                     for kind in ("eager", "compiled") if f"{kind}_ms" in r]
-            if "recompiles_on_swap" in r:
-                parts.append(f"recompiles on swap: {r['recompiles_on_swap']}")
-            out.print(f"  {mode:11} rank {rank:>3}: " + " · ".join(parts), highlight=False)
+
+app.command("speed")(bench_speed)
+app.command("gpu")(bench_gpu)
+app.command("lora")(bench_lora)
+app.command("dynamic")(bench_dynamic)

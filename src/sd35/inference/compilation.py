@@ -18,15 +18,20 @@ Modes (`SD35_COMPILE` / `--compile`):
   `off` elsewhere: a one-off CLI run pays the compile for a single image, and on a CPU inductor's
   kernels are measured in docs/benchmarks.md (`sd35 bench speed`) rather than assumed to help.
 
-New sizes: the first call compiles for its exact shapes; the first call at a *different* size recompiles
-once with the sequence length (and batch) symbolic — torch's automatic dynamic shapes — and every later
-size and `n` reuses that graph (measured on the tiny model: 3 block variants → 3 graphs at 128², 6 after
-192×160, still 6 after 256² and 128×192). A batch of 1 (n=1 without CFG) is always its own graph (torch
-specializes size-1 dimensions). So the warm-up (`Runtime.warm_up`), compiled, runs n=1 with CFG, then n=2
-with CFG at another size (batch and sequence become symbolic at once), then n=1 without CFG, and no
-request pays a recompile: `compiles()` counts every dynamo compilation, and /metrics'
-`sd35_recompiles_total` (those after READY) must stay 0. (`torch.compile(dynamic=True)` on a module did not make the
-sequence dimension symbolic here: its guards still failed on the new length.)
+New sizes and batches: in `blocks` mode each block's inputs are marked dynamic before its compiled call
+(`_dynamic_inputs`: the batch of all three, the image sequence of `hidden_states`), so the first compile is
+already symbolic in both and every size and `n` reuses it. A batch of 1 (n=1 without CFG) is still its own
+graph (torch specializes size-1 dimensions). The warm-up (`Runtime.warm_up`), compiled, runs n=1 with CFG,
+n=2 with CFG at another size and n=1 without CFG, and no request pays a recompile: `compiles()` counts
+every dynamo compilation, and /metrics' `sd35_recompiles_total` (those after READY) must stay 0.
+Why marking rather than letting the warm-up's second size trigger torch's automatic dynamic shapes (what
+this did before): the blocks share one code object, so dynamo's recompile limit (8 graphs per frame)
+covers all of a model's block variants together. Three variants (Medium, the tiny model) × three graphs
+(static, automatic-dynamic, batch 1) is 9: the 9th was refused and that block then ran *eager* for every
+n=1-without-CFG request, silently. Marked: two graphs per variant, and the warm-up compiled 10–27 % faster
+(`sd35 bench dynamic`, docs/benchmarks.md). A hit of the limit is counted (`limit_hits()`) and logged with its fix.
+(`torch.compile(dynamic=True)` on a module did not make the sequence symbolic here: its guards still
+failed on the new length.)
 
 The kernel cache: inductor's FX-graph and Triton caches go to `SD35_COMPILE_CACHE` (default
 `~/.cache/sd35-compile`; the systemd unit's `CacheDirectory=`, the image's home), one folder per torch
@@ -202,22 +207,58 @@ def _use_cache(path: str | None) -> None:
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
-def apply(transformer, plan: CompilePlan) -> CompilePlan:
-    """Compile `transformer` in place for `plan.mode` (compilation itself happens at the first call)."""
+def apply(transformer, plan: CompilePlan, *, mark_dynamic: bool = True, backend: str = "inductor") -> CompilePlan:
+    """Compile `transformer` in place for `plan.mode` (compilation itself happens at the first call).
+    For `sd35 bench dynamic`: `mark_dynamic=False` leaves the shapes to torch's automatic dynamic shapes, and
+    `backend="eager"` traces with dynamo only (graph counts in seconds, no kernels)."""
     if plan.mode == "off":
         return plan
     _use_cache(plan.cache_dir)
     count_compiles()
     if plan.mode == "blocks":
         for block in transformer.transformer_blocks:
-            block.compile()
+            block.compile(backend=backend)
+            if mark_dynamic:
+                block._compiled_call_impl = _dynamic_inputs(block._compiled_call_impl)
     elif plan.mode == "full":
-        transformer.compile()
+        transformer.compile(backend=backend)
     log.info("compile: %s (%s); kernel cache %s", plan.mode, plan.reason, plan.cache_dir)
     return plan
 
 
-_COMPILES = {"count": 0, "counting": False, "since": None}
+def _dynamic_inputs(compiled):
+    """`compiled` (a block's compiled call) with its inputs' batch and image-sequence dimensions marked
+    dynamic first (New sizes, above). Marked outside the compiled frame: dynamo reads the marks on entry.
+    `maybe_mark_dynamic`: a diffusers version whose block specializes a dimension gets a static graph
+    (counted, and the warm-up still covers the shapes), not an error."""
+    import torch
+
+    def call(*args, **kwargs):
+        names = ("hidden_states", "encoder_hidden_states", "temb")
+        tensors = [kwargs.get(n, args[i] if i < len(args) else None) for i, n in enumerate(names)]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        if isinstance(tensors[0], torch.Tensor) and tensors[0].dim() == 3:
+            torch._dynamo.maybe_mark_dynamic(tensors[0], 1)
+        return compiled(*args, **kwargs)
+
+    return call
+
+
+_COMPILES = {"count": 0, "counting": False, "since": None, "limit_hits": 0}
+
+
+class _LimitHits:
+    """Counts dynamo's "hit config.recompile_limit" warnings: past it a frame runs eager, silently slower."""
+
+    def filter(self, record) -> bool:
+        if str(record.msg).startswith("torch._dynamo hit config."):
+            _COMPILES["limit_hits"] += 1
+            log.warning("torch.compile gave up on a frame (dynamo's recompile limit): it runs eager from now on, "
+                        "slower. The warm-up should have covered every shape: please report it with the log of "
+                        "TORCH_LOGS=recompiles; SD35_COMPILE=off avoids it meanwhile")
+        return True
 
 
 def count_compiles() -> None:
@@ -237,6 +278,7 @@ def count_compiles() -> None:
 
     callback.on_compile_start(started)
     callback.on_compile_end(ended)
+    logging.getLogger("torch._dynamo.convert_frame").addFilter(_LimitHits())
     _COMPILES["counting"] = True
 
 
@@ -251,6 +293,11 @@ def compiling_for() -> float | None:
 def compiles() -> int:
     """Dynamo compilations of this process so far (0 before anything compiled)."""
     return _COMPILES["count"]
+
+
+def limit_hits() -> int:
+    """Frames dynamo stopped compiling (recompile limit) in this process: each runs eager from then on."""
+    return _COMPILES["limit_hits"]
 
 
 def cache_counters() -> dict:

@@ -38,6 +38,9 @@ class Metrics:
                            registry=self.registry)
         recompiles.set_function(lambda: float(compilation.compiles() - plan().compiles_at_ready)
                                 if plan() is not None and plan().compiles_at_ready is not None else 0.0)
+        limit = Gauge("sd35_compile_limit_hits_total", "Frames torch.compile gave up on (dynamo's recompile limit): "
+                      "each runs eager from then on, slower; stays 0", registry=self.registry)
+        limit.set_function(lambda: float(compilation.limit_hits()))
         emulated = Gauge("sd35_fp8_emulated", "1 when precision fp8 is emulated on a CPU (SD35_FP8_EMULATE=1: numerics "
                          "only, no FP8 tensor cores)", registry=self.registry)
         emulated.set_function(lambda: 1.0 if getattr(getattr(getattr(worker, "runtime", None), "loaded", None), "plan",
