@@ -51,11 +51,20 @@ def hermetic_session(tmp_path_factory):
 ROOT_FIXTURES = {"browser", "other"}  # chromium (installed as root), a second Unix account (useradd)
 
 
+# The longest files first (minutes each on a 2-core box): `make test` runs a file whole on one xdist worker
+# (--dist loadfile), so a long file that starts last keeps the other worker idle (longest-first scheduling).
+LONGEST_FIRST = ("test_ray.py", "test_fp8_emulated.py", "test_compile.py", "test_debugging.py", "test_bench_gpu.py",
+                 "test_notebooks.py", "test_report.py", "test_lora.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests on a fixture only root can provide are `root` tests, like those marked by hand."""
+    """Tests on a fixture only root can provide are `root` tests, like those marked by hand. The longest files
+    run first (a stable sort: each file keeps its own order)."""
     for item in items:
         if ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.root)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -389,7 +389,7 @@ def test_alert_rules_pass_promtool():
     r = subprocess.run(["promtool", "check", "rules", str(ROOT / "deploy" / "prometheus" / "alerts.yaml")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 5 rules found" in r.stdout
+    assert "SUCCESS: 6 rules found" in r.stdout
 
 
 # --- sd35 gpus: a faked nvidia-smi, real processes --------------------------------------------------------
