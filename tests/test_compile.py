@@ -180,6 +180,8 @@ def test_a_compile_under_way_counts_as_progress_for_the_watchdog():
     from sd35.service.app import progressing
 
     compilation.count_compiles()
+    torch._dynamo.reset()  # as a keep-alive release does: it drops dynamo's callbacks, which must come back
+    compilation.count_compiles()  # what the reload's `compilation.apply` calls
     worker = SimpleNamespace(state="ready", heartbeat=time.monotonic() - 100,
                              settings=SimpleNamespace(load_timeout=900.0))
     assert compilation.compiling_for() is None and not progressing(worker, limit=10)  # no step for 100 s: a hang

@@ -261,25 +261,31 @@ class _LimitHits:
         return True
 
 
-def count_compiles() -> None:
-    """From now on, count every dynamo compilation of this process, and note when one is under way (once
-    registered, for good)."""
-    if _COMPILES["counting"]:
-        return
+def _started(args) -> None:
     from torch._dynamo import callback
 
-    def started(args) -> None:
-        if args.callback_trigger == callback.CallbackTrigger.DYNAMO:
-            _COMPILES["count"] += 1
-        _COMPILES["since"] = time.monotonic()
+    if args.callback_trigger == callback.CallbackTrigger.DYNAMO:
+        _COMPILES["count"] += 1
+    _COMPILES["since"] = time.monotonic()
 
-    def ended(args) -> None:
-        _COMPILES["since"] = None
 
-    callback.on_compile_start(started)
-    callback.on_compile_end(ended)
-    logging.getLogger("torch._dynamo.convert_frame").addFilter(_LimitHits())
-    _COMPILES["counting"] = True
+def _ended(args) -> None:
+    _COMPILES["since"] = None
+
+
+def count_compiles() -> None:
+    """From now on, count every dynamo compilation of this process, and note when one is under way. Called
+    by every `apply`: `torch._dynamo.reset()` (a keep-alive release, `bench gpu`) drops dynamo's callbacks,
+    so they are registered again whenever they are missing."""
+    from torch._dynamo import callback
+
+    if _started not in callback.callback_handler.start_callbacks:
+        callback.on_compile_start(_started)
+    if _ended not in callback.callback_handler.end_callbacks:
+        callback.on_compile_end(_ended)
+    if not _COMPILES["counting"]:  # the log filter survives a reset
+        logging.getLogger("torch._dynamo.convert_frame").addFilter(_LimitHits())
+        _COMPILES["counting"] = True
 
 
 def compiling_for() -> float | None:
