@@ -51,6 +51,15 @@ def on_this_device(device: str | None, arch: str, size: int) -> tuple[str, str, 
 
 
 def emulates_fp8(device: str, emulate: bool) -> bool:
-    """Whether a benchmark's `fp8` rows run emulated: asked for (SD35_FP8_EMULATE) and on a CPU, as
-    `precision.resolve` grants it. The report then says `"emulated": true`: numerics, not speed."""
-    return bool(emulate) and device == "cpu"
+    """Whether a benchmark's `fp8` rows run emulated: asked for (SD35_FP8_EMULATE) and granted, as a load
+    would grant it (`precision.resolve`: a CPU only). The report then says `"emulated": true`: numerics,
+    not speed. Refused (a GPU without FP8 tensor cores): False, and the fp8 row says why it did not run."""
+    from sd35 import hardware, precision
+    from sd35.errors import HardwareError
+
+    if not emulate:
+        return False
+    try:
+        return precision.resolve("fp8", "auto", hardware.detect(device), emulate=True).emulated
+    except HardwareError:
+        return False

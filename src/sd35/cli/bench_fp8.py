@@ -26,6 +26,20 @@ def start(arch: str | None = None, *, quiet: bool = False) -> None:
         raise InputError(f"unknown architecture {arch!r}.", f"use --arch {' or --arch '.join(ARCHS)}.")
 
 
+def _checked(modes: str, size: int, *, example: str, min_size: int = 64) -> list[str]:
+    """The `--modes` list, each a real precision mode (not auto), and `--size` checked: the bench commands'
+    shared input check."""
+    from sd35.settings import PRECISIONS
+
+    wanted = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in wanted if m not in PRECISIONS or m == "auto"]
+    if bad or not wanted:
+        raise InputError(f"unknown mode(s) {', '.join(bad) or modes!r}.", f"use --modes {example}.")
+    if size % 16 or not min_size <= size <= 4096:
+        raise InputError(f"--size {size} must be a multiple of 16 from {min_size} to 4096.", "pass --size 1024.")
+    return wanted
+
+
 def _label(report: dict, mode: str) -> str:
     """A mode's name in a table: `fp8 (emulated)` where SD35_FP8_EMULATE ran it on the CPU."""
     return f"{mode} (emulated)" if mode == "fp8" and report.get("emulated") else mode
@@ -44,15 +58,9 @@ def bench_speed(
 ) -> None:
     """Transformer step latency and peak GPU memory per precision mode, eager and compiled (random weights)."""
     from sd35.bench import speed as speed_bench
-    from sd35.settings import PRECISIONS
 
     start(arch, quiet=True)
-    wanted = [m.strip() for m in modes.split(",") if m.strip()]
-    bad = [m for m in wanted if m not in PRECISIONS or m == "auto"]
-    if bad or not wanted:
-        raise InputError(f"unknown mode(s) {', '.join(bad) or modes!r}.", "use --modes bf16,fp8-weight,fp8.")
-    if size % 16 or not 64 <= size <= 4096:
-        raise InputError(f"--size {size} must be a multiple of 16 from 64 to 4096.", "pass --size 1024.")
+    wanted = _checked(modes, size, example="bf16,fp8-weight,fp8")
     s = settings()
     report = speed_bench.speed(arch, size, modes=wanted, compiled=not eager_only, repeats=repeats,
                                emulate=s.fp8_emulate)
@@ -111,20 +119,15 @@ def bench_lora(
     """Per-step cost of an unfused LoRA (rank 16, 64) against none, per precision, eager and compiled, and the
     recompiles when swapping LoRAs on the compiled model (random weights)."""
     from sd35.bench import lora as bench
-    from sd35.settings import PRECISIONS
 
     start(arch, quiet=True)
-    wanted = [m.strip() for m in modes.split(",") if m.strip()]
+    wanted = _checked(modes, size, example="bf16,fp8-weight,fp8")
     try:
         rank_list = [int(r) for r in ranks.split(",") if r.strip()]
     except ValueError:
         raise InputError(f"--ranks {ranks!r} must be comma-separated integers.", "pass --ranks 0,16,64.") from None
-    bad = [m for m in wanted if m not in PRECISIONS or m == "auto"]
-    if bad or not wanted or not rank_list or any(not 0 <= r <= 1024 for r in rank_list):
-        raise InputError(f"--modes {modes!r} / --ranks {ranks!r}: unknown mode or rank out of 0..1024.",
-                         "use --modes bf16,fp8-weight,fp8 --ranks 0,16,64.")
-    if size % 16 or not 64 <= size <= 4096:
-        raise InputError(f"--size {size} must be a multiple of 16 from 64 to 4096.", "pass --size 1024.")
+    if not rank_list or any(not 0 <= r <= 1024 for r in rank_list):
+        raise InputError(f"--ranks {ranks!r}: each rank must be from 0 to 1024.", "pass --ranks 0,16,64.")
     report = bench.run(arch, size, modes=wanted, ranks=rank_list, compiled=not eager_only, repeats=repeats,
                        emulate=settings().fp8_emulate)
     if as_json:
@@ -159,15 +162,9 @@ def bench_dynamic(
     """Warm-up shapes vs inputs marked dynamic: warm-up seconds, graphs, recompile-limit hits, new graphs for
     16 request shapes and step times, each way in a fresh process (random weights, `blocks` compiled)."""
     from sd35.bench import dynamic
-    from sd35.settings import PRECISIONS
 
     start(arch, quiet=True)
-    wanted = [m.strip() for m in modes.split(",") if m.strip()]
-    bad = [m for m in wanted if m not in PRECISIONS or m == "auto"]
-    if bad or not wanted:
-        raise InputError(f"unknown mode(s) {', '.join(bad) or modes!r}.", "use --modes bf16,fp8.")
-    if size % 16 or not 128 <= size <= 4096:
-        raise InputError(f"--size {size} must be a multiple of 16 from 128 to 4096.", "pass --size 1024.")
+    wanted = _checked(modes, size, example="bf16,fp8", min_size=128)
     if backend not in ("inductor", "eager"):
         raise InputError(f"--backend {backend!r} is not one this benchmark takes.", "pass --backend inductor or eager.")
     report = dynamic.run(arch, size, modes=wanted, emulate=settings().fp8_emulate, backend=backend)
